@@ -1,0 +1,76 @@
+"""Command line: `python -m prunebench [hydra overrides]`.
+
+Thin on purpose: compose the config, run the job (and its vanilla baseline), print the table.
+User mistakes become one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from prunebench.errors import UserError, unknown_choice
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("model", "method", "dataset")
+
+
+def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Reject an unknown model / method / dataset before Hydra prints its multi-line error."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS:
+            continue
+        choices = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+        for name in _sweep_values(value):
+            if name not in choices:
+                raise unknown_choice(key, name, choices)
+
+
+def _sweep_values(value: str) -> list[str]:
+    """`a,b` or `choice(a,b)` -> [a, b]; anything fancier is left to Hydra."""
+    value = value.strip()
+    if value.startswith("choice(") and value.endswith(")"):
+        value = value[len("choice(") : -1]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def run_with_baseline(cfg: Any) -> None:
+    from omegaconf import OmegaConf, open_dict
+
+    from prunebench import methods  # noqa: F401  (registers methods)
+    from prunebench.runner import run
+
+    if cfg.baseline and cfg.method.name != "vanilla":
+        base = cfg.copy()
+        with open_dict(base):
+            base.method = OmegaConf.load(CONFIG_DIR / "method" / "vanilla.yaml")
+            base.keep = 1.0
+        run(base)
+    path = run(cfg)
+    print(f"[prunebench] record: {path}", file=sys.stderr)
+    if cfg.report:
+        from prunebench.report import collect, relative_table
+
+        records = [r for r in collect(Path(str(cfg.results_dir))) if r.dataset == cfg.dataset.name]
+        print(relative_table(records, model=str(cfg.model.name), fmt="github"))
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except UserError as err:
+        print(f"prunebench: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    import hydra
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    def _task(cfg: Any) -> None:
+        try:
+            run_with_baseline(cfg)
+        except UserError as err:
+            print(f"prunebench: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    _task()

@@ -1,0 +1,85 @@
+"""Benchmarks the runner can drive. A dataset yields items (image + question + closed answer)
+and scores predictions; it knows nothing about models or methods."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from PIL import Image
+
+from prunebench.registry import Registry
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int
+    image: Image.Image
+    question: str
+    answer: str
+    category: str
+
+
+@dataclass(frozen=True)
+class Scored:
+    score: float  # main metric, 0-100
+    metrics: dict[str, float]  # per category, 0-100
+    metric_name: str
+
+
+class Dataset(Protocol):
+    name: str
+    max_new_tokens: int
+
+    def items(self) -> list[Item]: ...
+
+    def is_correct(self, prediction: str, item: Item) -> bool: ...
+
+    def score(self, rows: Iterable[Mapping[str, Any]]) -> Scored: ...
+
+
+def accuracy(rows: Iterable[Mapping[str, Any]]) -> Scored:
+    """Exact-match accuracy overall and per category, over rows with a `correct` field."""
+    per: dict[str, list[bool]] = defaultdict(list)
+    for row in rows:
+        if row.get("error") is None:
+            per[row["category"]].append(bool(row["correct"]))
+    everything = [c for v in per.values() for c in v]
+    overall = 100.0 * sum(everything) / len(everything) if everything else float("nan")
+    metrics = {k: 100.0 * sum(v) / len(v) for k, v in sorted(per.items())}
+    return Scored(score=overall, metrics=metrics, metric_name="accuracy")
+
+
+class Shapes:
+    """Built-in offline set: generated scenes, closed one-word answers, exact-match scoring."""
+
+    def __init__(self, name: str, n: int = 100, seed: int = 0, image_size: int = 96, max_new_tokens: int = 4,
+                 **_: Any) -> None:
+        self.name, self.n, self.seed, self.image_size = name, n, seed, image_size
+        self.max_new_tokens = max_new_tokens
+
+    def items(self) -> list[Item]:
+        from prunebench.data.shapes import build_shapes
+
+        return [Item(s.index, s.image, s.question, s.answer, s.category)
+                for s in build_shapes(self.n, seed=self.seed, image_size=self.image_size)]
+
+    def is_correct(self, prediction: str, item: Item) -> bool:
+        from prunebench.data.shapes import score_answer
+
+        return score_answer(prediction, item.answer)
+
+    def score(self, rows: Iterable[Mapping[str, Any]]) -> Scored:
+        return accuracy(rows)
+
+
+DATASET_KINDS: Registry[Callable[..., Dataset]] = Registry("dataset kind")
+DATASET_KINDS.add("shapes", Shapes)
+
+
+def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
+    params = dict(cfg)
+    kind = DATASET_KINDS.get(str(params.pop("kind")))
+    return kind(**params)

@@ -1,0 +1,20 @@
+"""The method registry. Importing this package registers every method.
+
+Adding a method: write one module here with a pure tensor function decorated by
+`@register_method(...)`, import it below, and add `configs/method/<name>.yaml`.
+"""
+
+from __future__ import annotations
+
+from prunebench.methods import divprune, evoprune, fastv, random, vanilla  # noqa: F401  (registration)
+from prunebench.methods.base import (
+    METHODS,
+    MethodSpec,
+    Positions,
+    ResolvedMethod,
+    SelectContext,
+    Stage,
+    resolve_method,
+)
+
+__all__ = ["METHODS", "MethodSpec", "Positions", "ResolvedMethod", "SelectContext", "Stage", "resolve_method"]

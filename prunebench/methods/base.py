@@ -1,0 +1,174 @@
+"""What a pruning method is: a pure tensor function plus the facts the harness needs about it.
+
+A method knows no model class. The family adapter and the stage hooks (`prunebench.stages`)
+hand it the visual tokens at its stage and the signals it asked for, and apply its decision.
+
+Two kinds:
+- *select* methods (pre-LLM, intra-LLM): ``fn(ctx, **params) -> LongTensor[B, k]``, the kept
+  visual-token indices, sorted ascending;
+- *merge* methods (inside the vision encoder): a per-layer merge schedule plus a merge step
+  applied between a layer's self-attention and its MLP (EvoPrune, ToMe-style).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from prunebench.errors import UserError
+from prunebench.registry import Registry
+
+
+class Stage(str, Enum):
+    NONE = "none"
+    VISION = "vision"  # inside the vision encoder
+    PRE_LLM = "pre_llm"  # after the projector, before the LLM
+    INTRA_LLM = "intra_llm"  # inside the LLM at layer K
+
+
+class Positions(str, Enum):
+    """Position ids of the tokens that survive (METHODS.md §0.1)."""
+
+    ORIGINAL = "original"  # kept tokens keep their original RoPE positions (gaps)
+    CONTIGUOUS = "contiguous"  # the shortened sequence is renumbered 0..L'-1
+
+
+# Signals an adapter can compute for a method, without eager attention or a second forward.
+SIGNALS = {
+    "last_query_attention": "[B, N] head-mean softmax row of the last prompt token at LLM layer K-1, "
+    "restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
+    "received_attention": "[B, T] mean attention each vision token receives at the current encoder layer "
+    "(recomputed from that layer's q/k)",
+}
+
+
+@dataclass
+class SelectContext:
+    """Input of a select method.
+
+    tokens: [B, N, D] visual tokens at the method's stage (post-projector features pre-LLM;
+        LLM hidden states entering layer K intra-LLM).
+    n_keep: how many to keep (>= 1).
+    grid: (h, w) of the visual tokens when they form a grid, else None.
+    generator: seeded RNG for stochastic methods.
+    signals: the signals the method declared in `needs`, by name.
+    """
+
+    tokens: torch.Tensor
+    n_keep: int
+    grid: tuple[int, int] | None
+    generator: torch.Generator
+    signals: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    stage: Stage
+    source: str  # paper section / official file the implementation follows
+    fn: Callable[..., Any] | None = None  # select: fn(ctx, **params) -> [B, k]
+    schedule: Callable[..., list[int]] | None = None  # merge: per-layer merge counts
+    merge: Callable[..., Any] | None = None  # merge: one merge step (see stages/vision.py)
+    needs: frozenset[str] = frozenset()
+    positions: Positions = Positions.CONTIGUOUS
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    deviations: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        if self.stage is Stage.NONE:
+            return "none"
+        return "merge" if self.merge is not None else "select"
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(
+    name: str,
+    *,
+    stage: Stage,
+    source: str,
+    needs: tuple[str, ...] = (),
+    positions: Positions = Positions.CONTIGUOUS,
+    defaults: Mapping[str, Any] | None = None,
+    deviations: tuple[str, ...] = (),
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
+    unknown = set(needs) - set(SIGNALS)
+    if unknown:
+        raise ValueError(f"method {name} needs unknown signals {sorted(unknown)}")
+
+    def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        METHODS.add(
+            name,
+            MethodSpec(
+                name=name, stage=stage, source=source, fn=fn, needs=frozenset(needs), positions=positions,
+                defaults=dict(defaults or {}), deviations=deviations,
+            ),
+        )
+        return fn
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """A method with its hyper-parameters and position policy fixed for one run."""
+
+    spec: MethodSpec
+    params: Mapping[str, Any]
+    positions: Positions
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def stage(self) -> Stage:
+        return self.spec.stage
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "stage": self.spec.stage.value,
+            "params": dict(self.params),
+            "positions": self.positions.value,
+            "needs": sorted(self.spec.needs),
+            "source": self.spec.source,
+            "deviations": list(self.spec.deviations),
+        }
+
+
+def resolve_method(name: str, params: Mapping[str, Any] | None = None, positions: str | None = None) -> ResolvedMethod:
+    """Look a method up and check its hyper-parameters against the documented defaults."""
+    spec = METHODS.get(name)
+    params = dict(params or {})
+    unknown = set(params) - set(spec.defaults)
+    if unknown:
+        valid = ", ".join(sorted(spec.defaults)) or "none"
+        raise UserError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; valid: {valid}")
+    merged = {**spec.defaults, **params}
+    try:
+        pos = Positions(positions) if positions else spec.positions
+    except ValueError:
+        raise UserError(
+            f"position policy '{positions}' is not one of: {', '.join(p.value for p in Positions)}"
+        ) from None
+    return ResolvedMethod(spec=spec, params=merged, positions=pos)
+
+
+def n_keep_for(keep: float, n_in: int) -> tuple[int, bool]:
+    """Tokens kept for a keep fraction: round-half-up of keep*n_in, at least 1.
+
+    Returns (n_keep, clamped) where clamped says the rounding would have left 0 tokens.
+    """
+    if not 0.0 < keep <= 1.0:
+        raise UserError(f"keep must be a fraction in (0, 1], got {keep}")
+    n = math.floor(keep * n_in + 0.5)
+    return (max(n, 1), n < 1)

@@ -1,0 +1,38 @@
+"""EvoPrune (Chen et al. 2026, arXiv 2603.03681; papers/evoprune.txt; no public code).
+
+Inside the vision encoder, at the layers of a budget schedule (§3.2, Appendix A; default `skip`),
+r_l tokens are merged between self-attention and the MLP (Algorithm 1) by a ToMe-style bipartite
+step whose pair score is similarity x diversity penalty x attention preservation (§3.3-3.4).
+The math lives in `evoprune_ops.py`; the stage hooks are in `stages/vision.py`.
+"""
+
+from __future__ import annotations
+
+from prunebench.methods.base import METHODS, MethodSpec, Positions, Stage
+from prunebench.methods.evoprune_ops import evoprune_merge, layer_schedule
+
+METHODS.add(
+    "evoprune",
+    MethodSpec(
+        name="evoprune",
+        stage=Stage.VISION,
+        source="papers/evoprune.txt §3.2-3.4, Algorithm 1, Appendix A (no official code)",
+        schedule=layer_schedule,
+        merge=evoprune_merge,
+        needs=frozenset({"received_attention"}),
+        positions=Positions.CONTIGUOUS,  # merged tokens enter the LLM as a shorter image run
+        defaults={"schedule": "skip", "ctr": 0.25, "knn": 5, "tau": 1.0, "lambda_d": 1.0},
+        deviations=(
+            "attention importance = mean attention RECEIVED (column mean over queries and heads); the paper's "
+            "formula averages rows, which is constant 1/N (METHODS.md EvoPrune card)",
+            "w_attn = -inf applied as a mask on protected pairs (a product with a negative similarity would flip sign)",
+            "diversity kNN and Gaussian kernel on L2-normalised features (tau is scale-free); K=5, tau=1, "
+            "lambda_d=1 are our defaults: the paper leaves them open",
+            "[CLS] is never merged; N_protect counts patch tokens only",
+            "schedule runs over the encoder layers that feed the selected features (LLaVA-1.5: 23 of 24 CLIP layers); "
+            "a layer asked to merge more than half its tokens passes the excess to an earlier layer",
+            "no proportional attention (the paper does not use it)",
+            "merged tokens are ordered by the original index of their representative (the surviving b token)",
+        ),
+    ),
+)

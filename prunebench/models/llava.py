@@ -1,0 +1,71 @@
+"""LLaVA-1.5 adapter (`LlavaForConditionalGeneration`, transformers `models/llava/modeling_llava.py`).
+
+Seams: CLIP encoder layers (vision stage, class swap between attention and MLP), the
+multi-modal projector (pre-LLM), the Llama decoder (LLM entry and layer K).
+`get_image_features` is where visual tokens are born; the LLM sees them only after the
+projector hook and the LLM-entry hook have applied the method's decision.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlavaForConditionalGeneration
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.llama.modeling_llama import rotate_half
+
+from prunebench.models.base import Seams
+
+
+class MergingCLIPEncoderLayer(CLIPEncoderLayer):
+    """CLIPEncoderLayer with a merge step between self-attention and the MLP.
+
+    Mirrors `CLIPEncoderLayer.forward` (transformers 5.23) line for line; the only addition is
+    `self._pb_merge`, set per instance by the vision stage (EvoPrune Algorithm 1, line 8).
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = residual + hidden_states
+        hidden_states = self._pb_merge(hidden_states)
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama rotary embedding on x [B, h, T, d] with cos/sin [B, T, d] (as `apply_rotary_pos_emb`)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def feeding_layers(n_layers: int, feature_layer: int) -> int:
+    """How many encoder layers run before the selected hidden state (hidden_states[0] = embeddings)."""
+    return feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
+
+
+def llava_seams(model: LlavaForConditionalGeneration) -> Seams:
+    cfg = model.config
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ValueError("prunebench supports a single vision_feature_layer for LLaVA")
+    if cfg.vision_feature_select_strategy != "default":
+        raise ValueError("prunebench expects vision_feature_select_strategy='default' (CLS dropped)")
+    vision = model.model.vision_tower
+    layers = list(vision.encoder.layers)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    return Seams(
+        multimodal=model.model,
+        vision_tower=vision,
+        vision_layers=layers[: feeding_layers(len(layers), cfg.vision_feature_layer)],
+        vision_prefix=1,
+        merge_layer_class=MergingCLIPEncoderLayer,
+        projector=model.model.multi_modal_projector,
+        language_model=model.model.language_model,
+        decoder_layers=list(model.model.language_model.layers),
+        image_token_id=cfg.image_token_id,
+        grid=(side, side),
+        apply_rope=apply_rope,
+    )

@@ -1,0 +1,177 @@
+"""Load a model for a run: pretrained (hub id or local directory), random weights from a shipped
+architecture config, or a checkpoint the project builds itself (`build: tiny_llava`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunebench.errors import UserError
+from prunebench.models.base import Seams
+from prunebench.registry import Registry
+
+ARCH_DIR = Path(__file__).resolve().parent / "arch"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_class: Callable[[], type[nn.Module]]
+    seams: Callable[[nn.Module], Seams]
+
+
+def _llava_class() -> type[nn.Module]:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+def _llava_seams(model: nn.Module) -> Seams:
+    from prunebench.models.llava import llava_seams
+
+    return llava_seams(model)
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+FAMILIES.add("llava", Family("llava", _llava_class, _llava_seams))
+
+BUILDERS: dict[str, Callable[..., Path]] = {}
+
+
+def _tiny_llava_builder(path: Path, **kwargs: Any) -> Path:
+    from prunebench.models.tiny import ensure_tiny_llava
+
+    return ensure_tiny_llava(path, **kwargs)
+
+
+BUILDERS["tiny_llava"] = _tiny_llava_builder
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    processor: Any
+    seams: Seams
+    device: torch.device
+    dtype: torch.dtype
+    weights: str  # "pretrained" | "random"
+    source: str  # where the weights came from
+    untrained: bool  # accuracy is noise
+
+    @property
+    def accuracy_meaningful(self) -> bool:
+        return self.weights == "pretrained" and not self.untrained
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"device must be one of: auto, cpu, cuda (got '{name}')")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in choices:
+        raise UserError(f"dtype must be one of: auto, {', '.join(choices)} (got '{name}')")
+    return choices[name]
+
+
+def _local_path(path: str | None) -> Path | None:
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def load_model(cfg: Mapping[str, Any], device: torch.device) -> LoadedModel:
+    family = FAMILIES.get(str(cfg.get("family", "llava")))
+    weights = str(cfg.get("weights", "pretrained"))
+    if weights not in ("pretrained", "random"):
+        raise UserError(f"model.weights must be one of: pretrained, random (got '{weights}')")
+    dtype = resolve_dtype(str(cfg.get("dtype", "auto")), device)
+    attn = str(cfg.get("attn_implementation", "sdpa"))
+    if weights == "random":
+        model, processor, source = _random_weights(cfg, family, dtype, device, attn)
+    else:
+        model, processor, source = _pretrained(cfg, family, dtype, device, attn)
+    model.eval()
+    return LoadedModel(
+        name=str(cfg["name"]), model=model, processor=processor, seams=family.seams(model), device=device,
+        dtype=dtype, weights=weights, source=source, untrained=bool(cfg.get("untrained", False)),
+    )
+
+
+def _pretrained(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, device: torch.device, attn: str):
+    from transformers import AutoProcessor
+
+    local = _local_path(cfg.get("path"))
+    if local is not None and cfg.get("build") and not (local / "config.json").exists():
+        builder = BUILDERS[str(cfg["build"])]
+        builder(local, **dict(cfg.get("build_args") or {}))
+    where = str(local) if local is not None else str(cfg.get("hub_id"))
+    if local is not None and not local.exists():
+        raise _missing_weights(cfg, where)
+    try:
+        processor = AutoProcessor.from_pretrained(where)
+        model = family.model_class().from_pretrained(where, dtype=dtype, attn_implementation=attn, device_map=None)
+    except (OSError, ValueError) as err:
+        raise _missing_weights(cfg, where) from err
+    return model.to(device), processor, where
+
+
+def _missing_weights(cfg: Mapping[str, Any], where: str) -> UserError:
+    return UserError(
+        f"no weights for model '{cfg['name']}': looked for '{where}' (local directory or Hugging Face cache; "
+        f"offline). Point model.path=/dir/with/hf/checkpoint, or use model.weights=random for latency work."
+    )
+
+
+def _random_weights(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, device: torch.device, attn: str):
+    """The real architecture from a shipped config, random weights; a locally built processor."""
+    from transformers import AutoConfig
+
+    arch = str(cfg.get("arch") or "")
+    arch_file = ARCH_DIR / f"{arch}.json"
+    if not arch_file.exists():
+        shipped = sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+        raise UserError(f"no shipped architecture '{arch}' for weights=random; valid: {', '.join(shipped)}")
+    data = json.loads(arch_file.read_text())
+    config = AutoConfig.for_model(**data)
+    processor = _local_processor(config)
+    # The local tokenizer's ids for <image>/<pad> replace the checkpoint's: weights are random anyway.
+    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config._attn_implementation = attn
+    torch.manual_seed(int(cfg.get("init_seed", 0)))
+    with torch.device(device):
+        model = family.model_class()._from_config(config, dtype=dtype)
+    return model, processor, f"random weights, architecture {arch_file.name}"
+
+
+def _local_processor(config: Any) -> Any:
+    from transformers import LlavaProcessor
+
+    from prunebench.models.tiny import LLAVA_15_CHAT_TEMPLATE, build_image_processor, build_tokenizer
+
+    vision = config.vision_config
+    return LlavaProcessor(
+        image_processor=build_image_processor(vision.image_size),
+        tokenizer=build_tokenizer(),
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )

@@ -1,0 +1,136 @@
+"""The run record: one `record.json` per job, schema versioned here, written atomically.
+
+Fields (schema_version 1):
+  schema_version, status ("running" | "complete"), model, dataset, method, method_params, stage,
+  positions, keep, seed, limit, n_samples, n_failed,
+  score            main metric, 0-100 (the dataset says which), None if nothing scored
+  metrics          per category, 0-100
+  accuracy_meaningful  False for random or untrained weights: the score is noise
+  notes            plain-language caveats (untrained weights, clamped budget, ...)
+  tokens           n_visual_in / n_visual_out (means per sample), layer_avg, clamped_to_one,
+                   llm_prompt_len (mean tokens entering the LLM), schedule (vision-stage merges)
+  timing           total_s, vision_s, method_s, prefill_s, decode_s: sums over samples;
+                   median: the same per sample, medians; n_timed, warmup (samples run untimed first);
+                   clock ("cuda_events" | "perf_counter")
+  memory           peak_gpu_bytes (max over samples) or None on CPU
+  predictions      file name of the per-sample predictions (JSON lines) beside the record
+  method_card      stage, params, position policy, source, stated deviations
+  device, versions (python, torch, transformers, prunebench, git_sha), config (resolved)
+  started_at, finished_at
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "record.json"
+PREDICTIONS_NAME = "predictions.jsonl"
+TIMED_FIELDS = ("total_s", "vision_s", "method_s", "prefill_s", "decode_s")
+
+
+@dataclass
+class RunRecord:
+    model: str
+    dataset: str
+    method: str
+    method_params: dict[str, Any]
+    stage: str
+    positions: str
+    keep: float
+    seed: int
+    limit: int | None
+    status: str = "running"
+    schema_version: int = SCHEMA_VERSION
+    n_samples: int = 0
+    n_failed: int = 0
+    score: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    accuracy_meaningful: bool = True
+    notes: list[str] = field(default_factory=list)
+    tokens: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    predictions: str = PREDICTIONS_NAME
+    method_card: dict[str, Any] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    started_at: str = ""
+    finished_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"record schema_version {version} is not {SCHEMA_VERSION}")
+        return cls(**data)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_record(directory: Path, record: RunRecord) -> Path:
+    path = directory / RECORD_NAME
+    write_json_atomic(path, record.to_dict())
+    return path
+
+
+def load_record(path: Path) -> RunRecord:
+    return RunRecord.from_dict(json.loads(path.read_text()))
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    import prunebench
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "prunebench": prunebench.__version__,
+        "git_sha": git_sha(),
+    }

@@ -1,0 +1,373 @@
+"""Turn the `record.json` files under a results folder into per-model tables (and a plot).
+
+    python -m prunebench.report [DIR] [--plot OUT.png] [--format markdown|github|plain]
+
+Scores are shown beside their relative change vs the vanilla run of the same model and
+dataset; a dataset with no complete vanilla run gets bare scores and a line saying so (a
+baseline is never guessed). `Avg` carries the mean relative accuracy (score / vanilla x 100,
+averaged over datasets) as in UniPruneBench; records that differ only by seed are shown as
+`mean ± std` (sample std), UniPruneBench Table 1 style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from tabulate import tabulate
+
+from prunebench.record import RECORD_NAME, RunRecord, load_record
+
+DEFAULT_ROOT = Path("results")
+FORMATS = {"markdown": "pipe", "github": "github", "plain": "plain"}
+TIMING_COLUMNS = ("vision_s", "method_s", "prefill_s", "decode_s", "total_s")
+DASH = "—"
+
+# (keep, method, method_params as sorted JSON): one table row
+RowKey = tuple[float, str, str]
+# row -> dataset -> the row's records for that dataset (one per seed)
+Grid = dict[RowKey, dict[str, list[RunRecord]]]
+
+
+# ---------------------------------------------------------------- loading
+
+def collect(root: Path) -> list[RunRecord]:
+    """Every loadable `record.json` below `root`, complete or not.
+
+    Unreadable files and other schema versions are skipped with one warning line on stderr.
+    Each record remembers its file as the attribute `source` (not a schema field).
+    """
+    records = []
+    for path in sorted(Path(root).rglob(RECORD_NAME)):
+        try:
+            record = load_record(path)
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            reason = " ".join(str(err).split())
+            print(f"warning: skipping {path}: {reason}", file=sys.stderr)
+            continue
+        record.source = path  # type: ignore[attr-defined]
+        records.append(record)
+    return records
+
+
+def _latest_per_seed(records: list[RunRecord]) -> list[RunRecord]:
+    """One record per (model, dataset, method, params, keep, seed): the last finished."""
+    best: dict[tuple, RunRecord] = {}
+    for r in sorted(records, key=lambda r: r.finished_at or ""):
+        best[(r.model, r.dataset, _row_key(r), r.seed)] = r
+    return list(best.values())
+
+
+# ---------------------------------------------------------------- grouping
+
+def _row_key(r: RunRecord) -> RowKey:
+    return (round(float(r.keep), 6), r.method, json.dumps(r.method_params, sort_keys=True, default=str))
+
+
+def _row_order(key: RowKey) -> tuple:
+    """keep descending, then vanilla, then methods alphabetically."""
+    keep, method, params = key
+    return (-keep, method != "vanilla", method, params)
+
+
+def _grid(records: list[RunRecord], model: str) -> Grid:
+    grid: Grid = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.model == model:
+            grid[_row_key(r)][r.dataset].append(r)
+    return {k: dict(grid[k]) for k in sorted(grid, key=_row_order)}
+
+
+def _vanilla(grid: Grid) -> dict[str, list[RunRecord]]:
+    """The model's vanilla records per dataset (whatever keep they were run at)."""
+    base: dict[str, list[RunRecord]] = defaultdict(list)
+    for (_, method, _), by_ds in grid.items():
+        if method == "vanilla":
+            for ds, recs in by_ds.items():
+                base[ds].extend(recs)
+    return base
+
+
+def _datasets(grid: Grid) -> list[str]:
+    return sorted({ds for by_ds in grid.values() for ds in by_ds})
+
+
+# ---------------------------------------------------------------- numbers
+
+def _scores(recs: list[RunRecord]) -> list[float]:
+    return [float(r.score) for r in recs if r.score is not None]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _base_scores(base: dict[str, list[RunRecord]]) -> dict[str, float]:
+    """Vanilla mean score per dataset, only where it is usable as a denominator."""
+    means = {ds: _mean(_scores(recs)) for ds, recs in base.items()}
+    return {ds: m for ds, m in means.items() if m}
+
+
+def _median_prefill(recs: list[RunRecord]) -> float | None:
+    values = [r.timing.get("median", {}).get("prefill_s") for r in recs]
+    return _mean([float(v) for v in values if v])
+
+
+def _speedup(by_ds: dict[str, list[RunRecord]], base: dict[str, list[RunRecord]]) -> float | None:
+    """Geometric mean over datasets of vanilla median prefill / this row's median prefill."""
+    ratios = []
+    for ds, recs in by_ds.items():
+        ours, theirs = _median_prefill(recs), _median_prefill(base.get(ds, []))
+        if ours and theirs:
+            ratios.append(theirs / ours)
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+
+
+def _rel_accuracy(by_ds: dict[str, list[RunRecord]], bases: dict[str, float]) -> float | None:
+    """Mean over datasets with a vanilla score of score / vanilla x 100."""
+    rel = [m / bases[ds] * 100 for ds, recs in by_ds.items()
+           if ds in bases and (m := _mean(_scores(recs))) is not None]
+    return _mean(rel)
+
+
+# ---------------------------------------------------------------- cells
+
+def _fmt_score(scores: list[float]) -> str:
+    if len(scores) > 1:
+        return f"{statistics.mean(scores):.1f} ± {statistics.stdev(scores):.1f}"
+    return f"{scores[0]:.1f}"
+
+
+def _fmt_change(score: float, base: float) -> str:
+    rel = (score - base) / base * 100
+    if rel == 0:
+        return "(=0.0%)"
+    return f"({'↑' if rel > 0 else '↓'}{abs(rel):.1f}%)"
+
+
+def _score_cell(recs: list[RunRecord], base: float | None, is_vanilla: bool) -> str:
+    scores = _scores(recs)
+    if not scores:
+        return DASH
+    text = _fmt_score(scores)
+    if is_vanilla or base is None:
+        return text
+    return f"{text} {_fmt_change(statistics.mean(scores), base)}"
+
+
+def _avg_cell(by_ds: dict[str, list[RunRecord]], bases: dict[str, float], is_vanilla: bool,
+              n_datasets: int) -> str:
+    means = [m for recs in by_ds.values() if (m := _mean(_scores(recs))) is not None]
+    if not means:
+        return DASH
+    text = f"{_mean(means):.1f}" + ("†" if len(means) < n_datasets else "")
+    rel = None if is_vanilla else _rel_accuracy(by_ds, bases)
+    return text if rel is None else f"{text} (rel. {rel:.1f}%)"
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def _tokens_cell(recs: list[RunRecord]) -> str:
+    def avg(name: str) -> float | None:
+        return _mean([float(r.tokens[name]) for r in recs if r.tokens.get(name) is not None])
+
+    n_in, n_out, layer = avg("n_visual_in"), avg("n_visual_out"), avg("layer_avg")
+    if n_in is None or n_out is None:
+        return DASH
+    text = f"{_num(n_out)}/{_num(n_in)}"
+    if layer is not None and abs(layer - n_out) >= 0.05:
+        text += f" (avg {layer:.1f})"
+    return text
+
+
+def _method_cell(key: RowKey, recs: list[RunRecord], variants: int) -> str:
+    _, method, params = key
+    text = "vanilla (upper bound)" if method == "vanilla" else method
+    if variants > 1:
+        text += f" {params}"
+    seeds = {r.seed for r in recs}
+    return text + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+
+
+# ---------------------------------------------------------------- tables
+
+def _table_row(key: RowKey, by_ds: dict[str, list[RunRecord]], base: dict[str, list[RunRecord]],
+               datasets: list[str], variants: int) -> list[str]:
+    bases = _base_scores(base)
+    is_vanilla = key[1] == "vanilla"
+    recs = [r for rs in by_ds.values() for r in rs]
+    stage = "/".join(sorted({r.stage for r in recs})) or DASH
+    cells = [_score_cell(by_ds[ds], bases.get(ds), is_vanilla) if ds in by_ds else DASH for ds in datasets]
+    speed = _speedup(by_ds, base)
+    return [str(key[0]), _method_cell(key, recs, variants), stage, *cells,
+            _avg_cell(by_ds, bases, is_vanilla, len(datasets)), f"{speed:.2f}×" if speed else DASH,
+            _tokens_cell(recs)]
+
+
+def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[list[str]]) -> list[str]:
+    lines = [f"no vanilla run for {model} / {ds}: relative scores not shown (run method=vanilla)"
+             for ds in _datasets(grid) if ds not in bases]
+    if any("†" in row[-3] for row in rows):
+        lines.append("† Avg is over fewer datasets than the table shows.")
+    return lines
+
+
+def relative_table(records: list[RunRecord], model: str, fmt: str = "github") -> str:
+    """The model's score table (relative to vanilla) plus the lines that belong under it."""
+    grid = _grid(_latest_per_seed(_complete(records)), model)
+    base, datasets = _vanilla(grid), _datasets(grid)
+    variants = defaultdict(set)
+    for _, method, params in grid:
+        variants[method].add(params)
+    rows = [_table_row(key, by_ds, base, datasets, len(variants[key[1]])) for key, by_ds in grid.items()]
+    headers = ["keep", "method", "stage", *datasets, "Avg", "prefill ×", "tokens"]
+    table = tabulate(rows, headers=headers, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
+    notes = _notes_under(grid, model, _base_scores(base), rows)
+    return "\n\n".join([table, *(["\n".join(notes)] if notes else [])])
+
+
+def _ms(record: RunRecord, name: str) -> str:
+    value = record.timing.get("median", {}).get(name)
+    return DASH if value is None else f"{float(value) * 1000:.1f}"
+
+
+def timing_table(records: list[RunRecord], model: str, fmt: str = "github") -> str:
+    """Per-sample median stage times (ms), one row per record of the model."""
+    grid = _grid(_latest_per_seed(_complete(records)), model)
+    rows = []
+    for key, by_ds in grid.items():
+        for ds in sorted(by_ds):
+            for r in sorted(by_ds[ds], key=lambda r: r.seed):
+                method = r.method + (f" (seed {r.seed})" if len(by_ds[ds]) > 1 else "")
+                rows.append([method, str(key[0]), ds, *(_ms(r, n) for n in TIMING_COLUMNS),
+                             r.timing.get("clock", DASH), r.device.get("name") or DASH])
+    headers = ["method", "keep", "dataset", *(n.replace("_s", " ms") for n in TIMING_COLUMNS), "clock", "device"]
+    return tabulate(rows, headers=headers, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
+
+
+# ---------------------------------------------------------------- the whole text
+
+def _complete(records: list[RunRecord]) -> list[RunRecord]:
+    return [r for r in records if r.status == "complete"]
+
+
+def _noise_lines(records: list[RunRecord], model: str) -> list[str]:
+    notes = [r.notes[0] if r.notes else "accuracy_meaningful is False"
+             for r in records if r.model == model and not r.accuracy_meaningful]
+    return [f"> accuracy is noise: {n}" for n in dict.fromkeys(notes)]
+
+
+def _model_section(records: list[RunRecord], model: str, fmt: str) -> str:
+    head = "\n".join([f"## {model}", *_noise_lines(records, model)])
+    return "\n\n".join([head, relative_table(records, model, fmt),
+                        f"### {model}: per-sample median times (ms)", timing_table(records, model, fmt)])
+
+
+def _label(r: RunRecord) -> str:
+    source = getattr(r, "source", None)
+    return str(source) if source else f"{r.model}/{r.dataset}/{r.method} keep={r.keep} seed={r.seed}"
+
+
+def _incomplete_line(records: list[RunRecord]) -> str | None:
+    pending = [r for r in records if r.status != "complete"]
+    if not pending:
+        return None
+    runs = "run" if len(pending) == 1 else "runs"
+    return f"{len(pending)} {runs} still running/incomplete: " + ", ".join(_label(r) for r in pending)
+
+
+def render(records: list[RunRecord], fmt: str = "github") -> str:
+    """The full report: one section per model, then a footer for incomplete runs."""
+    complete = _complete(records)
+    models = sorted({r.model for r in complete})
+    parts = [_model_section(complete, m, fmt) for m in models] or ["no complete runs yet"]
+    footer = _incomplete_line(records)
+    return "\n\n".join(parts + ([footer] if footer else [])) + "\n"
+
+
+# ---------------------------------------------------------------- plot
+
+def _plot_series(records: list[RunRecord], model: str) -> dict[str, list[tuple[float, float]]]:
+    """method -> [(keep, relative accuracy %)] for the model, vanilla excluded."""
+    grid = _grid(_latest_per_seed(records), model)
+    bases = _base_scores(_vanilla(grid))
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (keep, method, _), by_ds in grid.items():
+        rel = _rel_accuracy(by_ds, bases)
+        if method != "vanilla" and rel is not None:
+            series[method].append((keep, rel))
+    return {m: sorted(points) for m, points in sorted(series.items())}
+
+
+def plot(records: list[RunRecord], out: Path) -> None:
+    """One subplot per model: relative accuracy vs keep, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    complete = _complete(records)
+    models = sorted({r.model for r in complete})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        _plot_model(ax, complete, model)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _plot_model(ax, records: list[RunRecord], model: str) -> None:
+    series = _plot_series(records, model)
+    for method, points in series.items():
+        ax.plot([k for k, _ in points], [rel for _, rel in points], marker="o", label=method)
+    ax.axhline(100, color="gray", linestyle="--", linewidth=1, label="vanilla (keep 1.0)")
+    ax.set_xlim(0, 1.05)
+    noise = any(not r.accuracy_meaningful for r in records if r.model == model)
+    ax.set_title(model + ("\n(accuracy is noise)" if noise else ""), color="red" if noise else "black")
+    ax.set_xlabel("keep (fraction of visual tokens)")
+    ax.set_ylabel("relative accuracy vs vanilla (%)")
+    if not series:
+        ax.text(0.5, 0.5, "no method with a vanilla baseline", ha="center", transform=ax.transAxes)
+    ax.legend(fontsize="small")
+
+
+# ---------------------------------------------------------------- CLI
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m prunebench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", nargs="?", type=Path, default=DEFAULT_ROOT, help="results folder (default results/)")
+    parser.add_argument("--plot", type=Path, metavar="OUT.png", help="also write relative accuracy vs keep")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="github", help="table style")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    records = collect(args.dir) if args.dir.is_dir() else []
+    if not records:
+        print(f"no {RECORD_NAME} under {args.dir}/ — run python -m prunebench first", file=sys.stderr)
+        return 1
+    print(render(records, args.format), end="")
+    if not _complete(records):
+        return 1
+    if args.plot:
+        try:
+            plot(records, args.plot)
+        except ImportError:
+            print("matplotlib is not installed: pip install matplotlib (or pip install -e .[plot])",
+                  file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""One job: model x method x keep x dataset -> predictions.jsonl + record.json in its own folder.
+
+The job folder is a pure function of what defines the result, so rerunning the same command
+finds it: a complete record is skipped, a partial predictions file is resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from prunebench.data.datasets import Dataset, Item, build_dataset
+from prunebench.errors import UserError
+from prunebench.measure import instrument
+from prunebench.methods import ResolvedMethod, Stage, resolve_method
+from prunebench.methods.base import n_keep_for
+from prunebench.models.loader import LoadedModel, load_model, resolve_device
+from prunebench.record import (
+    PREDICTIONS_NAME,
+    RECORD_NAME,
+    TIMED_FIELDS,
+    RunRecord,
+    load_record,
+    now,
+    save_record,
+    versions,
+)
+from prunebench.stages import Installation, install
+from prunebench.timing import Timer
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    dataset: str
+    method: ResolvedMethod
+    keep: float
+    seed: int
+    limit: int | None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Job:
+        m = cfg["method"]
+        method = resolve_method(str(m["name"]), dict(m.get("params") or {}), m.get("positions"))
+        keep = float(cfg["keep"])
+        n_keep_for(keep, 1)  # validates the range with a clear message
+        if method.stage is Stage.NONE:
+            keep = 1.0
+        limit = cfg.get("limit")
+        if limit is not None and int(limit) < 1:
+            raise UserError(f"limit must be a positive number of samples, got {limit}")
+        return cls(model=str(cfg["model"]["name"]), dataset=str(cfg["dataset"]["name"]), method=method,
+                   keep=keep, seed=int(cfg["seed"]), limit=None if limit is None else int(limit))
+
+    def directory(self, results_dir: Path) -> Path:
+        """results/<model>/<dataset>[-nLIMIT]/<method>[-<params hash>]/keep<k>-seed<s>."""
+        data = self.dataset + (f"-n{self.limit}" if self.limit else "")
+        method = self.method.name
+        if dict(self.method.params) != dict(self.method.spec.defaults) or self.method.positions != self.method.spec.positions:
+            blob = json.dumps({"p": dict(self.method.params), "pos": self.method.positions.value}, sort_keys=True)
+            method += "-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
+        return results_dir / self.model / data / method / f"keep{self.keep:.3f}-seed{self.seed}"
+
+
+def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
+    """Run (or resume, or skip) one job; returns the record path."""
+    job = Job.from_config(cfg)
+    out = job.directory(Path(str(cfg["results_dir"])))
+    record_path = out / RECORD_NAME
+    if record_path.exists() and load_record(record_path).status == "complete":
+        _say(quiet, f"[prunebench] complete, skipped: {record_path}")
+        return record_path
+    dataset = build_dataset(cfg["dataset"])
+    device = resolve_device(str(cfg["device"]))
+    if device.type == "cpu" and cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg["cpu_threads"]))
+    loaded = load_model(cfg["model"], device)
+    items = dataset.items()[: job.limit] if job.limit else dataset.items()
+    if int(cfg.get("batch_size", 1)) != 1:
+        raise UserError("batch_size > 1 is not supported yet for LLaVA-1.5 runs; use batch_size=1")
+    record = _new_record(job, cfg, loaded)
+    save_record(out, record)
+    rows = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)
+    _finish(record, rows, dataset, loaded)
+    save_record(out, record)
+    if record.n_failed:
+        _say(False, f"[prunebench] warning: {record.n_failed} of {len(rows)} samples failed; see {out / PREDICTIONS_NAME}")
+    return record_path
+
+
+def _say(quiet: bool, line: str) -> None:
+    if not quiet:
+        print(line, file=sys.stderr)
+
+
+def _new_record(job: Job, cfg: Mapping[str, Any], loaded: LoadedModel) -> RunRecord:
+    from omegaconf import DictConfig, OmegaConf
+
+    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    record = RunRecord(
+        model=job.model, dataset=job.dataset, method=job.method.name, method_params=dict(job.method.params),
+        stage=job.method.stage.value, positions=job.method.positions.value, keep=job.keep, seed=job.seed,
+        limit=job.limit, method_card=job.method.describe(), config=resolved, versions=versions(),
+        device=_device_info(loaded.device), started_at=now(), accuracy_meaningful=loaded.accuracy_meaningful,
+    )
+    if loaded.weights == "random":
+        record.notes.append("random weights (model.weights=random): accuracy is noise; use this run for latency only")
+    elif loaded.untrained:
+        record.notes.append(f"model '{loaded.name}' is untrained (random initialisation): accuracy is noise")
+    return record
+
+
+def _device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        info["name"] = platform.processor() or platform.machine()
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def _read_rows(path: Path) -> dict[int, dict[str, Any]]:
+    """Last row per index; a torn last line (crash mid-write) is ignored."""
+    rows: dict[int, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[int(row["index"])] = row
+    return rows
+
+
+def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item], path: Path,
+             cfg: Mapping[str, Any], quiet: bool) -> list[dict[str, Any]]:
+    rows = _read_rows(path)
+    todo = [it for it in items if it.index not in rows or rows[it.index].get("error") is not None]
+    if rows and todo:
+        _say(quiet, f"[prunebench] resuming {path.parent}: {len(items) - len(todo)} of {len(items)} done")
+    timer = Timer(loaded.device)
+    with instrument(loaded.model, loaded.seams, timer), \
+            install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer) as inst:
+        if todo:
+            for item in items[: int(cfg.get("warmup", 1))]:
+                _generate(loaded, dataset, item, inst, timer, job.seed)  # untimed warm-up
+        with path.open("a") as sink:
+            for item in tqdm(todo, desc=f"{job.method.name} keep={job.keep:g}", disable=quiet or None,
+                             leave=False):
+                row = _sample(loaded, dataset, item, inst, timer, job.seed)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                rows[item.index] = row
+    return [rows[it.index] for it in items if it.index in rows]
+
+
+def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,
+            seed: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"index": item.index, "category": item.category, "question": item.question,
+                           "answer": item.answer}
+    try:
+        text, extra = _generate(loaded, dataset, item, inst, timer, seed)
+    except (RuntimeError, ValueError, IndexError, torch.cuda.OutOfMemoryError) as err:
+        row.update(error=f"{type(err).__name__}: {err}", prediction=None, correct=False)
+        return row
+    row.update(prediction=text, correct=dataset.is_correct(text, item), error=None, **extra)
+    return row
+
+
+def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,
+              seed: int) -> tuple[str, dict[str, Any]]:
+    from transformers import GenerationConfig
+
+    processor, model = loaded.processor, loaded.model
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=item.image, text=prompt, return_tensors="pt").to(loaded.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    tok = processor.tokenizer
+    gen = GenerationConfig(max_new_tokens=dataset.max_new_tokens, do_sample=False, num_beams=1,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           bos_token_id=tok.bos_token_id)
+    inst.reseed(seed * 1_000_003 + item.index)
+    cuda = loaded.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    timer.reset()
+    with torch.inference_mode():
+        timer.start("total")
+        output = model.generate(**inputs, generation_config=gen)
+        timer.stop("total")
+    seconds, forwards = timer.seconds(), timer.spans("forward")
+    prompt_len = inputs["input_ids"].shape[1]
+    text = tok.decode(output[0, prompt_len:], skip_special_tokens=True).strip()
+    entry = inst.state.entry
+    extra = {
+        "timing": {"total_s": seconds.get("total", 0.0), "vision_s": seconds.get("vision", 0.0),
+                   "method_s": seconds.get("method", 0.0), "prefill_s": forwards[0] if forwards else 0.0,
+                   "decode_s": sum(forwards[1:])},
+        "n_new_tokens": int(output.shape[1] - prompt_len),
+        "prompt_len": prompt_len,
+        "llm_prompt_len": prompt_len if entry is None else int(entry.index.shape[1]),
+        **inst.counts.as_dict(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
+    }
+    return text, extra
+
+
+def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loaded: LoadedModel) -> None:
+    ok = [r for r in rows if r.get("error") is None]
+    record.n_samples, record.n_failed = len(rows), len(rows) - len(ok)
+    if ok:
+        scored = dataset.score(ok)
+        record.score, record.metrics = scored.score, scored.metrics
+        record.timing = _timing(ok, loaded)
+        record.tokens = _tokens(ok)
+        peaks = [r["peak_gpu_bytes"] for r in ok if r.get("peak_gpu_bytes") is not None]
+        record.memory = {"peak_gpu_bytes": max(peaks) if peaks else None}
+    if any(r.get("clamped_to_one") for r in ok):
+        record.notes.append("keep*N rounded to 0 visual tokens: 1 token was kept instead")
+    record.status = "complete"
+    record.finished_at = now()
+
+
+def _timing(rows: list[dict[str, Any]], loaded: LoadedModel) -> dict[str, Any]:
+    sums = {f: sum(r["timing"][f] for r in rows) for f in TIMED_FIELDS}
+    medians = {f: statistics.median(r["timing"][f] for r in rows) for f in TIMED_FIELDS}
+    clock = "cuda_events" if loaded.device.type == "cuda" else "perf_counter"
+    return {**sums, "median": medians, "n_timed": len(rows), "clock": clock}
+
+
+def _tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in rows)
+
+    return {"n_visual_in": mean("n_visual_in"), "n_visual_out": mean("n_visual_out"),
+            "layer_avg": mean("layer_avg"), "llm_prompt_len": mean("llm_prompt_len"),
+            "prompt_len": mean("prompt_len")}

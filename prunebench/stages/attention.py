@@ -1,0 +1,59 @@
+"""Attention rows recomputed from a layer's own q/k, so SDPA / FlashAttention stay on.
+
+A method that needs "how much does the last prompt token attend to each visual token at layer
+K-1" gets exactly the row eager attention would have produced, without `output_attentions`, a
+second forward, or files (METHODS.md §0.3; PyramidDrop `pdrop_rank_drop` does the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+RopeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def query_rows_attention(
+    q_rows: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q·Kᵀ·scale) for a few query rows, averaged over heads.
+
+    q_rows: [B, H, R, d] (post-RoPE); keys: [B, Hkv, L, d] (post-RoPE; Hkv divides H, GQA);
+    key_mask: [B, L] bool, False for padding. Returns [B, R, L] in float32.
+    Causality is the caller's business: pass rows whose keys all precede them (e.g. the last token).
+    """
+    b, h, _, d = q_rows.shape
+    groups = h // keys.shape[1]
+    k = keys.float().repeat_interleave(groups, dim=1)  # [B, H, L, d]
+    logits = torch.einsum("bhrd,bhld->bhrl", q_rows.float(), k) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def last_query_attention(
+    q_proj_out: torch.Tensor,
+    k_proj_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    head_dim: int,
+    scale: float,
+    apply_rope: RopeFn,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-mean attention row of the last token of a decoder layer: [B, L].
+
+    q_proj_out: [B, L, H*d], k_proj_out: [B, L, Hkv*d] (the projections' outputs, pre-RoPE);
+    cos/sin: [B, L, d] the layer's rotary embeddings; apply_rope(x [B,h,T,d], cos, sin) -> x.
+    """
+    b, length, _ = q_proj_out.shape
+    q = q_proj_out[:, -1:].view(b, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, d]
+    k = k_proj_out.view(b, length, -1, head_dim).transpose(1, 2)  # [B, Hkv, L, d]
+    q = apply_rope(q, cos[:, -1:], sin[:, -1:])
+    k = apply_rope(k, cos, sin)
+    return query_rows_attention(q, k, scale, key_mask)[:, 0]

@@ -1,0 +1,254 @@
+"""LLM-side seams: the LLM entry (where pre-LLM and vision-stage decisions shorten the
+sequence) and layer K (intra-LLM methods).
+
+Both are forward pre-hooks with kwargs on the model instance; no modeling file is forked and
+attention stays SDPA/Flash. Decode steps are fixed up in the same hooks: the 2-D padding mask
+loses the dropped columns, and positions follow the method's policy (original positions with
+gaps, or closed up).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from prunebench.methods.base import Positions, ResolvedMethod, SelectContext
+from prunebench.models.base import Seams
+from prunebench.stages.attention import last_query_attention
+from prunebench.stages.state import CallState, Compaction, renumber, rows_of
+from prunebench.timing import Timer
+
+Kwargs = dict[str, Any]
+
+
+def capture_image_positions(seams: Seams, state: CallState):
+    """Pre-hook on the multimodal module: remember where the image tokens of a prompt are."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and input_ids.shape[1] > 1:
+            state.image_mask = input_ids == seams.image_token_id
+
+    return hook
+
+
+def _past_length(kwargs: Kwargs) -> int:
+    cache = kwargs.get("past_key_values")
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def llm_entry(state: CallState, positions: Positions):
+    """Pre-hook on the language model: drop the visual rows the earlier stage did not keep."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
+        embeds = kwargs["inputs_embeds"]
+        mask2d = kwargs.get("attention_mask")
+        if _past_length(kwargs) == 0:
+            state.phase = "prefill"
+            state.new_prompt()
+            if state.visual_keep is None:
+                state.attention_mask_2d = mask2d
+                return None
+            return args, _compact_entry(state, kwargs, embeds, mask2d, positions)
+        state.phase = "decode"
+        if state.entry is None:
+            return None
+        return args, _decode_entry(state.entry, kwargs, embeds, mask2d)
+
+    return hook
+
+
+def _compact_entry(
+    state: CallState, kwargs: Kwargs, embeds: torch.Tensor, mask2d: torch.Tensor | None, positions: Positions
+) -> Kwargs:
+    b, length, _ = embeds.shape
+    if state.image_mask is None or state.image_mask.shape != (b, length):
+        raise RuntimeError("prunebench: image-token positions unknown at the LLM entry (pass input_ids)")
+    keep = ~state.image_mask
+    flat = state.image_mask.flatten().nonzero()[:, 0]  # image rows in masked_scatter order
+    per_image = flat.view(state.visual_keep.shape[0], -1)  # [n_images, N]
+    kept = per_image.gather(1, state.visual_keep.to(per_image.device)).flatten()
+    keep.view(-1)[kept] = True
+    index = rows_of(keep)
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        pos = torch.arange(length, device=embeds.device).expand(b, length)
+    new_pos = renumber(keep, pos, index, positions)
+    shift = length - index.shape[1] if positions is Positions.CONTIGUOUS else 0
+    state.entry = Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift)
+    state.image_mask = state.image_mask.gather(1, index)
+    state.visual_keep = None
+    kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+    kwargs["position_ids"] = new_pos
+    if mask2d is not None:
+        kwargs["attention_mask"] = mask2d.gather(1, index)
+    state.attention_mask_2d = kwargs.get("attention_mask")
+    return kwargs
+
+
+def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2d: torch.Tensor | None) -> Kwargs:
+    if mask2d is not None and mask2d.shape[1] > entry.full_len - entry.index.shape[1]:
+        head = mask2d[:, : entry.full_len].gather(1, entry.index)
+        kwargs["attention_mask"] = torch.cat([head, mask2d[:, entry.full_len :]], dim=1)
+    pos = kwargs.get("position_ids")
+    if pos is not None:
+        kwargs["position_ids"] = pos - entry.shift
+    elif entry.shift == 0:  # original positions: continue after the full prompt
+        past = _past_length(kwargs)
+        dropped = entry.full_len - entry.index.shape[1]
+        start = past + dropped
+        kwargs["position_ids"] = torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]
+    return kwargs
+
+
+class IntraLLM:
+    """Prune visual tokens inside the LLM at layer K = method.params['layer']."""
+
+    def __init__(self, seams: Seams, method: ResolvedMethod, n_keep: int, state: CallState, timer: Timer,
+                 generator: torch.Generator) -> None:
+        self.seams, self.method, self.n_keep, self.state = seams, method, n_keep, state
+        self.timer, self.generator = timer, generator
+        self.k = int(method.params["layer"])
+        n_layers = len(seams.decoder_layers)
+        if not 1 <= self.k < n_layers:
+            raise ValueError(f"intra-LLM layer must be in [1, {n_layers - 1}] for this model, got {self.k}")
+
+    def register(self) -> list[torch.utils.hooks.RemovableHandle]:
+        layers = self.seams.decoder_layers
+        handles = [layers[self.k].register_forward_pre_hook(self._at_k, with_kwargs=True)]
+        for layer in layers[self.k + 1 :]:
+            handles.append(layer.register_forward_pre_hook(self._after_k, with_kwargs=True))
+        if "last_query_attention" in self.method.spec.needs:
+            handles += self._register_capture(layers[self.k - 1])
+        return handles
+
+    # -- signals -------------------------------------------------------------------------
+    def _register_capture(self, layer: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        caps = self.state.captures
+
+        def keep_output(name: str):
+            def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if self.state.phase == "prefill":
+                    caps[name] = output
+
+            return hook
+
+        def keep_rope(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> None:
+            if self.state.phase == "prefill":
+                caps["rope"] = kwargs["position_embeddings"]
+
+        attn = layer.self_attn
+        return [
+            layer.register_forward_pre_hook(keep_rope, with_kwargs=True),
+            attn.q_proj.register_forward_hook(keep_output("q")),
+            attn.k_proj.register_forward_hook(keep_output("k")),
+        ]
+
+    def _signals(self) -> dict[str, torch.Tensor]:
+        if "last_query_attention" not in self.method.spec.needs:
+            return {}
+        caps, attn = self.state.captures, self.seams.decoder_layers[self.k - 1].self_attn
+        cos, sin = caps["rope"]
+        mask = self.state.attention_mask_2d
+        row = last_query_attention(
+            caps["q"], caps["k"], cos, sin, head_dim=attn.head_dim, scale=attn.scaling,
+            apply_rope=self.seams.apply_rope, key_mask=None if mask is None else mask.bool(),
+        )
+        caps.clear()
+        return {"last_query_attention": self._visual(row[..., None])[..., 0]}
+
+    def _visual(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [B, N, D], the rows at image positions."""
+        index = rows_of(self.state.image_mask)
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _at_k(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
+        if self.state.phase == "decode":
+            return self._decode(args, kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.state.image_mask is None or not bool(self.state.image_mask.any()):
+            return None
+        with self.timer.span("method"):
+            ctx = SelectContext(
+                tokens=self._visual(hidden), n_keep=self.n_keep, grid=self.seams.grid,
+                generator=self.generator, signals=self._signals(),
+            )
+            keep_visual = self.method.spec.fn(ctx, **self.method.params)
+            compaction = self._compaction(hidden, kwargs, keep_visual)
+        self.state.intra = compaction
+        hidden = hidden.gather(1, compaction.index[..., None].expand(-1, -1, hidden.shape[-1]))
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return self._substitute(args, kwargs)
+
+    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, keep_visual: torch.Tensor) -> Compaction:
+        b, length, _ = hidden.shape
+        image_rows = rows_of(self.state.image_mask)  # [B, N]
+        keep = ~self.state.image_mask.clone()
+        keep.scatter_(1, image_rows.gather(1, keep_visual.to(image_rows.device)), True)
+        index = rows_of(keep)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(length, device=hidden.device).expand(b, length)
+        pos = pos.expand(b, length)
+        new_pos = renumber(keep, pos, index, self.method.positions)
+        if self.method.positions is Positions.ORIGINAL:
+            cos, sin = kwargs["position_embeddings"]
+            d = cos.shape[-1]
+            pe = (cos.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)),
+                  sin.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)))
+            shift = 0
+        else:
+            pe = self.seams.language_model.rotary_emb(hidden, position_ids=new_pos)
+            shift = length - index.shape[1]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            mask = _gather_mask(_gather_mask(mask, index, dim=2), index, dim=3)
+        return Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift,
+                          position_embeddings=pe, attention_mask=mask)
+
+    def _after_k(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
+        if self.state.intra is None:
+            return None
+        if self.state.phase == "decode":
+            return self._decode(args, kwargs)
+        return self._substitute(args, kwargs)
+
+    def _substitute(self, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs]:
+        c = self.state.intra
+        assert c is not None
+        kwargs["position_embeddings"] = c.position_embeddings
+        kwargs["position_ids"] = c.position_ids
+        if "attention_mask" in kwargs and isinstance(kwargs["attention_mask"], torch.Tensor):
+            kwargs["attention_mask"] = c.attention_mask
+        return args, kwargs
+
+    def _decode(self, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
+        c = self.state.intra
+        if c is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            head = _gather_mask(mask[..., : c.full_len], c.index, dim=3)
+            kwargs["attention_mask"] = torch.cat([head, mask[..., c.full_len :]], dim=-1)
+        if c.shift:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            pos = kwargs["position_ids"] - c.shift
+            kwargs["position_ids"] = pos
+            kwargs["position_embeddings"] = self.seams.language_model.rotary_emb(hidden, position_ids=pos)
+        return args, kwargs
+
+
+def _gather_mask(mask: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Select rows (dim=2) or columns (dim=3) of a 4-D attention mask [B|1, h, q, kv] by index [B, L']."""
+    b = index.shape[0]
+    mask = mask.expand(b, *mask.shape[1:])
+    shape = list(mask.shape)
+    shape[dim] = index.shape[1]
+    view = [b, 1, 1, 1]
+    view[dim] = index.shape[1]
+    return mask.gather(dim, index.view(*view).expand(*shape))

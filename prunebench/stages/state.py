@@ -1,0 +1,66 @@
+"""State shared by one installation's hooks across the calls of one `generate` / forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prunebench.methods.base import Positions
+
+
+@dataclass
+class Compaction:
+    """A shortened sequence: which rows of the full sequence survive, and how they are placed.
+
+    index: [B, L'] sorted indices into the full sequence of length `full_len`.
+    position_ids: [B, L'] positions of the kept rows at prefill.
+    shift: how many positions decode steps move back (dropped tokens, contiguous policy), else 0.
+    """
+
+    index: torch.Tensor
+    full_len: int
+    position_ids: torch.Tensor
+    shift: int
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+@dataclass
+class CallState:
+    phase: str = "idle"  # "prefill" | "decode", set at the LLM entry
+    image_mask: torch.Tensor | None = None  # [B, L] image-token positions of the current sequence
+    attention_mask_2d: torch.Tensor | None = None  # [B, L] padding mask after entry compaction
+    visual_keep: torch.Tensor | None = None  # [n_images, k] pending from the vision / pre-LLM stage
+    entry: Compaction | None = None
+    intra: Compaction | None = None
+    captures: dict[str, Any] = field(default_factory=dict)  # q/k/rope captured for signals
+    vision: Any = None  # per-call merge state of the vision stage
+
+    def new_prompt(self) -> None:
+        self.entry = None
+        self.intra = None
+        self.captures.clear()
+
+
+def renumber(keep_mask: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, policy: Positions) -> torch.Tensor:
+    """Positions of the kept rows: original ones, or closed up over the dropped rows.
+
+    keep_mask: [B, L] bool; positions: [B, L] original positions; index: [B, L'] kept rows.
+    """
+    kept = positions.gather(1, index)
+    if policy is Positions.ORIGINAL:
+        return kept
+    dropped_before = (~keep_mask).long().cumsum(dim=1).gather(1, index)
+    return kept - dropped_before
+
+
+def rows_of(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool with the same count per row -> [B, L'] sorted indices of the True entries."""
+    counts = mask.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise RuntimeError(
+            "pruning left rows of the batch with different lengths; run with batch_size=1 for this method"
+        )
+    return mask.nonzero()[:, 1].view(mask.shape[0], int(counts[0]))

@@ -1,0 +1,132 @@
+"""Vision-side seams: merges inside the encoder layers, and the projector output (pre-LLM).
+
+Both end in the same decision, `state.visual_keep` ([n_images, k] indices into the N patch
+grid), which the LLM entry (`stages/llm.py`) applies. The projector output is handed on at full
+length so the family's own scatter into `inputs_embeds` keeps working; the dropped rows never
+reach the first decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunebench.errors import UserError
+from prunebench.methods.base import ResolvedMethod, SelectContext
+from prunebench.models.base import Seams
+from prunebench.stages.state import CallState
+from prunebench.timing import Timer
+
+
+@dataclass
+class MergeState:
+    """Per-image merge bookkeeping: size [B, T] (ToMe sizes), rep [B, T] (original patch index
+    each token stands for, -1 for prefix tokens like [CLS])."""
+
+    size: torch.Tensor
+    rep: torch.Tensor
+
+
+class PreLLMSelect:
+    """A select method on the projector output [n_images, N, D]."""
+
+    def __init__(self, seams: Seams, method: ResolvedMethod, n_keep: int, state: CallState, timer: Timer,
+                 generator: torch.Generator) -> None:
+        self.seams, self.method, self.n_keep, self.state = seams, method, n_keep, state
+        self.timer, self.generator = timer, generator
+
+    def register(self) -> list[torch.utils.hooks.RemovableHandle]:
+        return [self.seams.projector.register_forward_hook(self._hook)]
+
+    def _hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        with self.timer.span("method"):
+            ctx = SelectContext(tokens=output, n_keep=self.n_keep, grid=self.seams.grid, generator=self.generator)
+            self.state.visual_keep = self.method.spec.fn(ctx, **self.method.params)
+
+
+class VisionMerge:
+    """A merge method applied inside encoder layers, between attention and MLP (EvoPrune Alg. 1)."""
+
+    def __init__(self, seams: Seams, method: ResolvedMethod, n_keep: int, state: CallState, timer: Timer) -> None:
+        self.seams, self.method, self.state, self.timer = seams, method, state, timer
+        self.n_keep = n_keep
+        params = {k: v for k, v in method.params.items() if k != "schedule"}
+        self.merge_params = params
+        try:
+            self.schedule = method.spec.schedule(
+                str(method.params["schedule"]), len(seams.vision_layers), seams.n_visual, seams.n_visual - n_keep
+            )
+        except ValueError as err:  # e.g. more merges asked than this encoder's layers can make
+            raise UserError(f"{method.name}: {err}") from None
+        self._swapped: list[tuple[torch.nn.Module, type]] = []
+
+    def register(self) -> list[torch.utils.hooks.RemovableHandle]:
+        s = self.seams
+        handles = [s.vision_tower.register_forward_pre_hook(self._start, with_kwargs=True),
+                   s.projector.register_forward_hook(self._finish)]
+        for layer, r in zip(s.vision_layers, self.schedule, strict=True):
+            if r == 0:
+                continue
+            captured: dict[str, torch.Tensor] = {}
+            handles += [
+                layer.self_attn.q_proj.register_forward_hook(_store(captured, "q")),
+                layer.self_attn.k_proj.register_forward_hook(_store(captured, "k")),
+            ]
+            self._swapped.append((layer, type(layer)))
+            layer.__class__ = s.merge_layer_class
+            layer._pb_merge = _MergeStep(self, layer, r, captured)
+        return handles
+
+    def restore(self) -> None:
+        for layer, cls in self._swapped:
+            layer.__class__ = cls
+            del layer._pb_merge
+        self._swapped.clear()
+
+    def _start(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        b, prefix, n = pixels.shape[0], self.seams.vision_prefix, self.seams.n_visual
+        rep = torch.cat([torch.full((prefix,), -1), torch.arange(n)]).to(pixels.device)
+        self.state.vision = MergeState(size=torch.ones(b, prefix + n, device=pixels.device),
+                                       rep=rep.expand(b, -1).clone())
+
+    def _finish(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        merge: MergeState = self.state.vision
+        keep = merge.rep[:, self.seams.vision_prefix :]
+        if keep.shape[1] != output.shape[1]:
+            raise RuntimeError(f"vision merge left {keep.shape[1]} patch tokens but the projector saw {output.shape[1]}")
+        full = output.new_zeros(output.shape[0], self.seams.n_visual, output.shape[-1])
+        full.scatter_(1, keep[..., None].expand(-1, -1, output.shape[-1]), output)
+        self.state.visual_keep = keep
+        return full
+
+
+class _MergeStep:
+    """Called by the swapped encoder layer with the post-attention residual stream [B, T, D]."""
+
+    def __init__(self, owner: VisionMerge, layer: torch.nn.Module, r: int, captured: dict[str, torch.Tensor]) -> None:
+        self.owner, self.layer, self.r, self.captured = owner, layer, r, captured
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        owner, attn = self.owner, self.layer.self_attn
+        state: MergeState = owner.state.vision
+        with owner.timer.span("method"):
+            b, t, _ = x.shape
+            q = self.captured.pop("q").view(b, t, -1, attn.head_dim).transpose(1, 2)
+            k = self.captured.pop("k").view(b, t, -1, attn.head_dim).transpose(1, 2)
+            from prunebench.methods.evoprune_ops import received_attention
+
+            importance = received_attention(q, k, attn.scale)
+            protect = state.rep < 0
+            out = owner.method.spec.merge(x, state.size, state.rep, importance, self.r, protect=protect,
+                                          **owner.merge_params)
+            owner.state.vision = MergeState(size=out.size, rep=out.rep)
+        return out.x
+
+
+def _store(captured: dict[str, torch.Tensor], name: str):
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        captured[name] = output
+
+    return hook

@@ -1,0 +1,79 @@
+"""Per-sample stage timing: CUDA events on GPU, perf_counter on CPU.
+
+Marks are cheap and asynchronous on GPU (events are recorded on the stream, read once after
+one synchronize at the end of the sample); nothing here prints or touches files.
+A span name may open and close many times per sample (decode steps, per-layer merges): the
+durations add up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class Timer:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self._open: dict[str, object] = {}
+        self._spans: dict[str, list[tuple[object, object]]] = defaultdict(list)
+
+    def _now(self) -> object:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self, name: str) -> None:
+        self._open[name] = self._now()
+
+    def stop(self, name: str) -> None:
+        begin = self._open.pop(name, None)
+        if begin is not None:
+            self._spans[name].append((begin, self._now()))
+
+    def is_open(self, name: str) -> bool:
+        return name in self._open
+
+    def count(self, name: str) -> int:
+        return len(self._spans[name])
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+    def seconds(self) -> dict[str, float]:
+        """Sum of each span's durations in seconds (synchronizes once on GPU)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {k: sum(a.elapsed_time(b) for a, b in v) / 1e3 for k, v in self._spans.items()}  # type: ignore[attr-defined]
+        return {k: sum(b - a for a, b in v) for k, v in self._spans.items()}  # type: ignore[operator]
+
+    def spans(self, name: str) -> list[float]:
+        """Each duration of one span name, in seconds."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in self._spans[name]]  # type: ignore[attr-defined]
+        return [b - a for a, b in self._spans[name]]  # type: ignore[operator]
+
+
+class NullTimer(Timer):
+    """A timer that records nothing (for `install` used outside the runner)."""
+
+    def start(self, name: str) -> None:
+        return None
+
+    def stop(self, name: str) -> None:
+        return None

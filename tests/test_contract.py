@@ -1,0 +1,207 @@
+"""The contract every registered method honours on every stage it supports (tiny LLaVA):
+keep=1.0 is the unpruned model, keep<1 keeps exactly the documented count, the model is
+restored on exit, results are deterministic under a seed, and cached decoding agrees with a
+full recompute (positions and masks are right after pruning)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from prunebench.errors import UserError
+from prunebench.methods import METHODS, Stage, resolve_method
+from prunebench.methods.base import n_keep_for
+from prunebench.stages import install
+
+PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage is not Stage.NONE]
+GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+
+
+def prefill_logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def generate(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, **GEN)
+
+
+def layer_lengths(tiny, fn) -> list[int]:
+    """Sequence length entering each decoder layer during the first (prefill) forward of fn()."""
+    seen: dict[int, int] = {}
+
+    def hook(i):
+        def pre(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(i, hidden.shape[1])
+
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(tiny.seams.decoder_layers)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in range(len(seen))]
+
+
+def max_vision_merges(tiny, n: int) -> int:
+    """Bipartite merging halves the tokens at most once per feeding encoder layer."""
+    for _ in tiny.seams.vision_layers:
+        n -= n // 2
+    return tiny.seams.n_visual - n
+
+
+def hooks_left(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", PRUNING)
+def test_keep_one_is_identical_to_vanilla(tiny, name):
+    inputs = tiny.inputs()
+    ref_logits, ref_tokens = prefill_logits(tiny.model, inputs), generate(tiny.model, inputs)
+    with install(tiny.seams, resolve_method(name), keep=1.0, seed=0):
+        logits, tokens = prefill_logits(tiny.model, inputs), generate(tiny.model, inputs)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.111, 0.01])
+@pytest.mark.parametrize("name", PRUNING)
+def test_keep_gives_exact_documented_count(tiny, name, keep):
+    method = resolve_method(name)
+    inputs = tiny.inputs()
+    full = inputs["input_ids"].shape[1]
+    n_in = tiny.seams.n_visual
+    n_keep, clamped = n_keep_for(keep, n_in)
+    assert n_keep == max(1, round(keep * n_in))
+    if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(tiny, n_in):
+        with pytest.raises(UserError, match="at most"):
+            with install(tiny.seams, method, keep=keep, seed=0):
+                pass
+        return
+    with install(tiny.seams, method, keep=keep, seed=0) as inst:
+        lengths = layer_lengths(tiny, lambda: prefill_logits(tiny.model, inputs))
+        tokens = generate(tiny.model, inputs)
+    assert inst.counts.n_visual_in == n_in and inst.counts.n_visual_out == n_keep
+    assert inst.counts.clamped == clamped
+    pruned = full - n_in + n_keep
+    if method.stage is Stage.INTRA_LLM:
+        k = method.params["layer"]
+        assert lengths == [full] * k + [pruned] * (len(lengths) - k)
+        n_layers = len(lengths)
+        assert inst.counts.layer_avg == pytest.approx((k * n_in + (n_layers - k) * n_keep) / n_layers)
+    else:
+        assert lengths == [pruned] * len(lengths)
+    assert tokens.shape[1] == full + GEN["max_new_tokens"]
+
+
+@pytest.mark.parametrize("name", PRUNING)
+def test_model_is_restored_after_removal(tiny_path, name):
+    from conftest import load_tiny
+
+    fresh = load_tiny(tiny_path)  # a model nobody patched
+    used = load_tiny(tiny_path)
+    classes = [type(m) for m in used.model.modules()]
+    inputs = used.inputs()
+    generate(used.model, inputs)  # transformers installs its own output-capture hooks lazily
+    hooks_before = hooks_left(used.model)
+    with install(used.seams, resolve_method(name), keep=0.25, seed=0):
+        generate(used.model, inputs)
+        assert hooks_left(used.model) > hooks_before
+    assert hooks_left(used.model) == hooks_before
+    assert [type(m) for m in used.model.modules()] == classes
+    assert not any(hasattr(m, "_pb_merge") for m in used.model.modules())
+    assert torch.equal(prefill_logits(used.model, inputs), prefill_logits(fresh.model, inputs))
+    assert torch.equal(generate(used.model, inputs), generate(fresh.model, inputs))
+
+
+@pytest.mark.parametrize("name", PRUNING)
+def test_deterministic_under_seed(tiny, name):
+    inputs = tiny.inputs()
+    runs = []
+    for _ in range(2):
+        with install(tiny.seams, resolve_method(name), keep=0.25, seed=7):
+            runs.append((prefill_logits(tiny.model, inputs)[:, -1], generate(tiny.model, inputs)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_random_methods_depend_on_seed(tiny):
+    inputs = tiny.inputs()
+    kept = []
+    for seed in (1, 2):
+        with install(tiny.seams, resolve_method("random_pre"), keep=0.25, seed=seed) as inst:
+            prefill_logits(tiny.model, inputs)
+            kept.append(inst.state.entry.index.clone())
+    assert not torch.equal(kept[0], kept[1])
+
+
+def _uncached_greedy(model, inputs, steps: int, inst) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding by recomputing the whole sequence every step (no KV cache)."""
+    ids, mask, logits = inputs["input_ids"], inputs["attention_mask"], []
+    for _ in range(steps):
+        inst.reseed(0)
+        with torch.no_grad():
+            last = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                         use_cache=False).logits[:, -1]
+        logits.append(last)
+        nxt = last.argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids, torch.stack(logits, 1)
+
+
+# Methods whose decision does not depend on the generated suffix (so a full recompute of the
+# longer sequence makes the same decision), under both position policies.
+SUFFIX_FREE = [(n, p) for n in PRUNING if "last_query_attention" not in METHODS.get(n).needs
+               for p in ("original", "contiguous")]
+
+
+@pytest.mark.parametrize(("name", "positions"), SUFFIX_FREE)
+def test_cached_decode_matches_full_recompute(tiny, name, positions):
+    """KV-cached decode after pruning (masks, positions per policy) == recomputing from scratch."""
+    inputs = tiny.inputs()
+    method = resolve_method(name, positions=positions)
+    with install(tiny.seams, method, keep=0.25, seed=0) as inst:
+        inst.reseed(0)
+        with torch.no_grad():
+            out = tiny.model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
+        ids, logits = _uncached_greedy(tiny.model, inputs, GEN["max_new_tokens"], inst)
+    assert torch.equal(out.sequences, ids)
+    torch.testing.assert_close(torch.stack(out.logits, 1), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_fastv_row_equals_eager_attention(tiny_path):
+    """The recomputed last-query row at layer K-1 equals eager attention weights (1e-5)."""
+    from conftest import load_tiny
+
+    eager = load_tiny(tiny_path, attn="eager")
+    inputs = eager.inputs()
+    with torch.no_grad():
+        out = eager.model(**inputs, output_attentions=True)
+    fastv = resolve_method("fastv")
+    k = fastv.params["layer"]
+    image = inputs["input_ids"][0] == eager.seams.image_token_id
+    expected = out.attentions[k - 1][0, :, -1].float().mean(0)[image]
+
+    seen = {}
+
+    def spy(ctx, **params):
+        seen["row"] = ctx.signals["last_query_attention"]
+        return METHODS.get("fastv").fn(ctx, **params)
+
+    sdpa = load_tiny(tiny_path)
+    spied = dataclasses.replace(fastv, spec=dataclasses.replace(fastv.spec, fn=spy))
+    with install(sdpa.seams, spied, keep=0.25, seed=0):
+        prefill_logits(sdpa.model, inputs)
+    torch.testing.assert_close(seen["row"][0], expected, atol=1e-5, rtol=0)
+    top = expected.topk(9).indices.sort().values
+    with install(sdpa.seams, fastv, keep=0.25, seed=0) as inst:
+        prefill_logits(sdpa.model, inputs)
+    kept_image_rows = inst.state.intra.index[0]
+    image_rows = image.nonzero()[:, 0]
+    assert torch.equal(kept_image_rows[torch.isin(kept_image_rows, image_rows)], image_rows[top])
