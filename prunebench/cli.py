@@ -28,6 +28,27 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
                 raise unknown_choice(key, name, choices)
 
 
+def check_overrides(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """One-line errors for unknown top-level options and unknown method parameters."""
+    import yaml
+
+    top = yaml.safe_load((config_dir / "config.yaml").read_text())
+    options = sorted(k for k in top if k not in ("defaults", "hydra"))
+    default_method = next(d["method"] for d in top["defaults"] if isinstance(d, dict) and "method" in d)
+    overrides = [a.partition("=") for a in argv if "=" in a and not a.startswith(("+", "~", "hydra"))]
+    methods = [v for k, _, v in overrides if k == "method"]
+    names = [n for v in methods for n in _sweep_values(v)] or [default_method]
+    for key, _, _ in overrides:
+        head = key.split(".")[0]
+        if "." not in key and head not in GROUPS and head not in options:
+            raise unknown_choice("option", key, options)
+        if key.startswith("method.params."):
+            from prunebench.methods import resolve_method
+
+            for name in names:
+                resolve_method(name, {key.split(".", 2)[2]: None})
+
+
 def _sweep_values(value: str) -> list[str]:
     """`a,b` or `choice(a,b)` -> [a, b]; anything fancier is left to Hydra."""
     value = value.strip()
@@ -51,15 +72,17 @@ def run_with_baseline(cfg: Any) -> None:
     path = run(cfg)
     print(f"[prunebench] record: {path}", file=sys.stderr)
     if cfg.report:
-        from prunebench.report import collect, relative_table
+        from prunebench.report import collect, render
 
-        records = [r for r in collect(Path(str(cfg.results_dir))) if r.dataset == cfg.dataset.name]
-        print(relative_table(records, model=str(cfg.model.name), fmt="github"))
+        records = [r for r in collect(Path(str(cfg.results_dir)))
+                   if (r.model, r.dataset, r.limit) == (cfg.model.name, cfg.dataset.name, cfg.limit)]
+        print(render(records))
 
 
 def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
+        check_overrides(sys.argv[1:])
     except UserError as err:
         print(f"prunebench: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

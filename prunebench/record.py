@@ -8,7 +8,8 @@ Fields (schema_version 1):
   accuracy_meaningful  False for random or untrained weights: the score is noise
   notes            plain-language caveats (untrained weights, clamped budget, ...)
   tokens           n_visual_in / n_visual_out (means per sample), layer_avg, clamped_to_one,
-                   llm_prompt_len (mean tokens entering the LLM), schedule (vision-stage merges)
+                   llm_prompt_len (mean tokens entering the LLM), vision_merge_schedule (merges per
+                   encoder layer, vision-stage methods)
   timing           total_s, vision_s, method_s, prefill_s, decode_s: sums over samples;
                    median: the same per sample, medians; n_timed, warmup (samples run untimed first);
                    clock ("cuda_events" | "perf_counter")

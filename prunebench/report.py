@@ -79,8 +79,13 @@ def _grid(records: list[RunRecord], model: str) -> Grid:
     grid: Grid = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r.model == model:
-            grid[_row_key(r)][r.dataset].append(r)
+            grid[_row_key(r)][dataset_label(r)].append(r)
     return {k: dict(grid[k]) for k in sorted(grid, key=_row_order)}
+
+
+def dataset_label(r: RunRecord) -> str:
+    """A run on the first N samples is a different column from the full set."""
+    return r.dataset if r.limit is None else f"{r.dataset}[:{r.limit}]"
 
 
 def _vanilla(grid: Grid) -> dict[str, list[RunRecord]]:
@@ -212,8 +217,11 @@ def _table_row(key: RowKey, by_ds: dict[str, list[RunRecord]], base: dict[str, l
 
 
 def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[list[str]]) -> list[str]:
+    has_vanilla = set(_vanilla(grid))
     lines = [f"no vanilla run for {model} / {ds}: relative scores not shown (run method=vanilla)"
-             for ds in _datasets(grid) if ds not in bases]
+             for ds in _datasets(grid) if ds not in has_vanilla]
+    lines += [f"vanilla scores 0 on {model} / {ds}: relative scores are undefined"
+              for ds in _datasets(grid) if ds in has_vanilla and ds not in bases]
     if any("†" in row[-3] for row in rows):
         lines.append("† Avg is over fewer datasets than the table shows.")
     return lines

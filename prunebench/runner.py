@@ -89,8 +89,10 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
         raise UserError("batch_size > 1 is not supported yet for LLaVA-1.5 runs; use batch_size=1")
     record = _new_record(job, cfg, loaded)
     save_record(out, record)
-    rows = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)
+    rows, schedule = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)
     _finish(record, rows, dataset, loaded)
+    if schedule is not None:
+        record.tokens["vision_merge_schedule"] = schedule
     save_record(out, record)
     if record.n_failed:
         _say(False, f"[prunebench] warning: {record.n_failed} of {len(rows)} samples failed; see {out / PREDICTIONS_NAME}")
@@ -145,7 +147,7 @@ def _read_rows(path: Path) -> dict[int, dict[str, Any]]:
 
 
 def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item], path: Path,
-             cfg: Mapping[str, Any], quiet: bool) -> list[dict[str, Any]]:
+             cfg: Mapping[str, Any], quiet: bool) -> tuple[list[dict[str, Any]], list[int] | None]:
     rows = _read_rows(path)
     todo = [it for it in items if it.index not in rows or rows[it.index].get("error") is not None]
     if rows and todo:
@@ -163,7 +165,7 @@ def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item],
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 rows[item.index] = row
-    return [rows[it.index] for it in items if it.index in rows]
+    return [rows[it.index] for it in items if it.index in rows], inst.schedule
 
 
 def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,

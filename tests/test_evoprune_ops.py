@@ -13,8 +13,8 @@ from prunebench.methods.evoprune_ops import (
     layer_schedule,
     local_diversity,
     max_mergeable,
-    received_attention,
 )
+from prunebench.stages.attention import received_attention
 
 STRATEGIES = ["mean", "skip", "first", "last", "first[3]", "last[2]", "increasing", "decreasing",
               "increasing[2]", "decreasing[0.5]", "first[1]"]

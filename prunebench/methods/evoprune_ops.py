@@ -1,7 +1,8 @@
 """EvoPrune tensor operations (papers/evoprune.txt §3.2-3.4, Appendix A). No model code here.
 
 - `layer_schedule`: how many tokens to merge at each encoder layer (Algorithm 1, Appendix A.1).
-- `received_attention`: importance s_i, the mean attention token i receives (§3.4).
+- importance s_i (the mean attention a token receives, §3.4) is the stage-side signal
+  `prunebench.stages.attention.received_attention`.
 - `local_diversity`: d_i, one minus the mean Gaussian kernel to the K nearest neighbours (§3.4).
 - `evoprune_merge`: one score-guided bipartite merge step (§3.3-3.4), ToMe-style size-weighted.
 """
@@ -164,30 +165,6 @@ def layer_schedule(strategy: str, n_layers: int, n_tokens: int, n_remove: int) -
             f"n_layers={n_layers}"
         )
     return repaired
-
-
-# ----------------------------------------------------------------------------------------------
-# Signals (evoprune.txt §3.4)
-# ----------------------------------------------------------------------------------------------
-
-
-def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
-    """Mean attention each token RECEIVES: [B, H, T, d] q, k -> [B, T] float32.
-
-    s_i = (1/H) (1/T) sum_h sum_j softmax_j'(q_j . k_j' * scale)[i]  (column mean over queries, heads).
-    evoprune.txt §3.4 writes (1/N) sum_j A_ij, which is the constant 1/N since softmax rows sum to 1;
-    its prose ("token i receives strong attention") defines the column mean, which we use.
-    Float32, chunked over query rows: peak extra memory O(B * H * chunk * T).
-    """
-    if q.shape != k.shape or q.dim() != 4:
-        raise ValueError(f"q and k must both be [B, H, T, d]; got {tuple(q.shape)} and {tuple(k.shape)}")
-    b, h, t, _ = q.shape
-    qf, kt = q.float(), k.float().transpose(-1, -2)
-    total = torch.zeros(b, t, dtype=torch.float32, device=q.device)
-    for start in range(0, t, max(int(chunk), 1)):
-        probs = torch.softmax((qf[:, :, start : start + chunk] @ kt) * scale, dim=-1)  # [B, H, c, T]
-        total += probs.sum(dim=(1, 2))
-    return total / (h * t)
 
 
 def local_diversity(x: torch.Tensor, knn: int, tau: float) -> torch.Tensor:

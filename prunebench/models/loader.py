@@ -162,16 +162,6 @@ def _random_weights(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, 
 
 
 def _local_processor(config: Any) -> Any:
-    from transformers import LlavaProcessor
+    from prunebench.models.tiny import build_processor
 
-    from prunebench.models.tiny import LLAVA_15_CHAT_TEMPLATE, build_image_processor, build_tokenizer
-
-    vision = config.vision_config
-    return LlavaProcessor(
-        image_processor=build_image_processor(vision.image_size),
-        tokenizer=build_tokenizer(),
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_15_CHAT_TEMPLATE,
-    )
+    return build_processor(config.vision_config.image_size, config.vision_config.patch_size)

@@ -112,6 +112,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 # --------------------------------------------------------------------------------- config and model
 
 
+def build_processor(
+    image_size: int, patch_size: int, tokenizer: PreTrainedTokenizerFast | None = None
+) -> LlavaProcessor:
+    """A LLaVA-1.5 processor built locally: CLIP preprocessing, the BPE tokenizer, the chat template."""
+    return LlavaProcessor(
+        image_processor=build_image_processor(image_size),
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+
+
 def build_image_processor(image_size: int) -> CLIPImageProcessorPil:
     """CLIP preprocessing (resize shortest edge, centre crop, CLIP mean/std), PIL backend."""
     return CLIPImageProcessorPil(
@@ -343,14 +357,7 @@ def build_tiny_llava(
     )  # fmt: skip
     tokenizer = build_tokenizer()
     model = build_model(build_config(tokenizer, **sizes), seed)
-    processor = LlavaProcessor(
-        image_processor=build_image_processor(image_size),
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_15_CHAT_TEMPLATE,
-    )
+    processor = build_processor(image_size, patch_size, tokenizer)
     num_params = sum(p.numel() for p in model.parameters())
     _save(path, model, processor, _model_card(seed, sizes, num_params))
     verify_tiny_llava(path)

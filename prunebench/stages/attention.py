@@ -57,3 +57,22 @@ def last_query_attention(
     q = apply_rope(q, cos[:, -1:], sin[:, -1:])
     k = apply_rope(k, cos, sin)
     return query_rows_attention(q, k, scale, key_mask)[:, 0]
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """Mean attention each token RECEIVES: [B, H, T, d] q, k -> [B, T] float32.
+
+    s_i = (1/H) (1/T) sum_h sum_j softmax_j'(q_j . k_j' * scale)[i]  (column mean over queries, heads).
+    evoprune.txt §3.4 writes (1/N) sum_j A_ij, which is the constant 1/N since softmax rows sum to 1;
+    its prose ("token i receives strong attention") defines the column mean, which we use.
+    Float32, chunked over query rows: peak extra memory O(B * H * chunk * T).
+    """
+    if q.shape != k.shape or q.dim() != 4:
+        raise ValueError(f"q and k must both be [B, H, T, d]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, h, t, _ = q.shape
+    qf, kt = q.float(), k.float().transpose(-1, -2)
+    total = torch.zeros(b, t, dtype=torch.float32, device=q.device)
+    for start in range(0, t, max(int(chunk), 1)):
+        probs = torch.softmax((qf[:, :, start : start + chunk] @ kt) * scale, dim=-1)  # [B, H, c, T]
+        total += probs.sum(dim=(1, 2))
+    return total / (h * t)

@@ -15,6 +15,7 @@ import torch
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, SelectContext
 from prunebench.models.base import Seams
+from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
 from prunebench.timing import Timer
 
@@ -69,10 +70,11 @@ class VisionMerge:
             if r == 0:
                 continue
             captured: dict[str, torch.Tensor] = {}
-            handles += [
-                layer.self_attn.q_proj.register_forward_hook(_store(captured, "q")),
-                layer.self_attn.k_proj.register_forward_hook(_store(captured, "k")),
-            ]
+            if "received_attention" in self.method.spec.needs:
+                handles += [
+                    layer.self_attn.q_proj.register_forward_hook(_store(captured, "q")),
+                    layer.self_attn.k_proj.register_forward_hook(_store(captured, "k")),
+                ]
             self._swapped.append((layer, type(layer)))
             layer.__class__ = s.merge_layer_class
             layer._pb_merge = _MergeStep(self, layer, r, captured)
@@ -109,20 +111,22 @@ class _MergeStep:
         self.owner, self.layer, self.r, self.captured = owner, layer, r, captured
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        owner, attn = self.owner, self.layer.self_attn
+        owner = self.owner
         state: MergeState = owner.state.vision
         with owner.timer.span("method"):
-            b, t, _ = x.shape
-            q = self.captured.pop("q").view(b, t, -1, attn.head_dim).transpose(1, 2)
-            k = self.captured.pop("k").view(b, t, -1, attn.head_dim).transpose(1, 2)
-            from prunebench.methods.evoprune_ops import received_attention
-
-            importance = received_attention(q, k, attn.scale)
+            importance = self._received_attention(x.shape[0], x.shape[1]) if self.captured else None
             protect = state.rep < 0
             out = owner.method.spec.merge(x, state.size, state.rep, importance, self.r, protect=protect,
                                           **owner.merge_params)
             owner.state.vision = MergeState(size=out.size, rep=out.rep)
         return out.x
+
+    def _received_attention(self, b: int, t: int) -> torch.Tensor:
+        """[B, T] mean attention each token receives, from this layer's own q/k (no eager attention)."""
+        attn = self.layer.self_attn
+        q = self.captured.pop("q").view(b, t, -1, attn.head_dim).transpose(1, 2)
+        k = self.captured.pop("k").view(b, t, -1, attn.head_dim).transpose(1, 2)
+        return received_attention(q, k, attn.scale)
 
 
 def _store(captured: dict[str, torch.Tensor], name: str):

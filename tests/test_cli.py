@@ -1,0 +1,65 @@
+"""The command line: one-line errors for user mistakes, multirun, baseline and report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunebench.cli import check_group_choices
+from prunebench.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "prunebench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_unknown_group_choice_names_valid_ones():
+    with pytest.raises(UserError, match=r"unknown method 'fastvv' \(did you mean 'fastv'\?\); valid choices: .*divprune"):
+        check_group_choices(["method=fastvv"])
+    with pytest.raises(UserError, match="unknown dataset 'nope'"):
+        check_group_choices(["dataset=shapes,nope"])
+    check_group_choices(["method=fastv,random_pre", "keep=0.5", "model.path=x"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["method=nope"], "unknown method 'nope'"),
+        (["keep=0"], "keep must be a fraction in (0, 1]"),
+        (["keep=1.5"], "keep must be a fraction in (0, 1]"),
+        (["method=fastv", "method.params.window=3"], "method 'fastv' has no parameter(s) window; valid: layer"),
+        (["model=llava15", "model.path=/nonexistent/llava", "baseline=false"], "no weights for model 'llava15'"),
+        (["model=llava15", "model.weights=random", "model.arch=nope", "baseline=false"],
+         "no shipped architecture 'nope'"),
+        (["device=tpu"], "device must be one of"),
+    ],
+)
+def test_user_mistakes_are_one_line(args, message, tmp_path):
+    out = cli(*args, f"results_dir={tmp_path}", "limit=1")
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("prunebench: error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+
+
+def test_multirun_baseline_and_report(tiny_path, tmp_path):
+    out = cli("-m", "method=random_pre,fastv", "keep=0.5,0.25", f"model.path={tiny_path}", "limit=2",
+              f"results_dir={tmp_path}", "dataset.image_size=48")
+    assert out.returncode == 0, out.stderr
+    records = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("record.json"))
+    assert records == [f"tiny_llava/shapes-n2/{m}/keep{k}-seed0/record.json"
+                       for m, k in [("fastv", "0.250"), ("fastv", "0.500"), ("random_pre", "0.250"),
+                                    ("random_pre", "0.500"), ("vanilla", "1.000")]]
+    assert "vanilla (upper bound)" in out.stdout and "> accuracy is noise" in out.stdout
+    assert "| 0.25 " in out.stdout and "shapes[:2]" in out.stdout
+    again = cli("method=fastv", "keep=0.5", f"model.path={tiny_path}", "limit=2", f"results_dir={tmp_path}",
+                "dataset.image_size=48")
+    assert again.returncode == 0 and again.stderr.count("complete, skipped") == 2

@@ -1,0 +1,108 @@
+"""A job end to end on the tiny LLaVA: record contents, skip, resume after a crash, failed samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from prunebench import (
+    methods,  # noqa: F401
+    runner,
+)
+from prunebench.cli import CONFIG_DIR
+from prunebench.record import SCHEMA_VERSION, TIMED_FIELDS, load_record
+
+
+def config(tiny_path: Path, results: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"model.path={tiny_path}", f"results_dir={results}", "limit=4",
+                                             "device=cpu", "dataset.image_size=48", *overrides])
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_record_is_complete_and_honest(tiny_path, tmp_path):
+    path = runner.run(config(tiny_path, tmp_path, "method=random_pre", "keep=0.25"), quiet=True)
+    rec = load_record(path)
+    assert rec.schema_version == SCHEMA_VERSION and rec.status == "complete"
+    assert (rec.model, rec.dataset, rec.method, rec.stage, rec.keep) == ("tiny_llava", "shapes", "random_pre",
+                                                                        "pre_llm", 0.25)
+    assert rec.n_samples == 4 and rec.n_failed == 0
+    assert rec.tokens["n_visual_in"] == 36 and rec.tokens["n_visual_out"] == 9
+    assert rec.tokens["llm_prompt_len"] == rec.tokens["prompt_len"] - 27
+    assert all(rec.timing[f] >= 0 for f in TIMED_FIELDS) and rec.timing["prefill_s"] > 0
+    assert set(rec.timing["median"]) == set(TIMED_FIELDS) and rec.timing["clock"] == "perf_counter"
+    assert not rec.accuracy_meaningful and "noise" in rec.notes[0]
+    assert 0 <= rec.score <= 100 and set(rec.metrics) <= {"background", "existence", "count", "color", "position"}
+    assert rec.versions["transformers"] and rec.config["keep"] == 0.25 and rec.method_card["source"]
+    rows = lines(path.parent / rec.predictions)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["n_visual_out"] == 9 and r["error"] is None for r in rows)
+
+
+def test_vision_stage_record_has_schedule(tiny_path, tmp_path):
+    rec = load_record(runner.run(config(tiny_path, tmp_path, "method=evoprune", "keep=0.25"), quiet=True))
+    assert sum(rec.tokens["vision_merge_schedule"]) == 36 - 9
+    assert rec.tokens["n_visual_out"] == 9 and rec.stage == "vision"
+
+
+def test_complete_job_is_skipped(tiny_path, tmp_path, capsys):
+    cfg = config(tiny_path, tmp_path, "method=fastv", "keep=0.5")
+    path = runner.run(cfg, quiet=True)
+    before = path.read_text()
+    runner.run(cfg)
+    assert "skipped" in capsys.readouterr().err
+    assert path.read_text() == before
+
+
+def test_crash_then_rerun_resumes_without_duplicates(tiny_path, tmp_path, monkeypatch):
+    cfg = config(tiny_path, tmp_path, "method=random_intra", "keep=0.5", "warmup=0")
+    real, calls = runner._generate, []
+
+    def crashing(loaded, dataset, item, *args):
+        calls.append(item.index)
+        if item.index == 2:
+            raise KeyboardInterrupt  # the process dies mid-run
+        return real(loaded, dataset, item, *args)
+
+    monkeypatch.setattr(runner, "_generate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, quiet=True)
+    job_dir = runner.Job.from_config(cfg).directory(tmp_path)
+    assert load_record(job_dir / "record.json").status == "running"
+    assert [r["index"] for r in lines(job_dir / "predictions.jsonl")] == [0, 1]
+    monkeypatch.setattr(runner, "_generate", real)
+    rec = load_record(runner.run(cfg, quiet=True))
+    assert rec.status == "complete" and rec.n_samples == 4
+    assert sorted(r["index"] for r in lines(job_dir / "predictions.jsonl")) == [0, 1, 2, 3]
+
+
+def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeypatch):
+    real = runner._generate
+
+    def flaky(loaded, dataset, item, *args):
+        if item.index == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(loaded, dataset, item, *args)
+
+    monkeypatch.setattr(runner, "_generate", flaky)
+    rec = load_record(runner.run(config(tiny_path, tmp_path, "method=divprune", "keep=0.5"), quiet=True))
+    assert rec.status == "complete" and rec.n_samples == 4 and rec.n_failed == 1
+    rows = {r["index"]: r for r in lines(tmp_path / "tiny_llava" / "shapes-n4" / "divprune" / "keep0.500-seed0"
+                                          / "predictions.jsonl")}
+    assert "simulated" in rows[1]["error"] and rows[0]["error"] is None
+
+
+def test_job_directory_names_what_defines_the_result(tiny_path, tmp_path):
+    base = runner.Job.from_config(config(tiny_path, tmp_path, "method=fastv", "keep=0.111"))
+    assert base.directory(tmp_path) == tmp_path / "tiny_llava" / "shapes-n4" / "fastv" / "keep0.111-seed0"
+    other = runner.Job.from_config(config(tiny_path, tmp_path, "method=fastv", "keep=0.111",
+                                          "method.params.layer=1"))
+    assert other.directory(tmp_path).parent.name.startswith("fastv-")
+    vanilla = runner.Job.from_config(config(tiny_path, tmp_path, "method=vanilla", "keep=0.3"))
+    assert vanilla.keep == 1.0
