@@ -1,0 +1,43 @@
+# prunebench — `make demo` runs the embedded default and prints the table; `make test` runs the tests.
+# Both set everything up on a fresh machine (virtualenv, CPU torch wheel, the package).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.prunebench-setup
+ARGS   ?=
+METHODS ?= random_pre,random_intra,fastv,divprune,evoprune
+KEEPS   ?= 0.333,0.222,0.111
+
+.PHONY: setup demo test sweep report bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0   # the CPU wheel; a loose pin pulls the CUDA build
+	$(BIN)/python -m pip install -q -e ".[dev,plot]"
+	touch $(STAMP)
+
+demo: setup          ## default job (tiny LLaVA, EvoPrune keep 0.111, built-in shapes set) + report
+	$(BIN)/python -m prunebench $(ARGS)
+	$(BIN)/python -m prunebench.report results
+
+test: setup          ## the test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+sweep: setup         ## every method x keep on the default model and dataset (resumable)
+	$(BIN)/python -m prunebench -m method=$(METHODS) keep=$(KEEPS) report=false $(ARGS)
+	$(BIN)/python -m prunebench.report results --plot results/relative_accuracy.png
+
+report: setup
+	$(BIN)/python -m prunebench.report results
+
+bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
+	$(BIN)/python scripts/bench_prefill.py $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check prunebench tests scripts
+
+clean:
+	rm -rf results/*/ checkpoints/ .pytest_cache .ruff_cache
