@@ -76,9 +76,11 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     job = Job.from_config(cfg)
     out = job.directory(Path(str(cfg["results_dir"])))
     record_path = out / RECORD_NAME
-    if record_path.exists() and load_record(record_path).status == "complete":
-        _say(quiet, f"[prunebench] complete, skipped: {record_path}")
-        return record_path
+    if record_path.exists():
+        done = load_record(record_path)
+        if done.status == "complete" and done.n_failed == 0:
+            _say(quiet, f"[prunebench] complete, skipped: {record_path}")
+            return record_path
     dataset = build_dataset(cfg["dataset"])
     device = resolve_device(str(cfg["device"]))
     if device.type == "cpu" and cfg.get("cpu_threads"):
@@ -126,11 +128,21 @@ def _device_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
     else:
-        import platform
-
-        info["name"] = platform.processor() or platform.machine()
+        info["name"] = _cpu_name()
         info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _read_rows(path: Path) -> dict[int, dict[str, Any]]:
@@ -174,7 +186,7 @@ def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installatio
                            "answer": item.answer}
     try:
         text, extra = _generate(loaded, dataset, item, inst, timer, seed)
-    except (RuntimeError, ValueError, IndexError, torch.cuda.OutOfMemoryError) as err:
+    except Exception as err:  # recorded with the sample; rerunning the command retries it
         row.update(error=f"{type(err).__name__}: {err}", prediction=None, correct=False)
         return row
     row.update(prediction=text, correct=dataset.is_correct(text, item), error=None, **extra)

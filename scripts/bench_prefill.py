@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     if i >= args.warmup:
                         s = timer.seconds()
                         spans.append((s.get("vision", 0.0), s.get("method", 0.0), timer.spans("forward")[0]))
-            rows.append((keep, inst.counts.n_visual_out, *(statistics.median(x) for x in zip(*spans))))
+            rows.append((keep, inst.counts.n_visual_out, *(statistics.median(x) for x in zip(*spans, strict=True))))
 
     base = next((r[4] for r in rows if r[0] == 1.0), None)
     print(f"{'keep':>6} {'tokens':>6} {'vision ms':>10} {'method ms':>10} {'prefill ms':>11} {'prefill/keep1':>14}")

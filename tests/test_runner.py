@@ -91,11 +91,15 @@ def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeyp
         return real(loaded, dataset, item, *args)
 
     monkeypatch.setattr(runner, "_generate", flaky)
-    rec = load_record(runner.run(config(tiny_path, tmp_path, "method=divprune", "keep=0.5"), quiet=True))
+    cfg = config(tiny_path, tmp_path, "method=divprune", "keep=0.5")
+    rec = load_record(runner.run(cfg, quiet=True))
     assert rec.status == "complete" and rec.n_samples == 4 and rec.n_failed == 1
-    rows = {r["index"]: r for r in lines(tmp_path / "tiny_llava" / "shapes-n4" / "divprune" / "keep0.500-seed0"
-                                          / "predictions.jsonl")}
+    predictions = tmp_path / "tiny_llava" / "shapes-n4" / "divprune" / "keep0.500-seed0" / "predictions.jsonl"
+    rows = {r["index"]: r for r in lines(predictions)}
     assert "simulated" in rows[1]["error"] and rows[0]["error"] is None
+    monkeypatch.setattr(runner, "_generate", real)  # the cause is gone: the rerun retries sample 1 only
+    rec = load_record(runner.run(cfg, quiet=True))
+    assert rec.n_failed == 0 and [r["index"] for r in lines(predictions)] == [0, 1, 2, 3, 1]
 
 
 def test_job_directory_names_what_defines_the_result(tiny_path, tmp_path):

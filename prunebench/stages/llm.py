@@ -88,7 +88,7 @@ def _compact_entry(
 
 
 def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2d: torch.Tensor | None) -> Kwargs:
-    if mask2d is not None and mask2d.shape[1] > entry.full_len - entry.index.shape[1]:
+    if mask2d is not None:  # [B, full_len + t] -> [B, kept + t]
         head = mask2d[:, : entry.full_len].gather(1, entry.index)
         kwargs["attention_mask"] = torch.cat([head, mask2d[:, entry.full_len :]], dim=1)
     pos = kwargs.get("position_ids")
