@@ -63,8 +63,7 @@ class Shapes:
     def items(self) -> list[Item]:
         from prunebench.data.shapes import build_shapes
 
-        return [Item(s.index, s.image, s.question, s.answer, s.category)
-                for s in build_shapes(self.n, seed=self.seed, image_size=self.image_size)]
+        return build_shapes(self.n, seed=self.seed, image_size=self.image_size)
 
     def is_correct(self, prediction: str, item: Item) -> bool:
         from prunebench.data.shapes import score_answer

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from prunebench.data.datasets import Item
+
 CATEGORIES: tuple[str, ...] = ("background", "existence", "count", "color", "position")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -41,15 +43,7 @@ _NUMBER_WORDS = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One visual question with its closed ground-truth answer."""
-
-    index: int
-    image: Image.Image
-    question: str
-    answer: str
-    category: str
+Sample = Item  # one visual question with its closed ground-truth answer
 
 
 @dataclass(frozen=True)
