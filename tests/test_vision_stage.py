@@ -3,6 +3,7 @@ the LLM in raster order of their representatives."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prunebench.methods import resolve_method
@@ -22,10 +23,11 @@ def encoder_lengths(tiny, fn) -> list[int]:
     return seen
 
 
-def test_tokens_entering_each_clip_layer_follow_the_schedule(tiny):
+@pytest.mark.parametrize("merge_point", ["attention", "layer"])
+def test_tokens_entering_each_clip_layer_follow_the_schedule(tiny, merge_point):
     inputs = tiny.inputs()
     for schedule in ("skip", "mean", "first[2]", "last[3]", "increasing[1]", "decreasing[2]"):
-        method = resolve_method("evoprune", {"schedule": schedule})
+        method = resolve_method("evoprune", {"schedule": schedule, "merge_point": merge_point})
         with install(tiny.seams, method, keep=0.25, seed=0) as inst:
             with torch.no_grad():
                 lengths = encoder_lengths(tiny, lambda: tiny.model(**inputs))
@@ -46,3 +48,14 @@ def test_cls_survives_and_kept_tokens_are_in_raster_order(tiny):
     assert rep[0] == -1 and (rep[1:] >= 0).all()
     assert torch.equal(rep[1:], rep[1:].sort().values) and rep.shape[0] == 1 + 9
     assert torch.equal(inst.state.vision.size[0, 1:].sum(), torch.tensor(36.0))
+
+
+def test_merge_point_changes_where_tokens_merge(tiny):
+    """Inside the layer (before the MLP, Algorithm 1) and between layers give different features."""
+    inputs = tiny.inputs()
+    logits = {}
+    for point in ("attention", "layer"):
+        with install(tiny.seams, resolve_method("evoprune", {"merge_point": point}), keep=0.25, seed=0):
+            with torch.no_grad():
+                logits[point] = tiny.model(**inputs).logits[:, -1]
+    assert not torch.equal(logits["attention"], logits["layer"])

@@ -21,7 +21,7 @@ METHODS.add(
         merge=evoprune_merge,
         needs=frozenset({"received_attention"}),
         positions=Positions.CONTIGUOUS,  # merged tokens enter the LLM as a shorter image run
-        defaults={"schedule": "skip", "ctr": 0.25, "knn": 5, "tau": 1.0, "lambda_d": 1.0},
+        defaults={"schedule": "skip", "ctr": 0.25, "knn": 5, "tau": 1.0, "lambda_d": 1.0, "merge_point": "attention"},
         deviations=(
             "attention importance = mean attention RECEIVED (column mean over queries and heads); the paper's "
             "formula averages rows, which is constant 1/N (METHODS.md EvoPrune card)",

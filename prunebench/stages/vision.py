@@ -52,8 +52,10 @@ class VisionMerge:
     def __init__(self, seams: Seams, method: ResolvedMethod, n_keep: int, state: CallState, timer: Timer) -> None:
         self.seams, self.method, self.state, self.timer = seams, method, state, timer
         self.n_keep = n_keep
-        params = {k: v for k, v in method.params.items() if k != "schedule"}
-        self.merge_params = params
+        self.merge_point = str(method.params.get("merge_point", "attention"))
+        if self.merge_point not in ("attention", "layer"):
+            raise UserError(f"{method.name}: merge_point must be one of: attention, layer (got '{self.merge_point}')")
+        self.merge_params = {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point")}
         try:
             self.schedule = method.spec.schedule(
                 str(method.params["schedule"]), len(seams.vision_layers), seams.n_visual, seams.n_visual - n_keep
@@ -75,9 +77,14 @@ class VisionMerge:
                     layer.self_attn.q_proj.register_forward_hook(_store(captured, "q")),
                     layer.self_attn.k_proj.register_forward_hook(_store(captured, "k")),
                 ]
-            self._swapped.append((layer, type(layer)))
+            step = _MergeStep(self, layer, r, captured)
+            if self.merge_point == "layer":  # between layers: on the layer's output, after its MLP
+                # prepend: run before transformers' own hooks that record hidden_states
+                handles.append(layer.register_forward_hook(lambda m, a, out, step=step: step(out), prepend=True))
+                continue
+            self._swapped.append((layer, type(layer)))  # inside the layer, between attention and MLP
             layer.__class__ = s.merge_layer_class
-            layer._pb_merge = _MergeStep(self, layer, r, captured)
+            layer._pb_merge = step
         return handles
 
     def restore(self) -> None:
