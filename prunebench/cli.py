@@ -73,9 +73,11 @@ def run_with_baseline(cfg: Any) -> None:
     print(f"[prunebench] record: {path}", file=sys.stderr)
     if cfg.report:
         from prunebench.report import collect, render
+        from prunebench.runner import Job
 
+        job = Job.from_config(cfg)
         records = [r for r in collect(Path(str(cfg.results_dir)))
-                   if (r.model, r.dataset, r.limit) == (cfg.model.name, cfg.dataset.name, cfg.limit)]
+                   if (r.model, r.dataset, r.limit) == (job.model, job.dataset, job.limit)]
         print(render(records))
 
 

@@ -58,7 +58,12 @@ class Job:
         limit = cfg.get("limit")
         if limit is not None and int(limit) < 1:
             raise UserError(f"limit must be a positive number of samples, got {limit}")
-        return cls(model=str(cfg["model"]["name"]), dataset=str(cfg["dataset"]["name"]), method=method,
+        if int(cfg.get("batch_size", 1)) != 1:
+            raise UserError("batch_size > 1 is not supported yet for LLaVA-1.5 runs; use batch_size=1")
+        model = str(cfg["model"]["name"])
+        if cfg["model"].get("weights") == "random":
+            model += "-random"  # never mixed with (or resumed from) pretrained runs
+        return cls(model=model, dataset=str(cfg["dataset"]["name"]), method=method,
                    keep=keep, seed=int(cfg["seed"]), limit=None if limit is None else int(limit))
 
     def directory(self, results_dir: Path) -> Path:
@@ -87,8 +92,6 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
         torch.set_num_threads(int(cfg["cpu_threads"]))
     loaded = load_model(cfg["model"], device)
     items = dataset.items()[: job.limit] if job.limit else dataset.items()
-    if int(cfg.get("batch_size", 1)) != 1:
-        raise UserError("batch_size > 1 is not supported yet for LLaVA-1.5 runs; use batch_size=1")
     record = _new_record(job, cfg, loaded)
     save_record(out, record)
     rows, schedule = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)

@@ -13,6 +13,7 @@ from prunebench import (
     runner,
 )
 from prunebench.cli import CONFIG_DIR
+from prunebench.errors import UserError
 from prunebench.record import SCHEMA_VERSION, TIMED_FIELDS, load_record
 
 
@@ -110,3 +111,13 @@ def test_job_directory_names_what_defines_the_result(tiny_path, tmp_path):
     assert other.directory(tmp_path).parent.name.startswith("fastv-")
     vanilla = runner.Job.from_config(config(tiny_path, tmp_path, "method=vanilla", "keep=0.3"))
     assert vanilla.keep == 1.0
+
+
+def test_random_weights_runs_are_kept_apart(tiny_path, tmp_path):
+    job = runner.Job.from_config(config(tiny_path, tmp_path, "method=fastv", "model.weights=random"))
+    assert job.model == "tiny_llava-random" and job.directory(tmp_path).parts[-4] == "tiny_llava-random"
+
+
+def test_batch_size_other_than_one_is_refused(tiny_path, tmp_path):
+    with pytest.raises(UserError, match="batch_size"):
+        runner.Job.from_config(config(tiny_path, tmp_path, "batch_size=2"))
