@@ -145,7 +145,7 @@ class IntraLLM:
             attn.k_proj.register_forward_hook(keep_output("k")),
         ]
 
-    def _signals(self) -> dict[str, torch.Tensor]:
+    def _signals(self, image_rows: torch.Tensor) -> dict[str, torch.Tensor]:
         if "last_query_attention" not in self.method.spec.needs:
             return {}
         caps, attn = self.state.captures, self.seams.decoder_layers[self.k - 1].self_attn
@@ -156,12 +156,7 @@ class IntraLLM:
             apply_rope=self.seams.apply_rope, key_mask=None if mask is None else mask.bool(),
         )
         caps.clear()
-        return {"last_query_attention": self._visual(row[..., None])[..., 0]}
-
-    def _visual(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] -> [B, N, D], the rows at image positions."""
-        index = rows_of(self.state.image_mask)
-        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+        return {"last_query_attention": row.gather(1, image_rows)}
 
     # -- hooks ---------------------------------------------------------------------------
     def _at_k(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
@@ -171,12 +166,14 @@ class IntraLLM:
         if self.state.image_mask is None or not bool(self.state.image_mask.any()):
             return None
         with self.timer.span("method"):
+            image_rows = rows_of(self.state.image_mask)  # [B, N]
             ctx = SelectContext(
-                tokens=self._visual(hidden), n_keep=self.n_keep, grid=self.seams.grid,
-                generator=self.generator, signals=self._signals(),
+                tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
+                n_keep=self.n_keep, grid=self.seams.grid, generator=self.generator,
+                signals=self._signals(image_rows),
             )
             keep_visual = self.method.spec.fn(ctx, **self.method.params)
-            compaction = self._compaction(hidden, kwargs, keep_visual)
+            compaction = self._compaction(hidden, kwargs, image_rows.gather(1, keep_visual.to(image_rows.device)))
         self.state.intra = compaction
         hidden = hidden.gather(1, compaction.index[..., None].expand(-1, -1, hidden.shape[-1]))
         if args:
@@ -185,11 +182,10 @@ class IntraLLM:
             kwargs["hidden_states"] = hidden
         return self._substitute(args, kwargs)
 
-    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, keep_visual: torch.Tensor) -> Compaction:
+    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, kept_rows: torch.Tensor) -> Compaction:
+        """kept_rows: [B, k] sequence rows of the visual tokens that stay."""
         b, length, _ = hidden.shape
-        image_rows = rows_of(self.state.image_mask)  # [B, N]
-        keep = ~self.state.image_mask.clone()
-        keep.scatter_(1, image_rows.gather(1, keep_visual.to(image_rows.device)), True)
+        keep = (~self.state.image_mask).scatter(1, kept_rows, True)
         index = rows_of(keep)
         pos = kwargs.get("position_ids")
         if pos is None:
