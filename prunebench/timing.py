@@ -40,12 +40,6 @@ class Timer:
         if begin is not None:
             self._spans[name].append((begin, self._now()))
 
-    def is_open(self, name: str) -> bool:
-        return name in self._open
-
-    def count(self, name: str) -> int:
-        return len(self._spans[name])
-
     @contextmanager
     def span(self, name: str) -> Iterator[None]:
         self.start(name)
