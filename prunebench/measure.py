@@ -22,7 +22,7 @@ from prunebench.timing import Timer
 def instrument(model: nn.Module, seams: Seams, timer: Timer) -> Iterator[Timer]:
     handles = [
         seams.vision_tower.register_forward_pre_hook(lambda m, a: timer.start("vision")),
-        seams.projector.register_forward_hook(lambda m, a, o: timer.stop("vision")),
+        seams.visual_output.register_forward_hook(lambda m, a, o: timer.stop("vision")),
         model.register_forward_pre_hook(lambda m, a: timer.start("forward")),
         model.register_forward_hook(lambda m, a, o: timer.stop("forward")),
     ]

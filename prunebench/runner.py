@@ -94,10 +94,13 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     items = dataset.items()[: job.limit] if job.limit else dataset.items()
     record = _new_record(job, cfg, loaded)
     save_record(out, record)
-    rows, schedule = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)
+    rows, inst = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)
     _finish(record, rows, dataset, loaded)
-    if schedule is not None:
-        record.tokens["vision_merge_schedule"] = schedule
+    record.positions = inst.positions.value
+    record.method_card["positions"] = inst.positions.value
+    record.notes += inst.notes
+    if inst.schedule is not None:
+        record.tokens["vision_merge_schedule"] = inst.schedule
     save_record(out, record)
     if record.n_failed:
         _say(False, f"[prunebench] warning: {record.n_failed} of {len(rows)} samples failed; see {out / PREDICTIONS_NAME}")
@@ -162,7 +165,7 @@ def _read_rows(path: Path) -> dict[int, dict[str, Any]]:
 
 
 def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item], path: Path,
-             cfg: Mapping[str, Any], quiet: bool) -> tuple[list[dict[str, Any]], list[int] | None]:
+             cfg: Mapping[str, Any], quiet: bool) -> tuple[list[dict[str, Any]], Installation]:
     rows = _read_rows(path)
     todo = [it for it in items if it.index not in rows or rows[it.index].get("error") is not None]
     if rows and todo:
@@ -180,7 +183,7 @@ def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item],
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 rows[item.index] = row
-    return [rows[it.index] for it in items if it.index in rows], inst.schedule
+    return [rows[it.index] for it in items if it.index in rows], inst
 
 
 def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
     inputs = processor(images=Image.new("RGB", (336, 336), (200, 30, 30)), text=prompt, return_tensors="pt").to(device)
     print(f"device={device} threads={torch.get_num_threads()} prompt_len={inputs['input_ids'].shape[1]} "
-          f"visual_tokens={seams.n_visual} method={args.method} runs={args.runs} (medians)", file=sys.stderr)
+          f"visual_tokens={seams.n_vision_patches} method={args.method} runs={args.runs} (medians)", file=sys.stderr)
 
     timer, rows = Timer(device), []
     with instrument(model, seams, timer):

@@ -54,7 +54,7 @@ def max_vision_merges(tiny, n: int) -> int:
     """Bipartite merging halves the tokens at most once per feeding encoder layer."""
     for _ in tiny.seams.vision_layers:
         n -= n // 2
-    return tiny.seams.n_visual - n
+    return tiny.seams.n_vision_patches - n
 
 
 def hooks_left(model) -> int:
@@ -77,7 +77,7 @@ def test_keep_gives_exact_documented_count(tiny, name, keep):
     method = resolve_method(name)
     inputs = tiny.inputs()
     full = inputs["input_ids"].shape[1]
-    n_in = tiny.seams.n_visual
+    n_in = tiny.seams.n_vision_patches
     n_keep, clamped = n_keep_for(keep, n_in)
     assert n_keep == max(1, round(keep * n_in))
     if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(tiny, n_in):
@@ -185,7 +185,7 @@ def test_fastv_row_equals_eager_attention(tiny_path):
         out = eager.model(**inputs, output_attentions=True)
     fastv = resolve_method("fastv")
     k = fastv.params["layer"]
-    image = inputs["input_ids"][0] == eager.seams.image_token_id
+    image = inputs["input_ids"][0] == eager.seams.image_token_ids[0]
     expected = out.attentions[k - 1][0, :, -1].float().mean(0)[image]
 
     seen = {}

@@ -16,7 +16,7 @@ from prunebench.models import loader
 def test_pretrained_from_local_directory(tiny_path):
     loaded = loader.load_model({"name": "t", "path": str(tiny_path)}, torch.device("cpu"))
     assert loaded.weights == "pretrained" and loaded.source == str(tiny_path)
-    assert loaded.seams.n_visual == 36 and len(loaded.seams.vision_layers) == 5
+    assert loaded.seams.n_vision_patches == 36 and len(loaded.seams.vision_layers) == 5
     assert loaded.accuracy_meaningful  # nothing says this checkpoint is untrained
     untrained = loader.load_model({"name": "t", "path": str(tiny_path), "untrained": True}, torch.device("cpu"))
     assert not untrained.accuracy_meaningful
@@ -48,7 +48,7 @@ def test_shipped_real_size_architectures_construct(arch, layers, tokens):
     with torch.device("meta"):
         model = LlavaForConditionalGeneration._from_config(config)
     seams = llava_seams(model)
-    assert (len(seams.decoder_layers), seams.n_visual, len(seams.vision_layers)) == (layers, tokens, 23)
+    assert (len(seams.decoder_layers), seams.n_vision_patches, len(seams.vision_layers)) == (layers, tokens, 23)
 
 
 def test_missing_weights_is_one_clear_line(tmp_path):

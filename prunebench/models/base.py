@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+# (module args, module kwargs, module output) -> one [N_i, D] tensor per image (or video frame group)
+SplitVisual = Callable[[tuple, dict, Any], list[torch.Tensor]]
+# (module args, module kwargs, per-image tokens) -> (h, w) grid of each image, None when not a grid
+VisualGrids = Callable[[tuple, dict, list[torch.Tensor]], list[tuple[int, int] | None]]
 
 
 @dataclass
@@ -15,28 +21,40 @@ class Seams:
 
     multimodal: the module whose forward receives `input_ids` and scatters visual tokens
         (LLaVA: `model.model`); its pre-hook finds the image-token positions.
+    image_token_ids: the placeholder ids visual tokens are scattered into (image, video).
+    visual_output: the module whose output holds the visual tokens in LLM space, in the order
+        they are scattered (the pre-LLM seam; LLaVA: the projector); `split_visual` turns its
+        output into one [N_i, D] tensor per image and `visual_grids` gives their (h, w) grids.
     vision_tower / vision_layers: the encoder and the layers that feed the selected features
         (LLaVA-1.5 selects layer -2, so the last CLIP layer is not among them).
+    vision_grid: the encoder's fixed patch grid, or None when the family cannot host
+        vision-stage merges yet (dynamic resolution).
     vision_prefix: tokens ahead of the patches in the encoder sequence (CLIP's [CLS]: 1).
     merge_layer_class: per-instance class swap that calls `self._pb_merge(x)` between the
-        encoder layer's attention and MLP (ToMe `tome/patch/timm.py` style).
-    projector: output [n_images, N, D] visual tokens in LLM space (the pre-LLM seam).
+        encoder layer's attention and MLP (ToMe `tome/patch/timm.py` style), or None.
     language_model / decoder_layers: the LLM stack (entry compaction, intra-LLM seam).
     apply_rope: (x [B, h, T, d], cos [B, T, d], sin) -> x, the family's rotary embedding.
+    mrope: multi-axis rotary positions (Qwen M-RoPE): only original positions are defined.
     """
 
+    family: str
     multimodal: nn.Module
+    image_token_ids: tuple[int, ...]
+    visual_output: nn.Module
+    split_visual: SplitVisual
+    visual_grids: VisualGrids
     vision_tower: nn.Module
     vision_layers: list[nn.Module]
+    vision_grid: tuple[int, int] | None
     vision_prefix: int
-    merge_layer_class: type[nn.Module]
-    projector: nn.Module
+    merge_layer_class: type[nn.Module] | None
     language_model: nn.Module
     decoder_layers: list[nn.Module]
-    image_token_id: int
-    grid: tuple[int, int]
     apply_rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    mrope: bool = False
 
     @property
-    def n_visual(self) -> int:
-        return self.grid[0] * self.grid[1]
+    def n_vision_patches(self) -> int:
+        if self.vision_grid is None:
+            raise ValueError(f"{self.family}: no fixed vision grid")
+        return self.vision_grid[0] * self.vision_grid[1]

@@ -47,6 +47,11 @@ def feeding_layers(n_layers: int, feature_layer: int) -> int:
     return feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
 
 
+def _per_image(args: tuple, kwargs: dict, output: torch.Tensor) -> list[torch.Tensor]:
+    """Projector output [n_images, N, D] -> one [N, D] tensor per image."""
+    return list(output)
+
+
 def llava_seams(model: LlavaForConditionalGeneration) -> Seams:
     cfg = model.config
     if not isinstance(cfg.vision_feature_layer, int):
@@ -57,15 +62,18 @@ def llava_seams(model: LlavaForConditionalGeneration) -> Seams:
     layers = list(vision.encoder.layers)
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     return Seams(
+        family="llava",
         multimodal=model.model,
+        image_token_ids=(cfg.image_token_id,),
+        visual_output=model.model.multi_modal_projector,
+        split_visual=_per_image,
+        visual_grids=lambda args, kwargs, tokens: [(side, side)] * len(tokens),
         vision_tower=vision,
         vision_layers=layers[: feeding_layers(len(layers), cfg.vision_feature_layer)],
+        vision_grid=(side, side),
         vision_prefix=1,
         merge_layer_class=MergingCLIPEncoderLayer,
-        projector=model.model.multi_modal_projector,
         language_model=model.model.language_model,
         decoder_layers=list(model.model.language_model.layers),
-        image_token_id=cfg.image_token_id,
-        grid=(side, side),
         apply_rope=apply_rope,
     )

@@ -13,22 +13,26 @@ from typing import Any
 
 import torch
 
-from prunebench.methods.base import Positions, ResolvedMethod, SelectContext
+from prunebench.methods.base import Positions, ResolvedMethod, SelectContext, n_keep_for
 from prunebench.models.base import Seams
 from prunebench.stages.attention import last_query_attention
-from prunebench.stages.state import CallState, Compaction, renumber, rows_of
+from prunebench.stages.state import CallState, Compaction, TokenCounts, renumber, rows_of
 from prunebench.timing import Timer
 
 Kwargs = dict[str, Any]
 
 
 def capture_image_positions(seams: Seams, state: CallState):
-    """Pre-hook on the multimodal module: remember where the image tokens of a prompt are."""
+    """Pre-hook on the multimodal module: remember where the visual tokens of a prompt are, and
+    count them (a later stage overwrites the counts with what it kept)."""
+    ids = torch.tensor(seams.image_token_ids)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None and input_ids.shape[1] > 1:
-            state.image_mask = input_ids == seams.image_token_id
+            state.image_mask = torch.isin(input_ids, ids.to(input_ids.device))
+            n = int(state.image_mask[0].sum())
+            state.counts = TokenCounts(n, n, float(n))
 
     return hook
 
@@ -66,15 +70,20 @@ def _compact_entry(
     if state.image_mask is None or state.image_mask.shape != (b, length):
         raise RuntimeError("prunebench: image-token positions unknown at the LLM entry (pass input_ids)")
     keep = ~state.image_mask
-    flat = state.image_mask.flatten().nonzero()[:, 0]  # image rows in masked_scatter order
-    per_image = flat.view(state.visual_keep.shape[0], -1)  # [n_images, N]
-    kept = per_image.gather(1, state.visual_keep.to(per_image.device)).flatten()
-    keep.view(-1)[kept] = True
+    flat = state.image_mask.flatten().nonzero()[:, 0]  # visual rows in masked_scatter order
+    sizes = state.visual_sizes or []
+    if flat.numel() != sum(sizes):
+        raise RuntimeError(f"prunebench: {flat.numel()} visual placeholders but the visual seam gave {sum(sizes)}")
+    kept = [rows[k.to(rows.device)] for rows, k in zip(flat.split(sizes), state.visual_keep, strict=True)]
+    keep.view(-1)[torch.cat(kept)] = True
     index = rows_of(keep)
+    n_out = int(keep[0].sum() - (~state.image_mask[0]).sum())
+    state.counts = TokenCounts(int(state.image_mask[0].sum()), n_out, float(n_out), state.clamped)
+    state.clamped = False
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = torch.arange(length, device=embeds.device).expand(b, length)
-    new_pos = renumber(keep, pos, index, positions)
+    new_pos = renumber(keep, pos.expand(*pos.shape[:-2], b, length), index, positions)
     shift = length - index.shape[1] if positions is Positions.CONTIGUOUS else 0
     state.entry = Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift)
     state.image_mask = state.image_mask.gather(1, index)
@@ -105,9 +114,9 @@ def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2
 class IntraLLM:
     """Prune visual tokens inside the LLM at layer K = method.params['layer']."""
 
-    def __init__(self, seams: Seams, method: ResolvedMethod, n_keep: int, state: CallState, timer: Timer,
-                 generator: torch.Generator) -> None:
-        self.seams, self.method, self.n_keep, self.state = seams, method, n_keep, state
+    def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, positions: Positions, state: CallState,
+                 timer: Timer, generator: torch.Generator) -> None:
+        self.seams, self.method, self.keep, self.positions, self.state = seams, method, keep, positions, state
         self.timer, self.generator = timer, generator
         self.k = int(method.params["layer"])
         n_layers = len(seams.decoder_layers)
@@ -167,20 +176,31 @@ class IntraLLM:
             return None
         with self.timer.span("method"):
             image_rows = rows_of(self.state.image_mask)  # [B, N]
+            n_in = image_rows.shape[1]
+            n_keep, clamped = n_keep_for(self.keep, n_in)
             ctx = SelectContext(
                 tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
-                n_keep=self.n_keep, grid=self.seams.grid, generator=self.generator,
+                n_keep=n_keep, grid=self._grid(n_in), generator=self.generator,
                 signals=self._signals(image_rows),
             )
             keep_visual = self.method.spec.fn(ctx, **self.method.params)
             compaction = self._compaction(hidden, kwargs, image_rows.gather(1, keep_visual.to(image_rows.device)))
         self.state.intra = compaction
+        n_layers = len(self.seams.decoder_layers)
+        self.state.counts = TokenCounts(n_in, n_keep, (self.k * n_in + (n_layers - self.k) * n_keep) / n_layers,
+                                        clamped or self.state.clamped)
         hidden = hidden.gather(1, compaction.index[..., None].expand(-1, -1, hidden.shape[-1]))
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
         return self._substitute(args, kwargs)
+
+    def _grid(self, n: int) -> tuple[int, int] | None:
+        """The visual tokens' grid when the prompt holds one image of the encoder's grid."""
+        grid = self.seams.vision_grid
+        sizes = self.state.visual_sizes
+        return grid if grid is not None and grid[0] * grid[1] == n and (sizes is None or len(sizes) <= 1) else None
 
     def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, kept_rows: torch.Tensor) -> Compaction:
         """kept_rows: [B, k] sequence rows of the visual tokens that stay."""
@@ -190,9 +210,9 @@ class IntraLLM:
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(length, device=hidden.device).expand(b, length)
-        pos = pos.expand(b, length)
-        new_pos = renumber(keep, pos, index, self.method.positions)
-        if self.method.positions is Positions.ORIGINAL:
+        pos = pos.expand(*pos.shape[:-2], b, length)
+        new_pos = renumber(keep, pos, index, self.positions)
+        if self.positions is Positions.ORIGINAL:
             cos, sin = kwargs["position_embeddings"]
             d = cos.shape[-1]
             pe = (cos.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)),

@@ -15,7 +15,7 @@ class Compaction:
     """A shortened sequence: which rows of the full sequence survive, and how they are placed.
 
     index: [B, L'] sorted indices into the full sequence of length `full_len`.
-    position_ids: [B, L'] positions of the kept rows at prefill.
+    position_ids: [..., B, L'] positions of the kept rows at prefill.
     shift: how many positions decode steps move back (dropped tokens, contiguous policy), else 0.
     """
 
@@ -28,13 +28,30 @@ class Compaction:
 
 
 @dataclass
+class TokenCounts:
+    """Visual tokens of the last prompt: in, reaching the LLM (or layer K), averaged over LLM layers."""
+
+    n_visual_in: int = 0
+    n_visual_out: int = 0
+    layer_avg: float = 0.0
+    clamped: bool = False  # keep*N rounded to 0 for some image: one token kept instead
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return {"n_visual_in": self.n_visual_in, "n_visual_out": self.n_visual_out,
+                "layer_avg": self.layer_avg, "clamped_to_one": self.clamped}
+
+
+@dataclass
 class CallState:
     phase: str = "idle"  # "prefill" | "decode", set at the LLM entry
     image_mask: torch.Tensor | None = None  # [B, L] image-token positions of the current sequence
     attention_mask_2d: torch.Tensor | None = None  # [B, L] padding mask after entry compaction
-    visual_keep: torch.Tensor | None = None  # [n_images, k] pending from the vision / pre-LLM stage
+    visual_sizes: list[int] | None = None  # tokens per image, in scatter order (from the visual seam)
+    visual_keep: list[torch.Tensor] | None = None  # per image: kept indices, pending from vision / pre-LLM
+    clamped: bool = False
     entry: Compaction | None = None
     intra: Compaction | None = None
+    counts: TokenCounts = field(default_factory=TokenCounts)
     captures: dict[str, Any] = field(default_factory=dict)  # q/k/rope captured for signals
     vision: Any = None  # per-call merge state of the vision stage
 
@@ -47,9 +64,11 @@ class CallState:
 def renumber(keep_mask: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, policy: Positions) -> torch.Tensor:
     """Positions of the kept rows: original ones, or closed up over the dropped rows.
 
-    keep_mask: [B, L] bool; positions: [B, L] original positions; index: [B, L'] kept rows.
+    keep_mask: [B, L] bool; positions: [..., B, L] original positions (leading axes for M-RoPE);
+    index: [B, L'] kept rows.
     """
-    kept = positions.gather(1, index)
+    lead = positions.shape[:-2]
+    kept = positions.gather(-1, index.expand(*lead, *index.shape))
     if policy is Positions.ORIGINAL:
         return kept
     dropped_before = (~keep_mask).long().cumsum(dim=1).gather(1, index)

@@ -1,9 +1,9 @@
 """Vision-side seams: merges inside the encoder layers, and the projector output (pre-LLM).
 
-Both end in the same decision, `state.visual_keep` ([n_images, k] indices into the N patch
-grid), which the LLM entry (`stages/llm.py`) applies. The projector output is handed on at full
-length so the family's own scatter into `inputs_embeds` keeps working; the dropped rows never
-reach the first decoder layer.
+Both end in the same decision, `state.visual_keep` (per image, the indices of the visual tokens
+that stay), which the LLM entry (`stages/llm.py`) applies. The visual tokens are handed on at
+full length so the family's own scatter into `inputs_embeds` keeps working; the dropped rows
+never reach the first decoder layer.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.base import ResolvedMethod, SelectContext
+from prunebench.methods.base import ResolvedMethod, SelectContext, n_keep_for
 from prunebench.models.base import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
@@ -30,35 +30,46 @@ class MergeState:
 
 
 class PreLLMSelect:
-    """A select method on the projector output [n_images, N, D]."""
+    """A select method on the visual tokens in LLM space, one image at a time (budget per image)."""
 
-    def __init__(self, seams: Seams, method: ResolvedMethod, n_keep: int, state: CallState, timer: Timer,
+    def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, state: CallState, timer: Timer,
                  generator: torch.Generator) -> None:
-        self.seams, self.method, self.n_keep, self.state = seams, method, n_keep, state
+        self.seams, self.method, self.keep, self.state = seams, method, keep, state
         self.timer, self.generator = timer, generator
 
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
-        return [self.seams.projector.register_forward_hook(self._hook)]
+        return [self.seams.visual_output.register_forward_hook(self._hook, with_kwargs=True)]
 
-    def _hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        tokens = self.seams.split_visual(args, kwargs, output)
+        grids = self.seams.visual_grids(args, kwargs, tokens)
+        keeps = []
         with self.timer.span("method"):
-            ctx = SelectContext(tokens=output, n_keep=self.n_keep, grid=self.seams.grid, generator=self.generator)
-            self.state.visual_keep = self.method.spec.fn(ctx, **self.method.params)
+            for x, grid in zip(tokens, grids, strict=True):
+                n_keep, clamped = n_keep_for(self.keep, x.shape[0])
+                self.state.clamped |= clamped
+                ctx = SelectContext(tokens=x[None], n_keep=n_keep, grid=grid, generator=self.generator)
+                keeps.append(self.method.spec.fn(ctx, **self.method.params)[0])
+        self.state.visual_sizes = [x.shape[0] for x in tokens]
+        self.state.visual_keep = keeps
 
 
 class VisionMerge:
     """A merge method applied inside encoder layers, between attention and MLP (EvoPrune Alg. 1)."""
 
-    def __init__(self, seams: Seams, method: ResolvedMethod, n_keep: int, state: CallState, timer: Timer) -> None:
+    def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, state: CallState, timer: Timer) -> None:
+        if seams.merge_layer_class is None or seams.vision_grid is None:
+            raise UserError(f"{method.name}: vision-stage merges are not supported on the {seams.family} family yet")
         self.seams, self.method, self.state, self.timer = seams, method, state, timer
-        self.n_keep = n_keep
+        n_in = seams.n_vision_patches
+        n_keep, self.clamped = n_keep_for(keep, n_in)
         self.merge_point = str(method.params.get("merge_point", "attention"))
         if self.merge_point not in ("attention", "layer"):
             raise UserError(f"{method.name}: merge_point must be one of: attention, layer (got '{self.merge_point}')")
         self.merge_params = {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point")}
         try:
             self.schedule = method.spec.schedule(
-                str(method.params["schedule"]), len(seams.vision_layers), seams.n_visual, seams.n_visual - n_keep
+                str(method.params["schedule"]), len(seams.vision_layers), n_in, n_in - n_keep
             )
         except ValueError as err:  # e.g. more merges asked than this encoder's layers can make
             raise UserError(f"{method.name}: {err}") from None
@@ -67,7 +78,7 @@ class VisionMerge:
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
         s = self.seams
         handles = [s.vision_tower.register_forward_pre_hook(self._start, with_kwargs=True),
-                   s.projector.register_forward_hook(self._finish)]
+                   s.visual_output.register_forward_hook(self._finish)]
         for layer, r in zip(s.vision_layers, self.schedule, strict=True):
             if r == 0:
                 continue
@@ -95,7 +106,7 @@ class VisionMerge:
 
     def _start(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         pixels = kwargs.get("pixel_values", args[0] if args else None)
-        b, prefix, n = pixels.shape[0], self.seams.vision_prefix, self.seams.n_visual
+        b, prefix, n = pixels.shape[0], self.seams.vision_prefix, self.seams.n_vision_patches
         rep = torch.cat([torch.full((prefix,), -1), torch.arange(n)]).to(pixels.device)
         self.state.vision = MergeState(size=torch.ones(b, prefix + n, device=pixels.device),
                                        rep=rep.expand(b, -1).clone())
@@ -105,9 +116,13 @@ class VisionMerge:
         keep = merge.rep[:, self.seams.vision_prefix :]
         if keep.shape[1] != output.shape[1]:
             raise RuntimeError(f"vision merge left {keep.shape[1]} patch tokens but the projector saw {output.shape[1]}")
-        full = output.new_zeros(output.shape[0], self.seams.n_visual, output.shape[-1])
+        # Hand the projector output on at full grid length (the family's scatter expects it);
+        # the LLM entry drops the rows that were merged away.
+        full = output.new_zeros(output.shape[0], self.seams.n_vision_patches, output.shape[-1])
         full.scatter_(1, keep[..., None].expand(-1, -1, output.shape[-1]), output)
-        self.state.visual_keep = keep
+        self.state.visual_sizes = [self.seams.n_vision_patches] * output.shape[0]
+        self.state.visual_keep = list(keep)
+        self.state.clamped |= self.clamped
         return full
 
 
