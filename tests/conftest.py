@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,39 +15,87 @@ torch.set_num_threads(1)
 TINY = dict(seed=0, image_size=48, patch_size=8, vision_layers=6, vision_hidden=32, vision_heads=2,
             text_layers=4, text_hidden=64, text_heads=4, text_kv_heads=2)
 
+# family -> (builder "module:function", builder kwargs, test image side in pixels)
+FAMILY_BUILDERS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "llava": ("prunebench.models.tiny:build_tiny_llava", TINY, 48),
+    "qwen2_5_vl": ("prunebench.models.tiny_qwen:build_tiny_qwen2_5_vl", {"seed": 0}, 112),
+    "qwen2_vl": ("prunebench.models.tiny_qwen:build_tiny_qwen2_vl", {"seed": 0}, 112),
+}
+
+
+def _builder(family: str):
+    target, kwargs, _ = FAMILY_BUILDERS[family]
+    module, name = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), name), kwargs
+    except (ImportError, AttributeError) as err:
+        pytest.skip(f"no tiny builder for {family}: {err}")
+
 
 @dataclass
 class Tiny:
+    family: str
     path: Path
     model: Any
     processor: Any
     seams: Any
+    image_side: int
 
     def inputs(self, question: str = "What color is the background? Answer with one word.", seed: int = 0):
         from prunebench.data.shapes import make_sample
 
-        sample = make_sample(seed, image_size=48)
+        image = make_sample(seed, image_size=self.image_side).image
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(conv, add_generation_prompt=True)
-        return self.processor(images=sample.image, text=prompt, return_tensors="pt")
+        return self.processor(images=image, text=prompt, return_tensors="pt")
+
+    def n_visual(self, inputs) -> int:
+        ids = torch.tensor(self.seams.image_token_ids)
+        return int(torch.isin(inputs["input_ids"][0], ids).sum())
+
+
+def load_tiny(path: Path, attn: str = "sdpa", family: str = "llava") -> Tiny:
+    from transformers import AutoProcessor
+
+    from prunebench.models.loader import FAMILIES
+
+    fam = FAMILIES.get(family)
+    model = fam.model_class().from_pretrained(path, attn_implementation=attn).eval()
+    return Tiny(family, path, model, AutoProcessor.from_pretrained(path), fam.seams(model),
+                FAMILY_BUILDERS[family][2])
+
+
+_PATHS: dict[str, Path] = {}
+
+
+def tiny_checkpoint(family: str, factory: pytest.TempPathFactory) -> Path:
+    if family not in _PATHS:
+        build, kwargs = _builder(family)
+        _PATHS[family] = build(factory.mktemp(family) / family, **kwargs)
+    return _PATHS[family]
 
 
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from prunebench.models.tiny import build_tiny_llava
-
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "tiny_llava", **TINY)
-
-
-def load_tiny(path: Path, attn: str = "sdpa") -> Tiny:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from prunebench.models.llava import llava_seams
-
-    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn).eval()
-    return Tiny(path, model, AutoProcessor.from_pretrained(path), llava_seams(model))
+    return tiny_checkpoint("llava", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_path: Path) -> Tiny:
     return load_tiny(tiny_path)
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILY_BUILDERS))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def fam_path(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(family, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def fam(family: str, fam_path: Path) -> Tiny:
+    """The tiny checkpoint of each family, loaded once per session."""
+    return load_tiny(fam_path, family=family)

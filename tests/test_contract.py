@@ -1,4 +1,4 @@
-"""The contract every registered method honours on every stage it supports (tiny LLaVA):
+"""The contract every registered method honours on every family and stage it supports:
 keep=1.0 is the unpruned model, keep<1 keeps exactly the documented count, the model is
 restored on exit, results are deterministic under a seed, and cached decoding agrees with a
 full recompute (positions and masks are right after pruning)."""
@@ -19,6 +19,19 @@ PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage is not Stage.NONE]
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
 
 
+def supported(fam, name: str) -> bool:
+    """Vision-stage merges need an encoder seam; families without one refuse them clearly."""
+    return METHODS.get(name).stage is not Stage.VISION or fam.seams.merge_layer_class is not None
+
+
+def require(fam, name: str) -> None:
+    if not supported(fam, name):
+        with pytest.raises(UserError, match=f"not supported on the {fam.seams.family} family"):
+            with install(fam.seams, resolve_method(name), keep=0.5, seed=0):
+                pass
+        pytest.skip(f"{name} is refused on {fam.family} (checked)")
+
+
 def prefill_logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
@@ -29,7 +42,7 @@ def generate(model, inputs) -> torch.Tensor:
         return model.generate(**inputs, **GEN)
 
 
-def layer_lengths(tiny, fn) -> list[int]:
+def layer_lengths(fam, fn) -> list[int]:
     """Sequence length entering each decoder layer during the first (prefill) forward of fn()."""
     seen: dict[int, int] = {}
 
@@ -41,7 +54,7 @@ def layer_lengths(tiny, fn) -> list[int]:
         return pre
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(tiny.seams.decoder_layers)]
+               for i, layer in enumerate(fam.seams.decoder_layers)]
     try:
         fn()
     finally:
@@ -50,11 +63,12 @@ def layer_lengths(tiny, fn) -> list[int]:
     return [seen[i] for i in range(len(seen))]
 
 
-def max_vision_merges(tiny, n: int) -> int:
+def max_vision_merges(fam, n_in: int) -> int:
     """Bipartite merging halves the tokens at most once per feeding encoder layer."""
-    for _ in tiny.seams.vision_layers:
+    n = n_in
+    for _ in fam.seams.vision_layers:
         n -= n // 2
-    return tiny.seams.n_vision_patches - n
+    return n_in - n
 
 
 def hooks_left(model) -> int:
@@ -62,32 +76,34 @@ def hooks_left(model) -> int:
 
 
 @pytest.mark.parametrize("name", PRUNING)
-def test_keep_one_is_identical_to_vanilla(tiny, name):
-    inputs = tiny.inputs()
-    ref_logits, ref_tokens = prefill_logits(tiny.model, inputs), generate(tiny.model, inputs)
-    with install(tiny.seams, resolve_method(name), keep=1.0, seed=0):
-        logits, tokens = prefill_logits(tiny.model, inputs), generate(tiny.model, inputs)
+def test_keep_one_is_identical_to_vanilla(fam, name):
+    require(fam, name)
+    inputs = fam.inputs()
+    ref_logits, ref_tokens = prefill_logits(fam.model, inputs), generate(fam.model, inputs)
+    with install(fam.seams, resolve_method(name), keep=1.0, seed=0):
+        logits, tokens = prefill_logits(fam.model, inputs), generate(fam.model, inputs)
     assert torch.equal(logits, ref_logits)
     assert torch.equal(tokens, ref_tokens)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.111, 0.01])
 @pytest.mark.parametrize("name", PRUNING)
-def test_keep_gives_exact_documented_count(tiny, name, keep):
+def test_keep_gives_exact_documented_count(fam, name, keep):
+    require(fam, name)
     method = resolve_method(name)
-    inputs = tiny.inputs()
+    inputs = fam.inputs()
     full = inputs["input_ids"].shape[1]
-    n_in = tiny.seams.n_vision_patches
+    n_in = fam.n_visual(inputs)
     n_keep, clamped = n_keep_for(keep, n_in)
     assert n_keep == max(1, round(keep * n_in))
-    if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(tiny, n_in):
+    if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(fam, n_in):
         with pytest.raises(UserError, match="at most"):
-            with install(tiny.seams, method, keep=keep, seed=0):
+            with install(fam.seams, method, keep=keep, seed=0):
                 pass
         return
-    with install(tiny.seams, method, keep=keep, seed=0) as inst:
-        lengths = layer_lengths(tiny, lambda: prefill_logits(tiny.model, inputs))
-        tokens = generate(tiny.model, inputs)
+    with install(fam.seams, method, keep=keep, seed=0) as inst:
+        lengths = layer_lengths(fam, lambda: prefill_logits(fam.model, inputs))
+        tokens = generate(fam.model, inputs)
     assert inst.counts.n_visual_in == n_in and inst.counts.n_visual_out == n_keep
     assert inst.counts.clamped == clamped
     pruned = full - n_in + n_keep
@@ -102,11 +118,12 @@ def test_keep_gives_exact_documented_count(tiny, name, keep):
 
 
 @pytest.mark.parametrize("name", PRUNING)
-def test_model_is_restored_after_removal(tiny_path, name):
+def test_model_is_restored_after_removal(fam, fam_path, name):
     from conftest import load_tiny
 
-    fresh = load_tiny(tiny_path)  # a model nobody patched
-    used = load_tiny(tiny_path)
+    require(fam, name)
+    fresh = load_tiny(fam_path, family=fam.family)  # a model nobody patched
+    used = load_tiny(fam_path, family=fam.family)
     classes = [type(m) for m in used.model.modules()]
     inputs = used.inputs()
     generate(used.model, inputs)  # transformers installs its own output-capture hooks lazily
@@ -122,33 +139,37 @@ def test_model_is_restored_after_removal(tiny_path, name):
 
 
 @pytest.mark.parametrize("name", PRUNING)
-def test_deterministic_under_seed(tiny, name):
-    inputs = tiny.inputs()
+def test_deterministic_under_seed(fam, name):
+    require(fam, name)
+    inputs = fam.inputs()
     runs = []
     for _ in range(2):
-        with install(tiny.seams, resolve_method(name), keep=0.25, seed=7):
-            runs.append((prefill_logits(tiny.model, inputs)[:, -1], generate(tiny.model, inputs)))
+        with install(fam.seams, resolve_method(name), keep=0.25, seed=7):
+            runs.append((prefill_logits(fam.model, inputs)[:, -1], generate(fam.model, inputs)))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-def test_random_methods_depend_on_seed(tiny):
-    inputs = tiny.inputs()
+def test_random_methods_depend_on_seed(fam):
+    inputs = fam.inputs()
     kept = []
     for seed in (1, 2):
-        with install(tiny.seams, resolve_method("random_pre"), keep=0.25, seed=seed) as inst:
-            prefill_logits(tiny.model, inputs)
+        with install(fam.seams, resolve_method("random_pre"), keep=0.25, seed=seed) as inst:
+            prefill_logits(fam.model, inputs)
             kept.append(inst.state.entry.index.clone())
     assert not torch.equal(kept[0], kept[1])
 
 
 def _uncached_greedy(model, inputs, steps: int, inst) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decoding by recomputing the whole sequence every step (no KV cache)."""
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     ids, mask, logits = inputs["input_ids"], inputs["attention_mask"], []
+    types = inputs.get("mm_token_type_ids")
     for _ in range(steps):
         inst.reseed(0)
+        if types is not None:
+            extra["mm_token_type_ids"] = torch.nn.functional.pad(types, (0, ids.shape[1] - types.shape[1]))
         with torch.no_grad():
-            last = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                         use_cache=False).logits[:, -1]
+            last = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
         logits.append(last)
         nxt = last.argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
@@ -162,30 +183,31 @@ SUFFIX_FREE = [(n, p) for n in PRUNING if "last_query_attention" not in METHODS.
 
 
 @pytest.mark.parametrize(("name", "positions"), SUFFIX_FREE)
-def test_cached_decode_matches_full_recompute(tiny, name, positions):
+def test_cached_decode_matches_full_recompute(fam, name, positions):
     """KV-cached decode after pruning (masks, positions per policy) == recomputing from scratch."""
-    inputs = tiny.inputs()
+    require(fam, name)
+    inputs = fam.inputs()
     method = resolve_method(name, positions=positions)
-    with install(tiny.seams, method, keep=0.25, seed=0) as inst:
+    with install(fam.seams, method, keep=0.25, seed=0) as inst:
         inst.reseed(0)
         with torch.no_grad():
-            out = tiny.model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
-        ids, logits = _uncached_greedy(tiny.model, inputs, GEN["max_new_tokens"], inst)
+            out = fam.model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
+        ids, logits = _uncached_greedy(fam.model, inputs, GEN["max_new_tokens"], inst)
     assert torch.equal(out.sequences, ids)
     torch.testing.assert_close(torch.stack(out.logits, 1), logits, atol=1e-4, rtol=1e-4)
 
 
-def test_fastv_row_equals_eager_attention(tiny_path):
+def test_fastv_row_equals_eager_attention(fam, fam_path):
     """The recomputed last-query row at layer K-1 equals eager attention weights (1e-5)."""
     from conftest import load_tiny
 
-    eager = load_tiny(tiny_path, attn="eager")
+    eager = load_tiny(fam_path, attn="eager", family=fam.family)
     inputs = eager.inputs()
     with torch.no_grad():
         out = eager.model(**inputs, output_attentions=True)
     fastv = resolve_method("fastv")
     k = fastv.params["layer"]
-    image = inputs["input_ids"][0] == eager.seams.image_token_ids[0]
+    image = torch.isin(inputs["input_ids"][0], torch.tensor(eager.seams.image_token_ids))
     expected = out.attentions[k - 1][0, :, -1].float().mean(0)[image]
 
     seen = {}
@@ -194,12 +216,12 @@ def test_fastv_row_equals_eager_attention(tiny_path):
         seen["row"] = ctx.signals["last_query_attention"]
         return METHODS.get("fastv").fn(ctx, **params)
 
-    sdpa = load_tiny(tiny_path)
+    sdpa = load_tiny(fam_path, family=fam.family)
     spied = dataclasses.replace(fastv, spec=dataclasses.replace(fastv.spec, fn=spy))
     with install(sdpa.seams, spied, keep=0.25, seed=0):
         prefill_logits(sdpa.model, inputs)
     torch.testing.assert_close(seen["row"][0], expected, atol=1e-5, rtol=0)
-    top = expected.topk(9).indices.sort().values
+    top = expected.topk(n_keep_for(0.25, expected.numel())[0]).indices.sort().values
     with install(sdpa.seams, fastv, keep=0.25, seed=0) as inst:
         prefill_logits(sdpa.model, inputs)
     kept_image_rows = inst.state.intra.index[0]

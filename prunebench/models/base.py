@@ -58,3 +58,12 @@ class Seams:
         if self.vision_grid is None:
             raise ValueError(f"{self.family}: no fixed vision grid")
         return self.vision_grid[0] * self.vision_grid[1]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding on x [B, h, T, d] with cos/sin [B, T, d], as Llama's and Qwen2's
+    `apply_rotary_pos_emb` (Qwen2.5-VL's M-RoPE sections are already folded into cos/sin)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-from transformers.models.llama.modeling_llama import rotate_half
 
-from prunebench.models.base import Seams
+from prunebench.models.base import Seams, apply_rope
 
 
 class MergingCLIPEncoderLayer(CLIPEncoderLayer):
@@ -34,12 +33,6 @@ class MergingCLIPEncoderLayer(CLIPEncoderLayer):
         hidden_states = self.mlp(hidden_states)
         hidden_states = residual + hidden_states
         return hidden_states
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama rotary embedding on x [B, h, T, d] with cos/sin [B, T, d] (as `apply_rotary_pos_emb`)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
 
 
 def feeding_layers(n_layers: int, feature_layer: int) -> int:

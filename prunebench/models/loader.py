@@ -39,8 +39,28 @@ def _llava_seams(model: nn.Module) -> Seams:
     return llava_seams(model)
 
 
+def _qwen25_class() -> type[nn.Module]:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration
+
+
+def _qwen2_class() -> type[nn.Module]:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration
+
+
+def _qwen_seams(model: nn.Module) -> Seams:
+    from prunebench.models.qwen import qwen_vl_seams
+
+    return qwen_vl_seams(model)
+
+
 FAMILIES: Registry[Family] = Registry("model family")
 FAMILIES.add("llava", Family("llava", _llava_class, _llava_seams))
+FAMILIES.add("qwen2_5_vl", Family("qwen2_5_vl", _qwen25_class, _qwen_seams))
+FAMILIES.add("qwen2_vl", Family("qwen2_vl", _qwen2_class, _qwen_seams))
 
 BUILDERS: dict[str, Callable[..., Path]] = {}
 

@@ -1,0 +1,58 @@
+"""Qwen2.5-VL and Qwen2-VL adapter (`Qwen2_5_VLForConditionalGeneration`,
+`Qwen2VLForConditionalGeneration`; transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py`).
+
+Visual tokens are born in `model.model.visual`: the ViT runs in window order, the 2x2 patch
+merger turns 4 patches into one LLM token, and the output `pooler_output` [sum_i N_i, D] is back
+in raster order, N_i = t*h*w/4 for each image's `grid_thw` (dynamic resolution: every image has
+its own count and budget). That output is the pre-LLM seam. Positions are 3-D M-RoPE ids that
+`generate` computes on the full sequence; pruning slices them and keeps the originals
+(UniPruneBench does the same for Qwen), since a contiguous renumbering is undefined for M-RoPE.
+Vision-stage merges are not wired for this family yet (window attention needs whole windows of
+2x2 units): asking for one is refused with a message.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunebench.models.base import Seams, apply_rope
+
+
+def _grid_thw(args: tuple, kwargs: dict) -> torch.Tensor:
+    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+    if grid is None:
+        raise RuntimeError("prunebench: the Qwen vision tower was called without grid_thw")
+    return grid
+
+
+def qwen_vl_seams(model: nn.Module) -> Seams:
+    cfg = model.config
+    visual = model.model.visual
+    merge = visual.spatial_merge_size
+
+    def split(args: tuple, kwargs: dict, output: object) -> list[torch.Tensor]:
+        sizes = (_grid_thw(args, kwargs).prod(-1) // merge**2).tolist()
+        return list(output.pooler_output.split(sizes))
+
+    def grids(args: tuple, kwargs: dict, tokens: list[torch.Tensor]) -> list[tuple[int, int] | None]:
+        # frames of a video are stacked along the height axis: (t*h/2, w/2)
+        return [(int(t * h // merge), int(w // merge)) for t, h, w in _grid_thw(args, kwargs).tolist()]
+
+    return Seams(
+        family=cfg.model_type,
+        multimodal=model.model,
+        image_token_ids=(cfg.image_token_id, cfg.video_token_id),
+        visual_output=visual,
+        split_visual=split,
+        visual_grids=grids,
+        vision_tower=visual,
+        vision_layers=list(visual.blocks),
+        vision_grid=None,
+        vision_prefix=0,
+        merge_layer_class=None,
+        language_model=model.model.language_model,
+        decoder_layers=list(model.model.language_model.layers),
+        apply_rope=apply_rope,
+        mrope=True,
+    )
