@@ -25,6 +25,9 @@ class Family:
     name: str
     model_class: Callable[[], type[nn.Module]]
     seams: Callable[[nn.Module], Seams]
+    # weights=random: a processor built locally for a config, and the config fields (token ids)
+    # that must match its tokenizer
+    local_processor: Callable[[Any], tuple[Any, dict[str, Any]]] | None = None
 
 
 def _llava_class() -> type[nn.Module]:
@@ -57,8 +60,15 @@ def _qwen_seams(model: nn.Module) -> Seams:
     return qwen_vl_seams(model)
 
 
+def _llava_processor(config: Any) -> tuple[Any, dict[str, Any]]:
+    from prunebench.models.tiny import build_processor
+
+    processor = build_processor(config.vision_config.image_size, config.vision_config.patch_size)
+    return processor, {"image_token_id": processor.tokenizer.convert_tokens_to_ids("<image>")}
+
+
 FAMILIES: Registry[Family] = Registry("model family")
-FAMILIES.add("llava", Family("llava", _llava_class, _llava_seams))
+FAMILIES.add("llava", Family("llava", _llava_class, _llava_seams, _llava_processor))
 FAMILIES.add("qwen2_5_vl", Family("qwen2_5_vl", _qwen25_class, _qwen_seams))
 FAMILIES.add("qwen2_vl", Family("qwen2_vl", _qwen2_class, _qwen_seams))
 
@@ -146,7 +156,7 @@ def _pretrained(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, devi
     if local is not None and not local.exists():
         raise _missing_weights(cfg, where)
     try:
-        processor = AutoProcessor.from_pretrained(where)
+        processor = AutoProcessor.from_pretrained(where, **dict(cfg.get("processor_kwargs") or {}))
         model = family.model_class().from_pretrained(where, dtype=dtype, attn_implementation=attn, device_map=None)
     except (OSError, ValueError) as err:
         raise _missing_weights(cfg, where) from err
@@ -171,17 +181,14 @@ def _random_weights(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, 
         raise UserError(f"no shipped architecture '{arch}' for weights=random; valid: {', '.join(shipped)}")
     data = json.loads(arch_file.read_text())
     config = AutoConfig.for_model(**data)
-    processor = _local_processor(config)
-    # The local tokenizer's ids for <image>/<pad> replace the checkpoint's: weights are random anyway.
-    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    if family.local_processor is None:
+        raise UserError(f"weights=random has no locally built processor for the {family.name} family yet")
+    processor, overrides = family.local_processor(config)
+    # The local tokenizer's special-token ids replace the checkpoint's: the weights are random anyway.
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = attn
     torch.manual_seed(int(cfg.get("init_seed", 0)))
     with torch.device(device):
         model = family.model_class()._from_config(config, dtype=dtype)
     return model, processor, f"random weights, architecture {arch_file.name}"
-
-
-def _local_processor(config: Any) -> Any:
-    from prunebench.models.tiny import build_processor
-
-    return build_processor(config.vision_config.image_size, config.vision_config.patch_size)
