@@ -61,8 +61,8 @@ def load_tiny(path: Path, attn: str = "sdpa", family: str = "llava") -> Tiny:
 
     fam = FAMILIES.get(family)
     model = fam.model_class().from_pretrained(path, attn_implementation=attn).eval()
-    return Tiny(family, path, model, AutoProcessor.from_pretrained(path), fam.seams(model),
-                FAMILY_BUILDERS[family][2])
+    processor = (fam.load_processor or AutoProcessor.from_pretrained)(path)
+    return Tiny(family, path, model, processor, fam.seams(model), FAMILY_BUILDERS[family][2])
 
 
 _PATHS: dict[str, Path] = {}

@@ -28,6 +28,7 @@ class Family:
     # weights=random: a processor built locally for a config, and the config fields (token ids)
     # that must match its tokenizer
     local_processor: Callable[[Any], tuple[Any, dict[str, Any]]] | None = None
+    load_processor: Callable[..., Any] | None = None  # (path, **kwargs); default AutoProcessor
 
 
 def _llava_class() -> type[nn.Module]:
@@ -69,8 +70,21 @@ def _llava_processor(config: Any) -> tuple[Any, dict[str, Any]]:
 
 FAMILIES: Registry[Family] = Registry("model family")
 FAMILIES.add("llava", Family("llava", _llava_class, _llava_seams, _llava_processor))
-FAMILIES.add("qwen2_5_vl", Family("qwen2_5_vl", _qwen25_class, _qwen_seams))
-FAMILIES.add("qwen2_vl", Family("qwen2_vl", _qwen2_class, _qwen_seams))
+def _qwen_processor(config: Any) -> tuple[Any, dict[str, Any]]:
+    from prunebench.models.tiny_qwen import qwen_local_processor
+
+    return qwen_local_processor(config)
+
+
+def _load_qwen_processor(path: str, **kwargs: Any) -> Any:
+    # transformers 5.23's Qwen processors insist on a video processor that needs torchvision
+    from prunebench.models.tiny_qwen import load_qwen_processor
+
+    return load_qwen_processor(path, **kwargs)
+
+
+FAMILIES.add("qwen2_5_vl", Family("qwen2_5_vl", _qwen25_class, _qwen_seams, _qwen_processor, _load_qwen_processor))
+FAMILIES.add("qwen2_vl", Family("qwen2_vl", _qwen2_class, _qwen_seams, _qwen_processor, _load_qwen_processor))
 
 BUILDERS: dict[str, Callable[..., Path]] = {}
 
@@ -156,7 +170,8 @@ def _pretrained(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, devi
     if local is not None and not local.exists():
         raise _missing_weights(cfg, where)
     try:
-        processor = AutoProcessor.from_pretrained(where, **dict(cfg.get("processor_kwargs") or {}))
+        load = family.load_processor or AutoProcessor.from_pretrained
+        processor = load(where, **dict(cfg.get("processor_kwargs") or {}))
         model = family.model_class().from_pretrained(where, dtype=dtype, attn_implementation=attn, device_map=None)
     except (OSError, ValueError) as err:
         raise _missing_weights(cfg, where) from err

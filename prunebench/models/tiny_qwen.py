@@ -21,8 +21,10 @@ Notes on transformers 5.23 without torchvision:
   Qwen special tokens appended in Qwen order. Like Qwen: no BOS, eos ``<|im_end|>``, pad ``<|endoftext|>``.
 - The chat template is Qwen2-VL's without the default system prompt (Qwen's template inserts
   "You are a helpful assistant." when the first message is not a system message; ours does not).
-- The processor returns ``mm_token_type_ids`` (0 text, 1 image, 2 video); the model needs it (with
-  ``image_grid_thw``) to build 3-D M-RoPE positions, otherwise it falls back to plain 1-D positions.
+- The processor returns ``mm_token_type_ids`` (int64 [B, L]: 1 on ``<|image_pad|>``, 2 on ``<|video_pad|>``,
+  0 elsewhere, vision start/end included). The models need it with ``image_grid_thw`` to build 3-D M-RoPE
+  positions. Without it a Qwen2-VL forward raises, a Qwen2.5-VL forward silently uses 1-D positions, and
+  ``generate`` silently uses 1-D positions for both.
 """
 
 from __future__ import annotations
@@ -65,7 +67,12 @@ QWEN_SPECIAL_TOKENS = (
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )  # fmt: skip
 ENDOFTEXT, IM_END = "<|endoftext|>", "<|im_end|>"
-VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+}
 MERGE_SIZE = 2  # spatial_merge_size: 2x2 ViT patches -> one LLM token
 TEMPORAL_PATCH_SIZE = 2
 
@@ -93,7 +100,9 @@ QWEN2_VL_CHAT_TEMPLATE = (
 
 def qwen_vl_prompt(question: str) -> str:
     """The Qwen2(.5)-VL single-image prompt (no system prompt) for ``question``."""
-    return f"<|im_start|>user\n{VISION_START}{IMAGE_PAD}{VISION_END}{question}{IM_END}\n<|im_start|>assistant\n"
+    return (
+        f"<|im_start|>user\n{VISION_START}{IMAGE_PAD}{VISION_END}{question}{IM_END}\n<|im_start|>assistant\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -126,7 +135,11 @@ def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
 
 
 class _ImageTextOnly:
-    """Mixin: a Qwen-VL processor without the video processor, saved under the native class name."""
+    """Mixin: a Qwen-VL processor without the video processor, saved under the native class name.
+
+    The native name in ``processor_config.json`` keeps the checkpoint a standard one; with a private name
+    ``AutoProcessor`` would silently fall back to returning the bare tokenizer.
+    """
 
     native_class: type
 
@@ -177,9 +190,11 @@ def qwen_pixel_bounds(min_tokens: int = 256, max_tokens: int = 1280, *, factor: 
     """Pixel bounds for ``min_tokens``..``max_tokens`` LLM visual tokens per image, as a 5.23 ``size`` dict.
 
     ``factor`` is ``patch_size * merge_size`` (28 for the real models). The defaults are UniPruneBench's
-    (appendix B): ``min_pixels = 256*28*28``, ``max_pixels = 1280*28*28``. Use as
-    ``processor(images=..., text=..., size=qwen_pixel_bounds())`` or ``Qwen2VLImageProcessorPil(size=...)``;
-    ``shortest_edge`` is min_pixels and ``longest_edge`` is max_pixels.
+    (appendix B): ``min_pixels = 256*28*28``, ``max_pixels = 1280*28*28``; ``shortest_edge`` is min_pixels
+    and ``longest_edge`` is max_pixels. Use at call time, ``processor(images=..., text=..., size=...)`` (5.23
+    warns on call-time ``min_pixels``/``max_pixels``), or in ``Qwen2VLImageProcessorPil(size=...)``. When
+    *loading*, pass ``min_pixels=``/``max_pixels=`` instead: a hub ``preprocessor_config.json`` stores the
+    legacy ``min_pixels``/``max_pixels`` keys, which override a ``size=`` load kwarg.
     """
     if not 0 < min_tokens <= max_tokens:
         raise ValueError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
@@ -214,6 +229,20 @@ def build_qwen_processor(
     )
 
 
+def qwen_local_processor(
+    config: PretrainedConfig, min_tokens: int = 256, max_tokens: int = 1280
+) -> tuple[_ImageTextOnly, dict[str, int]]:
+    """For random weights on a real-size config: a local processor (UniPruneBench pixel bounds by default)
+    and the config fields (vision token ids) to overwrite so they match its tokenizer."""
+    processor = build_qwen_processor(
+        config.model_type,
+        patch_size=config.vision_config.patch_size,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+    )
+    return processor, _token_ids(processor.tokenizer)
+
+
 # --------------------------------------------------------------------------------- config and model
 
 
@@ -226,12 +255,21 @@ def mrope_section(head_dim: int) -> list[int]:
 
 
 def _text_kwargs(
-    *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, max_pos: int
+    *,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    max_pos: int,
+    window_layers: int | None = None,
 ) -> dict[str, Any]:
+    """Qwen2 decoder settings (sliding window off, M-RoPE with theta 1e6) as text-config kwargs."""
     return dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
-        hidden_act="silu", rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=layers,
+        hidden_act="silu", rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=window_layers or layers,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section(hidden // heads)},
     )  # fmt: skip
 
@@ -302,13 +340,27 @@ def build_qwen2_vl_config(
     )  # fmt: skip
 
 
-def build_qwen_model(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
-    """Randomly initialised model (sdpa); the global torch RNG is seeded and restored afterwards."""
+def build_qwen_model(
+    model_class: type[PreTrainedModel],
+    config: PretrainedConfig,
+    seed: int,
+    silent_ids: list[int] | None = None,
+) -> PreTrainedModel:
+    """Randomly initialised model (sdpa); the global torch RNG is seeded and restored afterwards.
+
+    The ``lm_head`` rows of ``silent_ids`` are zeroed: their logit is exactly 0 while the max of the other
+    (random, zero-mean) logits is positive, so greedy decoding never emits them. Used for the special tokens,
+    so a random model never generates an ``<|image_pad|>`` (which would break re-feeding its output: one
+    placeholder more than image features) nor an early ``<|im_end|>`` (generation always runs to length).
+    """
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
     model.eval()
+    if silent_ids:
+        with torch.no_grad():
+            model.lm_head.weight[silent_ids] = 0.0
     text, gen = config.text_config, model.generation_config
     gen.bos_token_id, gen.pad_token_id = text.bos_token_id, text.pad_token_id
     gen.eos_token_id = [text.eos_token_id, text.bos_token_id]  # <|im_end|>, <|endoftext|> as in Qwen
@@ -329,11 +381,11 @@ _VISION_2 = dict(
 # name -> (model_type, text sizes, max_position_embeddings, tie_word_embeddings); from the hub config.json files.
 QWEN_REFERENCE: dict[str, tuple[str, dict[str, int], int, bool]] = {
     "qwen2.5-vl-3b": ("qwen2_5_vl", dict(vocab=151936, hidden=2048, layers=36, heads=16, kv_heads=2,
-                                          intermediate=11008), 128000, True),
+                                          intermediate=11008, window_layers=70), 128000, True),
     "qwen2.5-vl-7b": ("qwen2_5_vl", dict(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
-                                          intermediate=18944), 128000, False),
+                                          intermediate=18944, window_layers=28), 128000, False),
     "qwen2-vl-7b": ("qwen2_vl", dict(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
-                                      intermediate=18944), 32768, False),
+                                      intermediate=18944, window_layers=28), 32768, False),
 }  # fmt: skip
 _REAL_IDS = dict(bos_token_id=151643, eos_token_id=151645)
 _REAL_VISION_IDS = dict(
@@ -377,7 +429,6 @@ def write_qwen_reference_configs(arch_dir: str | Path = ARCH_DIR) -> list[Path]:
 
 
 def _model_card(kind: str, seed: int, sizes: dict[str, Any], num_params: int) -> str:
-    cls = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
     rows = "\n".join(f"| {k} | {v} |" for k, v in sizes.items())
     return f"""---
 library_name: transformers
@@ -389,10 +440,12 @@ tags: [prunebench, {kind}, random-weights, testing]
 Built locally by `prunebench.models.tiny_qwen` — nothing was downloaded.
 
 **The weights are untrained random initialisation (seed {seed}). Any accuracy measured with this
-model is noise.** It exists to exercise Qwen-VL pipelines (`{cls[kind]}`, dynamic-resolution
+model is noise.** It exists to exercise Qwen-VL pipelines (`{MODEL_CLASSES[kind].__name__}`, dynamic-resolution
 images, 3-D M-RoPE) and visual-token pruning on CPU.
 
 - parameters: {num_params:,}
+- the `lm_head` rows of the Qwen special tokens are zero, so greedy decoding never emits them
+  (no `<|image_pad|>` in generated text, no early `<|im_end|>`: generation runs to `max_new_tokens`)
 - tokenizer: byte-level BPE trained on the prunebench shapes-dataset templates + Qwen special tokens
 - image processor: `Qwen2VLImageProcessorPil` (no torchvision needed); no video processor
 - processor: load with `prunebench.models.tiny_qwen.load_qwen_processor(path)` (image + text only);
@@ -412,12 +465,15 @@ def verify_tiny_qwen(path: str | Path, image_size: int = 112) -> None:
 
     path = Path(path)
     processor = load_qwen_processor(path)
-    model_class = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
     config = AutoConfig.from_pretrained(path)
-    model = model_class[config.model_type].from_pretrained(path).eval()
+    model = MODEL_CLASSES[config.model_type].from_pretrained(path).eval()
     image = Image.new("RGB", (image_size, image_size), (128, 64, 32))
-    inputs = processor(images=image, text=qwen_vl_prompt("What color is the background?"), return_tensors="pt")
-    missing = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"} - set(inputs)
+    inputs = processor(
+        images=image, text=qwen_vl_prompt("What color is the background?"), return_tensors="pt"
+    )
+    missing = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"} - set(
+        inputs
+    )
     if missing:
         raise RuntimeError(f"processor output lacks {sorted(missing)}")
     got = int((inputs["input_ids"] == config.image_token_id).sum())
@@ -434,22 +490,28 @@ def verify_tiny_qwen(path: str | Path, image_size: int = 112) -> None:
 
 
 def _build(
-    kind: str, path: str | Path, seed: int, image_size: int, vision: dict[str, Any], processor_kw: dict[str, int]
+    kind: str,
+    path: str | Path,
+    seed: int,
+    image_size: int,
+    sizes: dict[str, Any],
+    processor_kw: dict[str, int],
 ) -> Path:
-    if image_size % (vision["patch_size"] * MERGE_SIZE):
-        raise ValueError(f"image_size {image_size} must be a multiple of 2*patch_size {2 * vision['patch_size']}")
+    """Build the ``kind`` checkpoint with the model ``sizes`` at ``path``, save it, verify it."""
+    patch_size = sizes["patch_size"]
+    if image_size % (patch_size * MERGE_SIZE):
+        raise ValueError(f"image_size {image_size} must be a multiple of 2*patch_size {2 * patch_size}")
+    if sizes["out_hidden"] != sizes["text_hidden"]:
+        raise ValueError(f"out_hidden {sizes['out_hidden']} must equal text_hidden {sizes['text_hidden']}")
     path = Path(path)
     tokenizer = build_qwen_tokenizer()
-    builders: dict[str, tuple[Callable[..., PretrainedConfig], type[PreTrainedModel]]] = {
-        "qwen2_5_vl": (build_qwen2_5_vl_config, Qwen2_5_VLForConditionalGeneration),
-        "qwen2_vl": (build_qwen2_vl_config, Qwen2VLForConditionalGeneration),
-    }
-    build_config, model_class = builders[kind]
-    model = build_qwen_model(model_class, build_config(tokenizer, **vision), seed)
-    processor = build_qwen_processor(kind, patch_size=vision["patch_size"], tokenizer=tokenizer, **processor_kw)
+    build_config = {"qwen2_5_vl": build_qwen2_5_vl_config, "qwen2_vl": build_qwen2_vl_config}[kind]
+    silent = tokenizer.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS))
+    model = build_qwen_model(MODEL_CLASSES[kind], build_config(tokenizer, **sizes), seed, silent)
+    processor = build_qwen_processor(kind, patch_size=patch_size, tokenizer=tokenizer, **processor_kw)
     num_params = sum(p.numel() for p in model.parameters())
-    sizes = dict(image_size=image_size, **vision, **processor_kw)
-    _save(path, model, processor, _model_card(kind, seed, sizes, num_params))
+    card = _model_card(kind, seed, dict(image_size=image_size, **sizes, **processor_kw), num_params)
+    _save(path, model, processor, card)
     verify_tiny_qwen(path, image_size)
     return path
 
@@ -481,13 +543,15 @@ def build_tiny_qwen2_5_vl(
     between ``min_tokens`` and ``max_tokens`` LLM visual tokens (defaults: 56x56 .. 224x224 pixels).
     ``out_hidden`` must equal ``text_hidden`` (the merger feeds the LLM).
     """
-    vision = dict(
+    sizes = dict(
         patch_size=patch_size, vision_depth=vision_depth, vision_hidden=vision_hidden, vision_heads=vision_heads,
         out_hidden=out_hidden, window_size=window_size, fullatt_block_indexes=tuple(fullatt_block_indexes),
         text_layers=text_layers, text_hidden=text_hidden, text_heads=text_heads, text_kv_heads=text_kv_heads,
         intermediate_mult=intermediate_mult,
     )  # fmt: skip
-    return _build("qwen2_5_vl", path, seed, image_size, vision, dict(min_tokens=min_tokens, max_tokens=max_tokens))
+    return _build(
+        "qwen2_5_vl", path, seed, image_size, sizes, dict(min_tokens=min_tokens, max_tokens=max_tokens)
+    )
 
 
 def build_tiny_qwen2_vl(
@@ -512,12 +576,14 @@ def build_tiny_qwen2_vl(
 
     Arguments as in :func:`build_tiny_qwen2_5_vl`, without the window-attention ones.
     """
-    vision = dict(
+    sizes = dict(
         patch_size=patch_size, vision_depth=vision_depth, vision_hidden=vision_hidden, vision_heads=vision_heads,
         out_hidden=out_hidden, text_layers=text_layers, text_hidden=text_hidden, text_heads=text_heads,
         text_kv_heads=text_kv_heads, intermediate_mult=intermediate_mult,
     )  # fmt: skip
-    return _build("qwen2_vl", path, seed, image_size, vision, dict(min_tokens=min_tokens, max_tokens=max_tokens))
+    return _build(
+        "qwen2_vl", path, seed, image_size, sizes, dict(min_tokens=min_tokens, max_tokens=max_tokens)
+    )
 
 
 def ensure_built(path: str | Path, build: Callable[..., Path], **kwargs: Any) -> Path:
