@@ -121,3 +121,14 @@ def test_random_weights_runs_are_kept_apart(tiny_path, tmp_path):
 def test_batch_size_other_than_one_is_refused(tiny_path, tmp_path):
     with pytest.raises(UserError, match="batch_size"):
         runner.Job.from_config(config(tiny_path, tmp_path, "batch_size=2"))
+
+
+def test_qwen_record_states_the_position_policy(tmp_path, tmp_path_factory):
+    from conftest import tiny_checkpoint
+
+    path = tiny_checkpoint("qwen2_5_vl", tmp_path_factory)
+    cfg = config(path, tmp_path, "model=tiny_qwen25vl", "method=random_pre", "keep=0.5", "dataset.image_size=112")
+    rec = load_record(runner.run(cfg, quiet=True))
+    assert rec.model == "tiny_qwen25vl" and rec.n_failed == 0
+    assert rec.tokens["n_visual_in"] == 16 and rec.tokens["n_visual_out"] == 8
+    assert rec.positions == "original" and any("M-RoPE" in n or "multi-axis" in n for n in rec.notes)

@@ -95,7 +95,18 @@ def _tiny_llava_builder(path: Path, **kwargs: Any) -> Path:
     return ensure_tiny_llava(path, **kwargs)
 
 
+def _tiny_qwen_builder(which: str) -> Callable[..., Path]:
+    def build(path: Path, **kwargs: Any) -> Path:
+        from prunebench.models import tiny_qwen
+
+        return getattr(tiny_qwen, f"ensure_tiny_{which}")(path, **kwargs)
+
+    return build
+
+
 BUILDERS["tiny_llava"] = _tiny_llava_builder
+BUILDERS["tiny_qwen2_5_vl"] = _tiny_qwen_builder("qwen2_5_vl")
+BUILDERS["tiny_qwen2_vl"] = _tiny_qwen_builder("qwen2_vl")
 
 
 @dataclass
