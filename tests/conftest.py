@@ -20,6 +20,9 @@ FAMILY_BUILDERS: dict[str, tuple[str, dict[str, Any], int]] = {
     "llava": ("prunebench.models.tiny:build_tiny_llava", TINY, 48),
     "qwen2_5_vl": ("prunebench.models.tiny_qwen:build_tiny_qwen2_5_vl", {"seed": 0}, 112),
     "qwen2_vl": ("prunebench.models.tiny_qwen:build_tiny_qwen2_vl", {"seed": 0}, 112),
+    "internvl": ("prunebench.models.tiny_families:build_tiny_internvl", {"seed": 0}, 64),
+    "llava_next": ("prunebench.models.tiny_families:build_tiny_llava_next", {"seed": 0}, 48),
+    "llava_onevision": ("prunebench.models.tiny_families:build_tiny_onevision", {"seed": 0}, 48),
 }
 
 

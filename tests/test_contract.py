@@ -6,6 +6,7 @@ full recompute (positions and masks are right after pruning)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -63,6 +64,18 @@ def layer_lengths(fam, fn) -> list[int]:
     return [seen[i] for i in range(len(seen))]
 
 
+def fixed_tokens(fam, inputs) -> int:
+    """Visual tokens a family keeps outside the budget (LLaVA-NeXT/OneVision row newlines),
+    counted on the model's own packed features."""
+    if fam.seams.always_keep is None:
+        return 0
+    fn = fam.model.model.get_image_features
+    params = inspect.signature(fn).parameters
+    with torch.no_grad():
+        packed = fn(**{k: v for k, v in inputs.items() if k in params}).pooler_output
+    return int(sum(fam.seams.always_keep(x).sum() for x in packed))
+
+
 def max_vision_merges(fam, n_in: int) -> int:
     """Bipartite merging halves the tokens at most once per feeding encoder layer."""
     n = n_in
@@ -94,8 +107,10 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     inputs = fam.inputs()
     full = inputs["input_ids"].shape[1]
     n_in = fam.n_visual(inputs)
-    n_keep, clamped = n_keep_for(keep, n_in)
-    assert n_keep == max(1, round(keep * n_in))
+    fixed = fixed_tokens(fam, inputs) if method.stage is Stage.PRE_LLM else 0
+    n_keep, clamped = n_keep_for(keep, n_in - fixed)
+    assert n_keep == max(1, round(keep * (n_in - fixed)))
+    n_keep += fixed
     if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(fam, n_in):
         with pytest.raises(UserError, match="at most"):
             with install(fam.seams, method, keep=keep, seed=0):
@@ -105,6 +120,7 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
         lengths = layer_lengths(fam, lambda: prefill_logits(fam.model, inputs))
         tokens = generate(fam.model, inputs)
     assert inst.counts.n_visual_in == n_in and inst.counts.n_visual_out == n_keep
+    assert inst.counts.n_fixed == fixed
     assert inst.counts.clamped == clamped
     pruned = full - n_in + n_keep
     if method.stage is Stage.INTRA_LLM:

@@ -35,6 +35,7 @@ class Seams:
     language_model / decoder_layers: the LLM stack (entry compaction, intra-LLM seam).
     apply_rope: (x [B, h, T, d], cos [B, T, d], sin) -> x, the family's rotary embedding.
     mrope: multi-axis rotary positions (Qwen M-RoPE): only original positions are defined.
+    visual_fns / always_keep: see the fields.
     """
 
     family: str
@@ -52,6 +53,12 @@ class Seams:
     decoder_layers: list[nn.Module]
     apply_rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     mrope: bool = False
+    # Methods of `multimodal` whose return value holds the visual tokens as scattered (e.g. the
+    # packed any-resolution features of LLaVA-NeXT); when set, the pre-LLM seam wraps these
+    # instead of hooking `visual_output` (which then only marks the end of vision timing).
+    visual_fns: tuple[str, ...] = ()
+    # [N_i, D] -> [N_i] bool: tokens that are always kept and not part of the budget (newlines)
+    always_keep: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def n_vision_patches(self) -> int:

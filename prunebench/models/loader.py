@@ -83,6 +83,48 @@ def _load_qwen_processor(path: str, **kwargs: Any) -> Any:
     return load_qwen_processor(path, **kwargs)
 
 
+def _hf_class(name: str) -> Callable[[], type[nn.Module]]:
+    def get() -> type[nn.Module]:
+        import transformers
+
+        return getattr(transformers, name)
+
+    return get
+
+
+def _internvl_seams(model: nn.Module) -> Seams:
+    from prunebench.models.multiscale import internvl_seams
+
+    return internvl_seams(model)
+
+
+def _packed_seams(model: nn.Module) -> Seams:
+    from prunebench.models.multiscale import packed_seams
+
+    return packed_seams(model)
+
+
+def _family_processor(config: Any) -> tuple[Any, dict[str, Any]]:
+    from prunebench.models.tiny_families import family_local_processor
+
+    return family_local_processor(config)
+
+
+def _load_family_processor(path: str, **kwargs: Any) -> Any:
+    # InternVL / OneVision processors need a video processor, which needs torchvision in 5.23
+    from prunebench.models.tiny_families import load_processor
+
+    if kwargs:
+        raise UserError(f"processor_kwargs are not supported for this family yet (got {sorted(kwargs)})")
+    return load_processor(path)
+
+
+for _name, _cls in (("internvl", "InternVLForConditionalGeneration"),
+                    ("llava_next", "LlavaNextForConditionalGeneration"),
+                    ("llava_onevision", "LlavaOnevisionForConditionalGeneration")):
+    FAMILIES.add(_name, Family(_name, _hf_class(_cls), _internvl_seams if _name == "internvl" else _packed_seams,
+                               _family_processor, _load_family_processor))
+
 FAMILIES.add("qwen2_5_vl", Family("qwen2_5_vl", _qwen25_class, _qwen_seams, _qwen_processor, _load_qwen_processor))
 FAMILIES.add("qwen2_vl", Family("qwen2_vl", _qwen2_class, _qwen_seams, _qwen_processor, _load_qwen_processor))
 
@@ -107,6 +149,19 @@ def _tiny_qwen_builder(which: str) -> Callable[..., Path]:
 BUILDERS["tiny_llava"] = _tiny_llava_builder
 BUILDERS["tiny_qwen2_5_vl"] = _tiny_qwen_builder("qwen2_5_vl")
 BUILDERS["tiny_qwen2_vl"] = _tiny_qwen_builder("qwen2_vl")
+
+
+def _tiny_family_builder(which: str) -> Callable[..., Path]:
+    def build(path: Path, **kwargs: Any) -> Path:
+        from prunebench.models import tiny_families
+
+        return getattr(tiny_families, f"ensure_tiny_{which}")(path, **kwargs)
+
+    return build
+
+
+for _which in ("internvl", "llava_next", "onevision"):
+    BUILDERS[f"tiny_{_which}"] = _tiny_family_builder(_which)
 
 
 @dataclass

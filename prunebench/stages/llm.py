@@ -30,6 +30,7 @@ def capture_image_positions(seams: Seams, state: CallState):
     def hook(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None and input_ids.shape[1] > 1:
+            state.mixed = sum(bool((input_ids == i).any()) for i in seams.image_token_ids) > 1
             state.image_mask = torch.isin(input_ids, ids.to(input_ids.device))
             n = int(state.image_mask[0].sum())
             state.counts = TokenCounts(n, n, float(n))
@@ -69,6 +70,8 @@ def _compact_entry(
     b, length, _ = embeds.shape
     if state.image_mask is None or state.image_mask.shape != (b, length):
         raise RuntimeError("prunebench: image-token positions unknown at the LLM entry (pass input_ids)")
+    if state.mixed:  # the visual seams report images and videos separately, not in sequence order
+        raise RuntimeError("prunebench: pruning before the LLM does not support prompts mixing images and videos")
     keep = ~state.image_mask
     flat = state.image_mask.flatten().nonzero()[:, 0]  # visual rows in masked_scatter order
     sizes = state.visual_sizes or []
@@ -78,8 +81,9 @@ def _compact_entry(
     keep.view(-1)[torch.cat(kept)] = True
     index = rows_of(keep)
     n_out = int(keep[0].sum() - (~state.image_mask[0]).sum())
-    state.counts = TokenCounts(int(state.image_mask[0].sum()), n_out, float(n_out), state.clamped)
-    state.clamped = False
+    state.counts = TokenCounts(int(state.image_mask[0].sum()), n_out, float(n_out), state.clamped, state.fixed)
+    state.clamped, state.fixed = False, 0
+    state.visual_sizes = None
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = torch.arange(length, device=embeds.device).expand(b, length)

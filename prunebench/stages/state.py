@@ -35,20 +35,23 @@ class TokenCounts:
     n_visual_out: int = 0
     layer_avg: float = 0.0
     clamped: bool = False  # keep*N rounded to 0 for some image: one token kept instead
+    n_fixed: int = 0  # kept outside the budget (LLaVA-NeXT newlines), included in n_visual_out
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return {"n_visual_in": self.n_visual_in, "n_visual_out": self.n_visual_out,
-                "layer_avg": self.layer_avg, "clamped_to_one": self.clamped}
+                "layer_avg": self.layer_avg, "clamped_to_one": self.clamped, "n_visual_fixed": self.n_fixed}
 
 
 @dataclass
 class CallState:
     phase: str = "idle"  # "prefill" | "decode", set at the LLM entry
     image_mask: torch.Tensor | None = None  # [B, L] image-token positions of the current sequence
+    mixed: bool = False  # the prompt holds more than one kind of visual placeholder (image and video)
     attention_mask_2d: torch.Tensor | None = None  # [B, L] padding mask after entry compaction
     visual_sizes: list[int] | None = None  # tokens per image, in scatter order (from the visual seam)
     visual_keep: list[torch.Tensor] | None = None  # per image: kept indices, pending from vision / pre-LLM
     clamped: bool = False
+    fixed: int = 0  # tokens the visual seam keeps outside the budget, this prompt
     entry: Compaction | None = None
     intra: Compaction | None = None
     counts: TokenCounts = field(default_factory=TokenCounts)

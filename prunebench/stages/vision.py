@@ -8,6 +8,7 @@ never reach the first decoder layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,28 +31,67 @@ class MergeState:
 
 
 class PreLLMSelect:
-    """A select method on the visual tokens in LLM space, one image at a time (budget per image)."""
+    """A select method on the visual tokens in LLM space, one image at a time (budget per image).
+
+    Tokens the family marks as always kept (LLaVA-NeXT's row newlines) are not candidates and do
+    not count towards the budget: n_keep = round(keep * (N_i - always kept)).
+    """
 
     def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, state: CallState, timer: Timer,
                  generator: torch.Generator) -> None:
         self.seams, self.method, self.keep, self.state = seams, method, keep, state
         self.timer, self.generator = timer, generator
 
-    def register(self) -> list[torch.utils.hooks.RemovableHandle]:
+    def register(self) -> list:
+        if self.seams.visual_fns:
+            return [MethodWrap(self.seams.multimodal, name, self._hook) for name in self.seams.visual_fns]
         return [self.seams.visual_output.register_forward_hook(self._hook, with_kwargs=True)]
 
-    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    def _hook(self, module: object, args: tuple, kwargs: dict, output: object) -> None:
         tokens = self.seams.split_visual(args, kwargs, output)
         grids = self.seams.visual_grids(args, kwargs, tokens)
         keeps = []
         with self.timer.span("method"):
             for x, grid in zip(tokens, grids, strict=True):
-                n_keep, clamped = n_keep_for(self.keep, x.shape[0])
-                self.state.clamped |= clamped
-                ctx = SelectContext(tokens=x[None], n_keep=n_keep, grid=grid, generator=self.generator)
-                keeps.append(self.method.spec.fn(ctx, **self.method.params)[0])
-        self.state.visual_sizes = [x.shape[0] for x in tokens]
-        self.state.visual_keep = keeps
+                keeps.append(self._select(x, grid))
+        self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
+        self.state.visual_keep = (self.state.visual_keep or []) + keeps
+
+    def _select(self, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        """[N, D] -> sorted indices of the kept rows."""
+        fixed = self.seams.always_keep(x) if self.seams.always_keep else None
+        candidates = torch.arange(x.shape[0], device=x.device)
+        if fixed is not None:
+            candidates = candidates[~fixed]
+        n_keep, clamped = n_keep_for(self.keep, candidates.numel())
+        self.state.clamped |= clamped
+        ctx = SelectContext(tokens=x[candidates][None], n_keep=n_keep, grid=grid, generator=self.generator)
+        kept = candidates[self.method.spec.fn(ctx, **self.method.params)[0].to(x.device)]
+        if fixed is not None:
+            kept = torch.cat([kept, fixed.nonzero()[:, 0]]).sort().values
+            self.state.fixed += int(fixed.sum())
+        return kept
+
+
+class MethodWrap:
+    """Shadow `owner.name` with a per-instance wrapper that reports its return value; `remove()`
+    restores the class's method (the instance attribute is deleted)."""
+
+    def __init__(self, owner: torch.nn.Module, name: str, after: object) -> None:
+        self.owner, self.name = owner, name
+        original = getattr(owner, name)
+
+        @functools.wraps(original)  # keeps the signature: `generate` inspects it to route kwargs
+        def wrapped(*args: object, **kwargs: object) -> object:
+            output = original(*args, **kwargs)
+            after(owner, args, kwargs, output)
+            return output
+
+        setattr(owner, name, wrapped)
+
+    def remove(self) -> None:
+        if self.name in vars(self.owner):
+            delattr(self.owner, self.name)
 
 
 class VisionMerge:
