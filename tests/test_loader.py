@@ -22,19 +22,24 @@ def test_pretrained_from_local_directory(tiny_path):
     assert not untrained.accuracy_meaningful
 
 
-def test_random_weights_build_the_shipped_architecture(tmp_path, monkeypatch, tiny_path):
-    # A small stand-in for prunebench/models/arch/*.json, read through the same code path.
-    config = json.loads((tiny_path / "config.json").read_text())
+def test_random_weights_build_the_shipped_architecture(tmp_path, monkeypatch, fam):
+    # A small stand-in for prunebench/models/arch/*.json (the family's tiny config), read through
+    # the same code path: config -> random weights -> a processor built locally, ids consistent.
+    config = json.loads((fam.path / "config.json").read_text())
     (tmp_path / "small.json").write_text(json.dumps(config))
     monkeypatch.setattr(loader, "ARCH_DIR", tmp_path)
-    loaded = loader.load_model({"name": "r", "weights": "random", "arch": "small"}, torch.device("cpu"))
+    loaded = loader.load_model({"name": "r", "family": fam.family, "weights": "random", "arch": "small"},
+                               torch.device("cpu"))
     assert loaded.weights == "random" and not loaded.accuracy_meaningful
-    tok = loaded.processor.tokenizer
-    assert loaded.model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
-    inputs = loaded.processor(images=Image.new("RGB", (48, 48)),
-                              text="USER: <image>\nHi ASSISTANT:", return_tensors="pt")
+    assert type(loaded.model) is type(fam.model)
+    processor = loaded.processor
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
+    inputs = processor(images=Image.new("RGB", (fam.image_side, fam.image_side)), text=prompt, return_tensors="pt")
+    ids = torch.tensor(loaded.seams.image_token_ids)
+    assert int(torch.isin(inputs["input_ids"], ids).sum()) > 0
     with torch.no_grad():
-        out = loaded.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        out = loaded.model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
