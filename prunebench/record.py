@@ -2,14 +2,15 @@
 
 Fields (schema_version 1):
   schema_version, status ("running" | "complete"), model, dataset, method, method_params, stage,
-  positions, keep, seed, limit, n_samples, n_failed,
+  positions, keep, seed, limit, batch_size (prompts per forward), n_samples, n_failed,
   score            main metric, 0-100 (the dataset says which), None if nothing scored
   metrics          per category, 0-100
   accuracy_meaningful  False for random or untrained weights: the score is noise
   notes            plain-language caveats (untrained weights, clamped budget, ...)
   tokens           n_visual_in / n_visual_out (means per sample), layer_avg, clamped_to_one,
                    llm_prompt_len (mean tokens entering the LLM), vision_merge_schedule (merges per
-                   encoder layer, vision-stage methods)
+                   encoder layer, vision-stage methods), n_visual_fixed (kept outside the budget,
+                   e.g. LLaVA-NeXT newlines); videos: n_frames, per_frame_in, per_frame_out
   timing           total_s, vision_s, method_s, prefill_s, decode_s: sums over samples;
                    median: the same per sample, medians; n_timed, warmup (samples run untimed first);
                    clock ("cuda_events" | "perf_counter")
@@ -49,6 +50,7 @@ class RunRecord:
     keep: float
     seed: int
     limit: int | None
+    batch_size: int = 1
     status: str = "running"
     schema_version: int = SCHEMA_VERSION
     n_samples: int = 0

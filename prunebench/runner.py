@@ -192,6 +192,8 @@ def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installatio
                            "answer": item.answer}
     try:
         text, extra = _generate(loaded, dataset, item, inst, timer, seed)
+    except UserError:
+        raise  # the whole job is wrong, not this sample
     except Exception as err:  # recorded with the sample; rerunning the command retries it
         row.update(error=f"{type(err).__name__}: {err}", prediction=None, correct=False)
         return row
@@ -204,11 +206,18 @@ def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installat
     from transformers import GenerationConfig
 
     processor, model = loaded.processor, loaded.model
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}]
+    visual = {"type": "video"} if item.frames else {"type": "image"}
+    conversation = [{"role": "user", "content": [visual, {"type": "text", "text": item.question}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=item.image, text=prompt, return_tensors="pt").to(loaded.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    media = {"videos": [list(item.frames)]} if item.frames else {"images": item.image}
+    inputs = processor(text=prompt, return_tensors="pt", **media).to(loaded.device)
+    if not any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
+        kind = "videos" if item.frames else "images"
+        raise UserError(f"the processor of model '{loaded.name}' produced no pixels for {kind} "
+                        f"(its {kind[:-1]} processor is missing or unsupported here)")
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(loaded.dtype)
     tok = processor.tokenizer
     gen = GenerationConfig(max_new_tokens=dataset.max_new_tokens, do_sample=False, num_beams=1,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -234,6 +243,7 @@ def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installat
         "prompt_len": prompt_len,
         "llm_prompt_len": prompt_len if entry is None else int(entry.index.shape[1]),
         **inst.counts.as_dict(),
+        "n_frames": len(item.frames) if item.frames else 0,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
     }
     return text, extra
@@ -266,6 +276,12 @@ def _tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in rows)
 
-    return {"n_visual_in": mean("n_visual_in"), "n_visual_out": mean("n_visual_out"),
-            "layer_avg": mean("layer_avg"), "llm_prompt_len": mean("llm_prompt_len"),
-            "prompt_len": mean("prompt_len")}
+    tokens = {"n_visual_in": mean("n_visual_in"), "n_visual_out": mean("n_visual_out"),
+              "n_visual_fixed": mean("n_visual_fixed"), "layer_avg": mean("layer_avg"),
+              "llm_prompt_len": mean("llm_prompt_len"), "prompt_len": mean("prompt_len")}
+    if all(r.get("n_frames") for r in rows):  # video: frames x tokens per frame (newlines excluded)
+        tokens["n_frames"] = mean("n_frames")
+        tokens["per_frame_in"] = statistics.fmean((r["n_visual_in"] - r["n_visual_fixed"]) / r["n_frames"] for r in rows)
+        tokens["per_frame_out"] = statistics.fmean((r["n_visual_out"] - r["n_visual_fixed"]) / r["n_frames"]
+                                                   for r in rows)
+    return tokens

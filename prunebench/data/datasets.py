@@ -15,11 +15,14 @@ from prunebench.registry import Registry
 
 @dataclass(frozen=True)
 class Item:
+    """One question with a closed answer, about an image or (when `frames` is set) a video."""
+
     index: int
     image: Image.Image
     question: str
     answer: str
     category: str
+    frames: tuple[Image.Image, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,24 @@ class Shapes:
         return accuracy(rows)
 
 
+class ShapesVideo(Shapes):
+    """Built-in offline video set (`data/shapes_video.py`), exact-match scoring."""
+
+    def __init__(self, name: str, n: int = 30, seed: int = 0, image_size: int = 96, max_new_tokens: int = 4,
+                 source_frames: int = 96, num_frames: int = 64, **_: Any) -> None:
+        super().__init__(name, n=n, seed=seed, image_size=image_size, max_new_tokens=max_new_tokens)
+        self.source_frames, self.num_frames = source_frames, num_frames
+
+    def items(self) -> list[Item]:
+        from prunebench.data.shapes_video import build_shapes_video
+
+        return build_shapes_video(self.n, seed=self.seed, image_size=self.image_size,
+                                  source_frames=self.source_frames, num_frames=self.num_frames)
+
+
 DATASET_KINDS: Registry[Callable[..., Dataset]] = Registry("dataset kind")
 DATASET_KINDS.add("shapes", Shapes)
+DATASET_KINDS.add("shapes_video", ShapesVideo)
 
 
 def build_dataset(cfg: Mapping[str, Any]) -> Dataset:

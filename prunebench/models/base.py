@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,9 +54,10 @@ class Seams:
     apply_rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     mrope: bool = False
     # Methods of `multimodal` whose return value holds the visual tokens as scattered (e.g. the
-    # packed any-resolution features of LLaVA-NeXT); when set, the pre-LLM seam wraps these
-    # instead of hooking `visual_output` (which then only marks the end of vision timing).
-    visual_fns: tuple[str, ...] = ()
+    # packed any-resolution features of LLaVA-NeXT), each with its own split into budget units;
+    # when set, the pre-LLM seam wraps these instead of hooking `visual_output` (which then only
+    # marks the end of vision timing).
+    visual_fns: dict[str, SplitVisual] = field(default_factory=dict)
     # [N_i, D] -> [N_i] bool: tokens that are always kept and not part of the budget (newlines)
     always_keep: Callable[[torch.Tensor], torch.Tensor] | None = None
 

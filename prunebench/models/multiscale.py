@@ -9,7 +9,7 @@
   packed with one learned newline token per feature row; `get_image_features` returns the packed
   tokens per image, `get_video_features` [videos, frames x pooled + 1 newline, D]. Those packed
   tokens are the pre-LLM seam (a per-instance wrapper of the two methods); the budget is global
-  per image or video, newline tokens are always kept and not part of the budget.
+  per image and per frame for videos; newline tokens are always kept and not part of the budget.
 Vision-stage merges are not wired for these families yet and are refused with a message.
 """
 
@@ -56,6 +56,17 @@ def _packed(args: tuple, kwargs: dict, output: object) -> list[torch.Tensor]:
     return list(output.pooler_output)
 
 
+def _video_frames(args: tuple, kwargs: dict, output: object) -> list[torch.Tensor]:
+    """[videos, T*P + 1, D] -> per video: T frames of P tokens, then its closing newline (budget per frame)."""
+    pixels = kwargs.get("pixel_values_videos", args[0] if args else None)
+    frames = pixels.shape[1]
+    chunks = []
+    for video in output.pooler_output:
+        per_frame = (video.shape[0] - 1) // frames
+        chunks += list(video[: frames * per_frame].split(per_frame)) + [video[frames * per_frame :]]
+    return chunks
+
+
 def packed_seams(model: nn.Module) -> Seams:
     """LLaVA-NeXT and LLaVA-OneVision: packed any-resolution tokens with row newlines."""
     cfg, inner = model.config, model.model
@@ -80,6 +91,6 @@ def packed_seams(model: nn.Module) -> Seams:
         language_model=inner.language_model,
         decoder_layers=list(inner.language_model.layers),
         apply_rope=apply_rope,
-        visual_fns=("get_image_features", "get_video_features") if video is not None else ("get_image_features",),
+        visual_fns={"get_image_features": _packed, **({"get_video_features": _video_frames} if video is not None else {})},
         always_keep=is_newline,
     )

@@ -4,7 +4,7 @@
 Visual tokens are born in `model.model.visual`: the ViT runs in window order, the 2x2 patch
 merger turns 4 patches into one LLM token, and the output `pooler_output` [sum_i N_i, D] is back
 in raster order, N_i = t*h*w/4 for each image's `grid_thw` (dynamic resolution: every image has
-its own count and budget). That output is the pre-LLM seam. Positions are 3-D M-RoPE ids that
+its own count and budget; a video's budget is per temporal slice of h*w/4 tokens). That output is the pre-LLM seam. Positions are 3-D M-RoPE ids that
 `generate` computes on the full sequence; pruning slices them and keeps the originals
 (UniPruneBench does the same for Qwen), since a contiguous renumbering is undefined for M-RoPE.
 Vision-stage merges are not wired for this family yet (window attention needs whole windows of
@@ -32,12 +32,12 @@ def qwen_vl_seams(model: nn.Module) -> Seams:
     merge = visual.spatial_merge_size
 
     def split(args: tuple, kwargs: dict, output: object) -> list[torch.Tensor]:
-        sizes = (_grid_thw(args, kwargs).prod(-1) // merge**2).tolist()
+        """One budget unit per image, and per temporal slice of a video (t slices of h*w/4 tokens)."""
+        sizes = [h * w // merge**2 for t, h, w in _grid_thw(args, kwargs).tolist() for _ in range(t)]
         return list(output.pooler_output.split(sizes))
 
     def grids(args: tuple, kwargs: dict, tokens: list[torch.Tensor]) -> list[tuple[int, int] | None]:
-        # frames of a video are stacked along the height axis: (t*h/2, w/2)
-        return [(int(t * h // merge), int(w // merge)) for t, h, w in _grid_thw(args, kwargs).tolist()]
+        return [(h // merge, w // merge) for t, h, w in _grid_thw(args, kwargs).tolist() for _ in range(t)]
 
     return Seams(
         family=cfg.model_type,

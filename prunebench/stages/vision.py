@@ -44,11 +44,12 @@ class PreLLMSelect:
 
     def register(self) -> list:
         if self.seams.visual_fns:
-            return [MethodWrap(self.seams.multimodal, name, self._hook) for name in self.seams.visual_fns]
+            return [MethodWrap(self.seams.multimodal, name, functools.partial(self._hook, split=split))
+                    for name, split in self.seams.visual_fns.items()]
         return [self.seams.visual_output.register_forward_hook(self._hook, with_kwargs=True)]
 
-    def _hook(self, module: object, args: tuple, kwargs: dict, output: object) -> None:
-        tokens = self.seams.split_visual(args, kwargs, output)
+    def _hook(self, module: object, args: tuple, kwargs: dict, output: object, split: object = None) -> None:
+        tokens = (split or self.seams.split_visual)(args, kwargs, output)
         grids = self.seams.visual_grids(args, kwargs, tokens)
         keeps = []
         with self.timer.span("method"):
@@ -63,6 +64,9 @@ class PreLLMSelect:
         candidates = torch.arange(x.shape[0], device=x.device)
         if fixed is not None:
             candidates = candidates[~fixed]
+            if candidates.numel() == 0:  # e.g. a video's closing newline, reported on its own
+                self.state.fixed += int(fixed.sum())
+                return fixed.nonzero()[:, 0]
         n_keep, clamped = n_keep_for(self.keep, candidates.numel())
         self.state.clamped |= clamped
         ctx = SelectContext(tokens=x[candidates][None], n_keep=n_keep, grid=grid, generator=self.generator)
