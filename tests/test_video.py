@@ -10,6 +10,7 @@ from prunebench import runner
 from prunebench.data.shapes_video import build_shapes_video, sample_frames
 from prunebench.errors import UserError
 from prunebench.methods import resolve_method
+from prunebench.methods.base import n_keep_for
 from prunebench.record import load_record
 from prunebench.stages import install
 
@@ -80,3 +81,44 @@ def test_model_without_a_video_processor_refuses_videos(tmp_path, tmp_path_facto
                  "method=fastv")
     with pytest.raises(UserError, match="produced no pixels for videos"):
         runner.run(cfg, quiet=True)
+
+
+def hooks_and_classes(model):
+    return (sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+            [type(m) for m in model.modules()], sorted(vars(model.model)))
+
+
+@pytest.mark.parametrize("keep", [0.34, 0.5])
+def test_evoprune_inside_siglip_on_video_frames(onevision, keep):
+    """Vision-stage merges on LLaVA-OneVision video: per-frame budget of the pooled count,
+    keep=1.0 identical, patch undone, cached decode equal to a full recompute."""
+    from test_contract import GEN, _uncached_greedy
+
+    inputs = video_inputs(onevision)
+    method = resolve_method("evoprune")
+    with torch.no_grad():
+        reference = onevision.model.generate(**inputs, **GEN)
+        onevision.model(**inputs)  # transformers installs its capture hooks lazily
+        before = hooks_and_classes(onevision.model)
+        with install(onevision.seams, method, keep=1.0) as inst:
+            assert torch.equal(onevision.model.generate(**inputs, **GEN), reference) and sum(inst.schedule) == 0
+        with install(onevision.seams, method, keep=keep) as inst:
+            out = onevision.model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
+            ids, logits = _uncached_greedy(onevision.model, inputs, GEN["max_new_tokens"], inst)
+        per_frame = n_keep_for(keep, 9)[0]
+        assert sum(inst.schedule) == 36 - per_frame
+        assert inst.counts.n_visual_out == 6 * per_frame + 1 and inst.counts.n_fixed == 1
+        assert torch.equal(out.sequences, ids)
+        torch.testing.assert_close(torch.stack(out.logits, 1), logits, atol=1e-4, rtol=1e-4)
+        assert hooks_and_classes(onevision.model) == before
+        assert torch.equal(onevision.model.generate(**inputs, **GEN), reference)
+
+
+def test_vision_stage_refuses_images_on_onevision(onevision):
+    from conftest import Tiny
+
+    image = Tiny.inputs(onevision)
+    with install(onevision.seams, resolve_method("evoprune"), keep=0.5):
+        with pytest.raises(RuntimeError, match="take videos only"):
+            with torch.no_grad():
+                onevision.model(**image)

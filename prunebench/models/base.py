@@ -60,6 +60,12 @@ class Seams:
     visual_fns: dict[str, SplitVisual] = field(default_factory=dict)
     # [N_i, D] -> [N_i] bool: tokens that are always kept and not part of the budget (newlines)
     always_keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Vision-stage merges: the tokens per image/frame a keep fraction refers to, when the family
+    # reduces the encoder's patches itself (LLaVA-OneVision's video pooling), and how merged
+    # tokens reach the LLM placeholders: None = scatter onto the full grid at `visual_output`,
+    # else a function installing the family's own hand-on (returns removable handles).
+    vision_budget_base: int | None = None
+    vision_hand_on: Callable[[Any], list[Any]] | None = None
 
     @property
     def n_vision_patches(self) -> int:

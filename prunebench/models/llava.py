@@ -9,30 +9,41 @@ projector hook and the LLM-entry hook have applied the method's decision.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import LlavaForConditionalGeneration
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from prunebench.models.base import Seams, apply_rope
 
 
-class MergingCLIPEncoderLayer(CLIPEncoderLayer):
-    """CLIPEncoderLayer with a merge step between self-attention and the MLP.
+def _merging_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     **kwargs) -> torch.Tensor:
+    """`CLIPEncoderLayer.forward` / `SiglipEncoderLayer.forward` (transformers 5.23, identical) line
+    for line, plus `self._pb_merge`, set per instance by the vision stage (EvoPrune Alg. 1, line 8)."""
+    residual = hidden_states
+    hidden_states = self.layer_norm1(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
+    hidden_states = residual + hidden_states
+    hidden_states = self._pb_merge(hidden_states)
+    residual = hidden_states
+    hidden_states = self.layer_norm2(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = residual + hidden_states
+    return hidden_states
 
-    Mirrors `CLIPEncoderLayer.forward` (transformers 5.23) line for line; the only addition is
-    `self._pb_merge`, set per instance by the vision stage (EvoPrune Algorithm 1, line 8).
-    """
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.layer_norm1(hidden_states)
-        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
-        hidden_states = residual + hidden_states
-        hidden_states = self._pb_merge(hidden_states)
-        residual = hidden_states
-        hidden_states = self.layer_norm2(hidden_states)
-        hidden_states = self.mlp(hidden_states)
-        hidden_states = residual + hidden_states
-        return hidden_states
+_MERGING: dict[type, type] = {}
+
+
+def merging_layer_class(base: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of a CLIP/SigLIP encoder layer with the merge step (isinstance still holds, so
+    transformers' hidden-state capture keeps working after the per-instance class swap)."""
+    if base not in _MERGING:
+        _MERGING[base] = type(f"Merging{base.__name__}", (base,), {"forward": _merging_forward})
+    return _MERGING[base]
+
+
+MergingCLIPEncoderLayer = merging_layer_class(CLIPEncoderLayer)
 
 
 def feeding_layers(n_layers: int, feature_layer: int) -> int:

@@ -10,7 +10,8 @@
   tokens per image, `get_video_features` [videos, frames x pooled + 1 newline, D]. Those packed
   tokens are the pre-LLM seam (a per-instance wrapper of the two methods); the budget is global
   per image and per frame for videos; newline tokens are always kept and not part of the budget.
-Vision-stage merges are not wired for these families yet and are refused with a message.
+Vision-stage merges: LLaVA-OneVision / LLaVA-Video videos (see `_onevision_video_hand_on`);
+InternVL3, LLaVA-NeXT and OneVision images refuse them with a message (not wired yet).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from prunebench.models.base import Seams, apply_rope
+from prunebench.models.llava import feeding_layers, merging_layer_class
 
 
 def _per_row(args: tuple, kwargs: dict, output: torch.Tensor) -> list[torch.Tensor]:
@@ -67,11 +69,60 @@ def _video_frames(args: tuple, kwargs: dict, output: object) -> list[torch.Tenso
     return chunks
 
 
+def _onevision_video_hand_on(inner: nn.Module, side: int, pooled: int):
+    """How vision-stage merges reach the LLM for LLaVA-OneVision/LLaVA-Video videos.
+
+    Our stated design (papers/evoprune.txt leaves it open): the in-encoder merges replace HF's
+    bilinear pooling. Each frame is merged from side x side patches to round(keep * pooled)
+    tokens; `apply_pooling` then only pads the frame to its `pooled` placeholder slots, the merged
+    tokens first (raster order of their representatives), and the LLM entry drops the padding.
+    With keep=1.0 nothing is merged and the family's own pooling runs. Images (any-resolution
+    packing) are refused while merges are active.
+    """
+    from prunebench.stages.vision import AttrOverride, MethodWrap
+
+    def hand_on(merge: object) -> list[object]:
+        state = merge.state
+
+        def pooling(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[1] == side * side:
+                return type(inner).apply_pooling(inner, x)
+            pad = x.new_zeros(x.shape[0], pooled - x.shape[1], x.shape[2])
+            return torch.cat([x, pad], dim=1)
+
+        def after_video(owner: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            pixels = kwargs.get("pixel_values_videos", args[0] if args else None)
+            videos, frames = pixels.shape[:2]
+            k = merge.n_keep if merge.active else pooled
+            frame_keep = torch.arange(k, device=pixels.device)
+            sizes = ([pooled] * frames + [1]) * videos
+            keeps = ([frame_keep] * frames + [torch.zeros(1, dtype=torch.long, device=pixels.device)]) * videos
+            state.visual_sizes = (state.visual_sizes or []) + sizes
+            state.visual_keep = (state.visual_keep or []) + keeps
+            state.fixed += videos
+            state.clamped |= merge.clamped
+
+        def refuse_images(owner: nn.Module, args: tuple, kwargs: dict) -> None:
+            if merge.active:
+                raise RuntimeError("vision-stage merges on llava_onevision take videos only "
+                                   "(images are packed at any resolution on the full grid)")
+
+        return [AttrOverride(inner, "apply_pooling", pooling),
+                MethodWrap(inner, "get_video_features", after=after_video),
+                MethodWrap(inner, "get_image_features", before=refuse_images)]
+
+    return hand_on
+
+
 def packed_seams(model: nn.Module) -> Seams:
     """LLaVA-NeXT and LLaVA-OneVision: packed any-resolution tokens with row newlines."""
     cfg, inner = model.config, model.model
     video = getattr(cfg, "video_token_id", None)
     newline = inner.image_newline
+    layers = list(inner.vision_tower.encoder.layers)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    pooled = math.ceil(side / 2) ** 2  # LlavaOnevisionModel.apply_pooling: bilinear to ceil(h/2) x ceil(w/2)
+    video_merges = video is not None and isinstance(cfg.vision_feature_layer, int)
 
     def is_newline(x: torch.Tensor) -> torch.Tensor:
         return (x == newline.to(x)).all(dim=-1)
@@ -84,13 +135,15 @@ def packed_seams(model: nn.Module) -> Seams:
         split_visual=_packed,
         visual_grids=lambda args, kwargs, tokens: [None] * len(tokens),
         vision_tower=inner.vision_tower,
-        vision_layers=list(inner.vision_tower.encoder.layers),
-        vision_grid=None,
-        vision_prefix=0,
-        merge_layer_class=None,
+        vision_layers=layers[: feeding_layers(len(layers), cfg.vision_feature_layer)] if video_merges else layers,
+        vision_grid=(side, side) if video_merges else None,
+        vision_prefix=1 if cfg.vision_feature_select_strategy == "default" else 0,
+        merge_layer_class=merging_layer_class(type(layers[0])) if video_merges else None,
         language_model=inner.language_model,
         decoder_layers=list(inner.language_model.layers),
         apply_rope=apply_rope,
+        vision_budget_base=pooled if video_merges else None,
+        vision_hand_on=_onevision_video_hand_on(inner, side, pooled) if video_merges else None,
         visual_fns={"get_image_features": _packed, **({"get_video_features": _video_frames} if video is not None else {})},
         always_keep=is_newline,
     )

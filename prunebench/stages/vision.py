@@ -78,17 +78,21 @@ class PreLLMSelect:
 
 
 class MethodWrap:
-    """Shadow `owner.name` with a per-instance wrapper that reports its return value; `remove()`
-    restores the class's method (the instance attribute is deleted)."""
+    """Shadow `owner.name` with a per-instance wrapper that calls `before(owner, args, kwargs)` and
+    `after(owner, args, kwargs, output)` around it; `remove()` restores the class's method (the
+    instance attribute is deleted)."""
 
-    def __init__(self, owner: torch.nn.Module, name: str, after: object) -> None:
+    def __init__(self, owner: torch.nn.Module, name: str, after: object = None, before: object = None) -> None:
         self.owner, self.name = owner, name
         original = getattr(owner, name)
 
         @functools.wraps(original)  # keeps the signature: `generate` inspects it to route kwargs
         def wrapped(*args: object, **kwargs: object) -> object:
+            if before is not None:
+                before(owner, args, kwargs)
             output = original(*args, **kwargs)
-            after(owner, args, kwargs, output)
+            if after is not None:
+                after(owner, args, kwargs, output)
             return output
 
         setattr(owner, name, wrapped)
@@ -96,6 +100,14 @@ class MethodWrap:
     def remove(self) -> None:
         if self.name in vars(self.owner):
             delattr(self.owner, self.name)
+
+
+class AttrOverride(MethodWrap):
+    """Shadow `owner.name` with `value` on this instance only; `remove()` restores the class's."""
+
+    def __init__(self, owner: torch.nn.Module, name: str, value: object) -> None:
+        self.owner, self.name = owner, name
+        setattr(owner, name, value)
 
 
 class VisionMerge:
@@ -106,14 +118,19 @@ class VisionMerge:
             raise UserError(f"{method.name}: vision-stage merges are not supported on the {seams.family} family yet")
         self.seams, self.method, self.state, self.timer = seams, method, state, timer
         n_in = seams.n_vision_patches
-        n_keep, self.clamped = n_keep_for(keep, n_in)
+        base = seams.vision_budget_base or n_in
+        self.n_keep, self.clamped = n_keep_for(keep, base)
+        # A family that reduces the patches itself (pooling) merges only when keep asks for fewer
+        # tokens than that reduction gives: keep=1.0 leaves the encoder untouched.
+        n_remove = 0 if self.n_keep >= base else n_in - self.n_keep
+        self.active = n_remove > 0
         self.merge_point = str(method.params.get("merge_point", "attention"))
         if self.merge_point not in ("attention", "layer"):
             raise UserError(f"{method.name}: merge_point must be one of: attention, layer (got '{self.merge_point}')")
         self.merge_params = {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point")}
         try:
             self.schedule = method.spec.schedule(
-                str(method.params["schedule"]), len(seams.vision_layers), n_in, n_in - n_keep
+                str(method.params["schedule"]), len(seams.vision_layers), n_in, n_remove
             )
         except ValueError as err:  # e.g. more merges asked than this encoder's layers can make
             raise UserError(f"{method.name}: {err}") from None
@@ -121,8 +138,11 @@ class VisionMerge:
 
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
         s = self.seams
-        handles = [s.vision_tower.register_forward_pre_hook(self._start, with_kwargs=True),
-                   s.visual_output.register_forward_hook(self._finish)]
+        handles = [s.vision_tower.register_forward_pre_hook(self._start, with_kwargs=True)]
+        if s.vision_hand_on is not None:
+            handles += s.vision_hand_on(self)
+        else:
+            handles.append(s.visual_output.register_forward_hook(self._finish))
         for layer, r in zip(s.vision_layers, self.schedule, strict=True):
             if r == 0:
                 continue
