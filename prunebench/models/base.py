@@ -66,6 +66,9 @@ class Seams:
     # else a function installing the family's own hand-on (returns removable handles).
     vision_budget_base: int | None = None
     vision_hand_on: Callable[[Any], list[Any]] | None = None
+    # A family-specific vision-stage driver replacing `stages.vision.VisionMerge` (same
+    # constructor and register()/restore()/schedule contract), e.g. Qwen's 2x2-unit merges.
+    vision_driver: Any = None
 
     @property
     def n_vision_patches(self) -> int:

@@ -77,7 +77,7 @@ def install(
         elif method.stage is Stage.INTRA_LLM:
             inst.handles += IntraLLM(seams, method, keep, positions, state, timer, generator).register()
         elif method.stage is Stage.VISION:
-            merge = VisionMerge(seams, method, keep, state, timer)
+            merge = (seams.vision_driver or VisionMerge)(seams, method, keep, state, timer)
             inst.schedule = merge.schedule
             inst.handles += merge.register()
         yield inst
