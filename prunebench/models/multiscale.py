@@ -10,8 +10,8 @@
   tokens per image, `get_video_features` [videos, frames x pooled + 1 newline, D]. Those packed
   tokens are the pre-LLM seam (a per-instance wrapper of the two methods); the budget is global
   per image and per frame for videos; newline tokens are always kept and not part of the budget.
-Vision-stage merges: LLaVA-OneVision / LLaVA-Video videos (see `_onevision_video_hand_on`);
-InternVL3, LLaVA-NeXT and OneVision images refuse them with a message (not wired yet).
+Vision-stage merges: LLaVA-NeXT images (`_next_image_hand_on`) and LLaVA-OneVision / LLaVA-Video
+videos (`_onevision_video_hand_on`); InternVL3 and OneVision images refuse them with a message.
 """
 
 from __future__ import annotations
@@ -114,6 +114,40 @@ def _onevision_video_hand_on(inner: nn.Module, side: int, pooled: int):
     return hand_on
 
 
+def _next_image_hand_on(inner: nn.Module):
+    """How vision-stage merges reach the LLM for LLaVA-NeXT any-resolution images.
+
+    Each view (base image and crops) is merged inside CLIP to round(keep * 576) tokens, scattered
+    back onto its full grid at the projector output (as for LLaVA-1.5), and packed by the model as
+    usual. Which packed rows survive is found by packing a one-channel marker through the model's
+    own `pack_image_features` (kept patch 1, merged-away 0, newline 2), so unpadding and newline
+    layout are exactly the model's; newlines are kept outside the budget.
+    """
+    from prunebench.stages.vision import MethodWrap
+
+    def hand_on(merge: object) -> list[object]:
+        state = merge.state
+
+        def to_packed(owner: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+            features = kwargs.get("image_features", args[0] if args else None)
+            views = [f.shape[0] for f in features]
+            marks = torch.zeros(sum(views), features[0].shape[1], 1, device=features[0].device)
+            for view, keep in enumerate(state.visual_keep):
+                marks[view, keep] = 1.0
+            packed, _ = type(owner).pack_image_features(
+                owner, list(marks.split(views)), kwargs.get("image_sizes", args[1] if len(args) > 1 else None),
+                kwargs.get("vision_feature_select_strategy", args[2] if len(args) > 2 else None),
+                image_newline=torch.full((1,), 2.0, device=marks.device))
+            state.visual_sizes = [p.shape[0] for p in packed]
+            state.visual_keep = [(p[:, 0] > 0).nonzero()[:, 0] for p in packed]
+            state.fixed += int(sum((p[:, 0] == 2).sum() for p in packed))
+
+        return [merge.seams.visual_output.register_forward_hook(merge._finish),
+                MethodWrap(inner, "pack_image_features", after=to_packed)]
+
+    return hand_on
+
+
 def packed_seams(model: nn.Module) -> Seams:
     """LLaVA-NeXT and LLaVA-OneVision: packed any-resolution tokens with row newlines."""
     cfg, inner = model.config, model.model
@@ -123,6 +157,14 @@ def packed_seams(model: nn.Module) -> Seams:
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     pooled = math.ceil(side / 2) ** 2  # LlavaOnevisionModel.apply_pooling: bilinear to ceil(h/2) x ceil(w/2)
     video_merges = video is not None and isinstance(cfg.vision_feature_layer, int)
+    image_merges = video is None and isinstance(cfg.vision_feature_layer, int)  # LLaVA-NeXT
+    merges = video_merges or image_merges
+    if video_merges:
+        hand_on = _onevision_video_hand_on(inner, side, pooled)
+    elif image_merges:
+        hand_on = _next_image_hand_on(inner)
+    else:
+        hand_on = None
 
     def is_newline(x: torch.Tensor) -> torch.Tensor:
         return (x == newline.to(x)).all(dim=-1)
@@ -135,15 +177,15 @@ def packed_seams(model: nn.Module) -> Seams:
         split_visual=_packed,
         visual_grids=lambda args, kwargs, tokens: [None] * len(tokens),
         vision_tower=inner.vision_tower,
-        vision_layers=layers[: feeding_layers(len(layers), cfg.vision_feature_layer)] if video_merges else layers,
-        vision_grid=(side, side) if video_merges else None,
+        vision_layers=layers[: feeding_layers(len(layers), cfg.vision_feature_layer)] if merges else layers,
+        vision_grid=(side, side) if merges else None,
         vision_prefix=1 if cfg.vision_feature_select_strategy == "default" else 0,
-        merge_layer_class=merging_layer_class(type(layers[0])) if video_merges else None,
+        merge_layer_class=merging_layer_class(type(layers[0])) if merges else None,
         language_model=inner.language_model,
         decoder_layers=list(inner.language_model.layers),
         apply_rope=apply_rope,
         vision_budget_base=pooled if video_merges else None,
-        vision_hand_on=_onevision_video_hand_on(inner, side, pooled) if video_merges else None,
+        vision_hand_on=hand_on,
         visual_fns={"get_image_features": _packed, **({"get_video_features": _video_frames} if video is not None else {})},
         always_keep=is_newline,
     )
