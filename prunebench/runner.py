@@ -99,8 +99,8 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     record.positions = inst.positions.value
     record.method_card["positions"] = inst.positions.value
     record.notes += inst.notes
-    if inst.schedule is not None:
-        record.tokens["vision_merge_schedule"] = inst.schedule
+    if inst.schedule is not None:  # dynamic-resolution families: per sample in the predictions
+        record.tokens["vision_merge_schedule"] = list(inst.schedule)
     save_record(out, record)
     if record.n_failed:
         _say(False, f"[prunebench] warning: {record.n_failed} of {len(rows)} samples failed; see {out / PREDICTIONS_NAME}")
@@ -244,6 +244,7 @@ def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installat
         "llm_prompt_len": prompt_len if entry is None else int(entry.index.shape[1]),
         **inst.counts.as_dict(),
         "n_frames": len(item.frames) if item.frames else 0,
+        **({"vision_merge_schedule": list(inst.schedule)} if inst.schedule is not None else {}),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
     }
     return text, extra

@@ -21,8 +21,11 @@ GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
 
 
 def supported(fam, name: str) -> bool:
-    """Vision-stage merges need an encoder seam; families without one refuse them clearly."""
-    return METHODS.get(name).stage is not Stage.VISION or fam.seams.merge_layer_class is not None
+    """Vision-stage merges need an encoder seam (a merging layer class, or a family-specific vision
+    driver such as Qwen's 2x2-unit merges); families without one refuse them clearly."""
+    seams = fam.seams
+    return (METHODS.get(name).stage is not Stage.VISION or seams.merge_layer_class is not None
+            or seams.vision_driver is not None)
 
 
 def require(fam, name: str) -> None:

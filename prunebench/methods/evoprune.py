@@ -33,6 +33,11 @@ METHODS.add(
             "a layer asked to merge more than half its tokens passes the excess to an earlier layer",
             "no proportional attention (the paper does not use it)",
             "merged tokens are ordered by the original index of their representative (the surviving b token)",
+            "Qwen2.5-VL/Qwen2-VL: merges whole 2x2 merge units (4 ViT rows, one LLM token); unit feature = "
+            "mean of its rows, importance = mean attention its rows receive per attention segment (window or "
+            "image); budget and schedule per image / video slice over all ViT blocks (stages/vision_qwen.py)",
+            "LLaVA-NeXT: per view (base image and crops), round(keep*576) before unpadding; LLaVA-OneVision/Video "
+            "videos: per frame, round(keep*pooled count), merges replace HF's bilinear pooling",
         ),
     ),
 )

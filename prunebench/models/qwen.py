@@ -7,8 +7,11 @@ in raster order, N_i = t*h*w/4 for each image's `grid_thw` (dynamic resolution: 
 its own count and budget; a video's budget is per temporal slice of h*w/4 tokens). That output is the pre-LLM seam. Positions are 3-D M-RoPE ids that
 `generate` computes on the full sequence; pruning slices them and keeps the originals
 (UniPruneBench does the same for Qwen), since a contiguous renumbering is undefined for M-RoPE.
-Vision-stage merges are not wired for this family yet (window attention needs whole windows of
-2x2 units): asking for one is refused with a message.
+Vision-stage merges (EvoPrune) run inside the ViT at 2x2 merge-unit granularity, consistent with
+window attention and the full-attention blocks: `prunebench.stages.vision_qwen.QwenVisionMerge` is
+this family's vision driver (budget per image / temporal slice in merge units = LLM tokens; merged
+units keep their representative's M-RoPE position). `merge_layer_class` stays None: the driver swaps
+the ViT blocks itself.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from prunebench.models.base import Seams, apply_rope
+from prunebench.stages.vision_qwen import QwenVisionMerge
 
 
 def _grid_thw(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -55,4 +59,5 @@ def qwen_vl_seams(model: nn.Module) -> Seams:
         decoder_layers=list(model.model.language_model.layers),
         apply_rope=apply_rope,
         mrope=True,
+        vision_driver=QwenVisionMerge,
     )

@@ -1,0 +1,324 @@
+"""Vision-stage merges inside the Qwen2.5-VL / Qwen2-VL ViT, at 2x2 merge-unit granularity.
+
+The harness's stated choice: the vision-encoder stage runs at 2x2 merge-unit granularity,
+consistent with window attention and full-attention blocks.
+
+- A merge *unit* is the `spatial_merge_unit` (4) consecutive ViT rows that the patch merger later
+  turns into one LLM token; a unit is what EvoPrune merges. A unit's feature for similarity and
+  local diversity is the mean of its 4 rows; its importance is the mean over its 4 rows of the
+  attention they receive (`received_attention`), recomputed from the block's own fused `qkv`
+  output with the vision rotary embedding applied as the attention applies it, per attention
+  segment of that block: the image (or temporal slice) for full-attention blocks, the window for
+  windowed blocks (Qwen2.5-VL). No eager attention, no second pass.
+- The bipartite step (`evoprune_merge`, a = even / b = odd current positions) runs on the unit
+  means and decides; the same merge is applied to the 4-row units (`merge_units`): unit a is
+  averaged into unit b row by row, size-weighted (ToMe sizes in units), so every unit keeps its
+  2x2 structure. The merged unit keeps b's identity: its raster index (the representative), its
+  place in the sequence, its rows' rotary embeddings and its window.
+- Budget per image and per temporal slice of a video (a "part", the LLM's budget unit):
+  n_keep = round-half-up(keep * units) (`n_keep_for`), removed over ALL ViT blocks (Qwen selects
+  the last block's output) by that part's own `layer_schedule(strategy, n_blocks, units,
+  units - n_keep)`. Merges happen only among units of the same part, one part at a time.
+- The sequence shortens after a merge, so the later blocks get substituted keyword arguments
+  (forward pre-hooks): `position_embeddings` gathered to the surviving rows, `cu_seqlens` recomputed
+  from the surviving units of each full-attention segment or window (empty windows dropped), and
+  `max_seqlen` when the caller passes one (Flash). The merge itself sits between attention and MLP
+  through a per-instance class swap of the block (`merging_block_class`); `merge_point=layer`
+  merges on the block's output instead.
+- The merger sees fewer units, in window order; a forward hook on `merger` scatters its output back
+  to the full unit count (zeros for merged-away units), so the tower's own `reverse_indices`
+  un-permutation works unchanged, and records `state.visual_sizes` (units per part, placeholder
+  order) and `state.visual_keep` (per part: the representatives' raster indices, sorted); the LLM
+  entry drops the rest. Positions: original M-RoPE ids, a merged token at its representative's.
+- keep=1.0 installs nothing at all (every schedule would be zeros): bit-identical to the model.
+  A keep that the ViT's depth cannot reach for some image (each block merges at most half of its
+  units) raises `UserError` ("... at most N ...") when that image reaches the tower.
+
+`schedule` (what `Installation.schedule` reports) is per-block merges summed over the parts of the
+last tower call, updated in place; `state.vision.schedules` has the per-part schedules.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
+from prunebench.errors import UserError
+from prunebench.methods.base import ResolvedMethod, n_keep_for
+from prunebench.models.base import Seams
+from prunebench.stages.attention import received_attention
+from prunebench.stages.state import CallState
+from prunebench.timing import Timer
+
+
+def _merging_block_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           **kwargs) -> torch.Tensor:
+    """`Qwen2_5_VLVisionBlock.forward` / `Qwen2VLVisionBlock.forward` (transformers 5.23, identical) line
+    for line, plus `self._pb_merge` between attention and MLP, set per instance by `QwenVisionMerge`."""
+    hidden_states = hidden_states + self.attn(
+        self.norm1(hidden_states),
+        cu_seqlens=cu_seqlens,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    hidden_states = self._pb_merge(hidden_states)
+    hidden_states = hidden_states + self.mlp(self.norm2(hidden_states))
+    return hidden_states
+
+
+_MERGING: dict[type, type] = {}
+
+
+def merging_block_class(base: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of a Qwen vision block with the merge step (isinstance still holds, so transformers'
+    hidden-state capture keeps working after the per-instance class swap)."""
+    if base not in _MERGING:
+        _MERGING[base] = type(f"Merging{base.__name__}", (base,), {"forward": _merging_block_forward})
+    return _MERGING[base]
+
+
+def merge_units(units: torch.Tensor, size: torch.Tensor, old_to_new: torch.Tensor,
+                merged: torch.Tensor) -> torch.Tensor:
+    """Apply one merge decision to whole units: [U, m, D] rows per unit -> [U', m, D].
+
+    size [U] (ToMe sizes), old_to_new [U] (new index of each unit; a merged unit: the unit it merged
+    into), merged [U] bool; survivors keep their order (new index = rank among survivors). A unit that
+    received merges becomes the size-weighted mean of its sources row by row (row i with row i), in
+    float32; untouched units keep their exact values.
+    """
+    n_out = int((~merged).sum())
+    sf = size.float()
+    num = units.new_zeros(n_out, *units.shape[1:], dtype=torch.float32)
+    num.index_add_(0, old_to_new, units.float() * sf[:, None, None])
+    den = sf.new_zeros(n_out).index_add_(0, old_to_new, sf)
+    received = torch.zeros(n_out, dtype=torch.bool, device=units.device)
+    received[old_to_new[merged]] = True
+    return torch.where(received[:, None, None], (num / den[:, None, None]).to(units.dtype), units[~merged])
+
+
+@dataclass
+class UnitState:
+    """One tower call: a row per merge unit still in the sequence, in sequence (window) order."""
+
+    pos: torch.Tensor  # [U] index of the unit in the tower's permuted sequence at entry (rows pos*m ...)
+    rep: torch.Tensor  # [U] raster index of the unit within its part (the representative)
+    part: torch.Tensor  # [U] budget part: image, or temporal slice of a video, in placeholder order
+    full: torch.Tensor  # [U] full-attention segment
+    window: torch.Tensor  # [U] attention window (== full without window attention)
+    size: torch.Tensor  # [U] float32 original units each unit stands for
+    n_units: list[int]  # units per part at entry
+    schedules: list[list[int]]  # per part: merges at each block
+    n_total: int
+    clamped: bool = False
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # the tower's, full sequence
+    substitute: dict | None = None  # kwargs for later blocks once the sequence is shorter
+    block: dict = field(default_factory=dict)  # what the current block was given: cu_seqlens, (cos, sin)
+
+
+class QwenVisionMerge:
+    """EvoPrune inside the Qwen2.5-VL / Qwen2-VL ViT on 2x2 merge units (see the module docstring)."""
+
+    def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, state: CallState, timer: Timer) -> None:
+        if method.spec.merge is None or method.spec.schedule is None:
+            raise UserError(f"{method.name}: not a merge method")
+        self.seams, self.method, self.keep, self.state, self.timer = seams, method, keep, state, timer
+        self.visual = seams.vision_tower
+        self.blocks = list(seams.vision_layers)
+        self.unit = int(self.visual.spatial_merge_size) ** 2
+        fullatt = getattr(self.visual, "fullatt_block_indexes", None)
+        self.windowed = fullatt is not None  # Qwen2.5-VL: window attention except in the full blocks
+        self.full_blocks = set(fullatt) if self.windowed else set(range(len(self.blocks)))
+        self.strategy = str(method.params["schedule"])
+        self.merge_point = str(method.params.get("merge_point", "attention"))
+        if self.merge_point not in ("attention", "layer"):
+            raise UserError(f"{method.name}: merge_point must be one of: attention, layer (got '{self.merge_point}')")
+        self.merge_params = {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point")}
+        try:  # validates the strategy string now; the counts depend on each image's size
+            method.spec.schedule(self.strategy, len(self.blocks), 0, 0)
+        except ValueError as err:
+            raise UserError(f"{method.name}: {err}") from None
+        n_keep_for(keep, 1)
+        self.active = keep < 1.0  # keep=1.0 merges nothing anywhere: install nothing
+        self.schedule: list[int] = [0] * len(self.blocks)
+        self._captured: dict[int, torch.Tensor] = {}
+        self._swapped: list[tuple[nn.Module, type]] = []
+        self._rope = {i: sys.modules[type(b.attn).__module__].apply_rotary_pos_emb_vision
+                      for i, b in enumerate(self.blocks)}
+
+    # -- install --------------------------------------------------------------------------------
+    def register(self) -> list:
+        if not self.active:
+            return []
+        handles = [self.visual.register_forward_pre_hook(self._start, with_kwargs=True),
+                   self.visual.merger.register_forward_hook(self._finish)]
+        needs_attention = "received_attention" in self.method.spec.needs
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(functools.partial(self._enter, i), with_kwargs=True))
+            if needs_attention:
+                handles.append(block.attn.qkv.register_forward_hook(functools.partial(self._store_qkv, i)))
+            step = functools.partial(self._merge, i)
+            if self.merge_point == "layer":  # on the block's output; before transformers' capture hooks
+                handles.append(block.register_forward_hook(lambda m, a, out, step=step: step(out), prepend=True))
+                continue
+            self._swapped.append((block, type(block)))
+            block.__class__ = merging_block_class(type(block))
+            block._pb_merge = step
+        return handles
+
+    def restore(self) -> None:
+        for block, cls in self._swapped:
+            block.__class__ = cls
+            del block._pb_merge
+        self._swapped.clear()
+        self._captured.clear()
+
+    # -- tower entry: the plan of this call -----------------------------------------------------------
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            raise RuntimeError("prunebench: the Qwen vision tower was called without grid_thw")
+        m, v = self.unit, self.visual
+        n_units = [h * w // m for t, h, w in grid.tolist() for _ in range(t)]
+        schedules, clamped = [], False
+        for p, n in enumerate(n_units):
+            n_keep, c = n_keep_for(self.keep, n)
+            clamped |= c
+            try:
+                schedules.append(self.method.spec.schedule(self.strategy, len(self.blocks), n, n - n_keep))
+            except ValueError as err:
+                raise UserError(f"{self.method.name}: image/slice {p} has {n} merge units (2x2 patches) and the "
+                                f"ViT {len(self.blocks)} blocks: {err}") from None
+        device, total = grid.device, sum(n_units)
+        copy = dict(kwargs)  # honour precomputed tensors the tower itself would use, without popping them
+        cu_full = get_vision_cu_seqlens(grid, kwargs=copy)
+        if self.windowed:
+            window_index, cu_window = get_vision_window_index(
+                grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                patch_size=v.patch_size, kwargs=copy)
+        else:
+            window_index, cu_window = torch.arange(total, device=device), cu_full
+        window_index = window_index.to(device)
+        starts = torch.tensor([0] + n_units, device=device).cumsum(0)
+        part = torch.bucketize(window_index, starts[1:], right=True)
+        rows = torch.arange(total, device=device) * m
+        full = torch.bucketize(rows, cu_full.to(device)[1:], right=True)
+        window = torch.bucketize(rows, cu_window.to(device)[1:], right=True)
+        change = [t[1:] != t[:-1] for t in (part, full, window)]
+        if bool((part[1:] < part[:-1]).any() | (change[0] & ~change[1]).any() | (change[1] & ~change[2]).any()):
+            raise RuntimeError("prunebench: Qwen ViT segments are not nested image > full-attention > window")
+        self.state.vision = UnitState(
+            pos=torch.arange(total, device=device), rep=window_index - starts[part], part=part, full=full,
+            window=window, size=torch.ones(total, device=device), n_units=n_units, schedules=schedules,
+            n_total=total, clamped=clamped)
+        self._captured.clear()
+        self.schedule[:] = [sum(s[i] for s in schedules) for i in range(len(self.blocks))]
+
+    # -- block entry: shortened kwargs ---------------------------------------------------------------
+    def _enter(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        st = self.state.vision
+        if not isinstance(st, UnitState):
+            return None
+        if st.position_embeddings is None:
+            st.position_embeddings = kwargs["position_embeddings"]
+        if st.substitute is None:  # nothing merged yet: the block runs on the tower's own kwargs
+            st.block = {"cu_seqlens": kwargs["cu_seqlens"], "position_embeddings": kwargs["position_embeddings"]}
+            return None
+        cu, longest = st.substitute["full" if i in self.full_blocks else "window"]
+        kwargs["cu_seqlens"] = cu
+        if kwargs.get("max_seqlen") is not None:
+            kwargs["max_seqlen"] = longest
+        kwargs["position_embeddings"] = st.substitute["position_embeddings"]
+        st.block = {"cu_seqlens": cu, "position_embeddings": kwargs["position_embeddings"]}
+        return args, kwargs
+
+    def _store_qkv(self, i: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        st = self.state.vision
+        if isinstance(st, UnitState) and any(s[i] for s in st.schedules):
+            self._captured[i] = output
+
+    # -- the merge step --------------------------------------------------------------------------------
+    def _merge(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        st: UnitState = self.state.vision
+        r = [s[i] for s in st.schedules]
+        if not any(r):
+            return x
+        m = self.unit
+        with self.timer.span("method"):
+            if x.shape[0] != m * st.pos.numel():
+                raise RuntimeError(f"prunebench: block {i} got {x.shape[0]} rows for {st.pos.numel()} merge units")
+            importance = self._importance(i, x, r)
+            counts = torch.bincount(st.part, minlength=len(r)).tolist()
+            pieces, kept, sizes, start = [], [], [], 0
+            for p, n in enumerate(counts):
+                rows = x[start * m : (start + n) * m]
+                size = st.size[start : start + n]
+                if r[p] == 0:
+                    pieces.append(rows)
+                    kept.append(torch.arange(start, start + n, device=st.pos.device))
+                    sizes.append(size)
+                else:
+                    units = rows.view(n, m, -1)
+                    imp = None if importance is None else importance[start * m : (start + n) * m].view(n, m).mean(1)
+                    out = self.method.spec.merge(
+                        units.float().mean(1)[None], size[None], st.pos[start : start + n][None],
+                        None if imp is None else imp[None], r[p], protect=None, **self.merge_params)
+                    merged = out.merged[0]
+                    pieces.append(merge_units(units, size, out.old_to_new[0], merged).flatten(0, 1))
+                    kept.append(start + (~merged).nonzero()[:, 0])
+                    sizes.append(out.size[0].to(size.dtype))
+                start += n
+            keep = torch.cat(kept)
+            st.pos, st.rep, st.part = st.pos[keep], st.rep[keep], st.part[keep]
+            st.full, st.window, st.size = st.full[keep], st.window[keep], torch.cat(sizes)
+            st.substitute = self._substitutions(st)
+        return torch.cat(pieces)
+
+    def _importance(self, i: int, x: torch.Tensor, r: list[int]) -> torch.Tensor | None:
+        """[S] attention each row receives within its attention segment at block i (float32), from the
+        block's own qkv with the rotary embedding it was given; zeros for parts that do not merge here."""
+        qkv = self._captured.pop(i, None)
+        if qkv is None:
+            return None
+        st: UnitState = self.state.vision
+        attn, s = self.blocks[i].attn, x.shape[0]
+        q, k, _ = qkv.reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = st.block["position_embeddings"]
+        q, k = self._rope[i](q, k, cos, sin)
+        out = torch.zeros(s, dtype=torch.float32, device=x.device)
+        cu = st.block["cu_seqlens"].tolist()
+        part = st.part.tolist()
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            if b > a and r[part[a // self.unit]]:
+                out[a:b] = received_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                              attn.scaling)[0]
+        return out
+
+    def _substitutions(self, st: UnitState) -> dict:
+        m = self.unit
+        cos, sin = st.position_embeddings
+        rows = (st.pos[:, None] * m + torch.arange(m, device=st.pos.device)).flatten().to(cos.device)
+
+        def cu_of(segment: torch.Tensor) -> tuple[torch.Tensor, int]:
+            lengths = torch.unique_consecutive(segment, return_counts=True)[1] * m
+            return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), int(lengths.max())
+
+        return {"full": cu_of(st.full), "window": cu_of(st.window), "position_embeddings": (cos[rows], sin[rows])}
+
+    # -- merger output: back to full length, decision to the LLM entry ------------------------------------
+    def _finish(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        st: UnitState = self.state.vision
+        if output.shape[0] != st.pos.numel():
+            raise RuntimeError(f"vision merge left {st.pos.numel()} merge units but the merger gave {output.shape[0]}")
+        full = output.new_zeros(st.n_total, *output.shape[1:])
+        full[st.pos.to(output.device)] = output
+        self.state.visual_sizes = list(st.n_units)
+        self.state.visual_keep = [st.rep[st.part == p].sort().values for p in range(len(st.n_units))]
+        self.state.clamped |= st.clamped
+        return full
