@@ -36,6 +36,8 @@ METHODS.add(
             "Qwen2.5-VL/Qwen2-VL: merges whole 2x2 merge units (4 ViT rows, one LLM token); unit feature = "
             "mean of its rows, importance = mean attention its rows receive per attention segment (window or "
             "image); budget and schedule per image / video slice over all ViT blocks (stages/vision_qwen.py)",
+            "InternVL3: merges whole pixel-shuffle groups (2x2 patches, one LLM token) inside InternViT, per tile "
+            "(stages/vision_internvl.py); "
             "LLaVA-NeXT: per view (base image and crops), round(keep*576) before unpadding; LLaVA-OneVision/Video "
             "videos: per frame, round(keep*pooled count), merges replace HF's bilinear pooling",
         ),

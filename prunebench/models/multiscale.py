@@ -10,8 +10,9 @@
   tokens per image, `get_video_features` [videos, frames x pooled + 1 newline, D]. Those packed
   tokens are the pre-LLM seam (a per-instance wrapper of the two methods); the budget is global
   per image and per frame for videos; newline tokens are always kept and not part of the budget.
-Vision-stage merges: LLaVA-NeXT images (`_next_image_hand_on`) and LLaVA-OneVision / LLaVA-Video
-videos (`_onevision_video_hand_on`); InternVL3 and OneVision images refuse them with a message.
+Vision-stage merges: InternVL3 tiles on whole pixel-shuffle groups (`stages/vision_internvl.py`),
+LLaVA-NeXT images (`_next_image_hand_on`) and LLaVA-OneVision / LLaVA-Video videos
+(`_onevision_video_hand_on`); OneVision images refuse them with a message.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _square_grids(args: tuple, kwargs: dict, tokens: list[torch.Tensor]) -> list
 
 
 def internvl_seams(model: nn.Module) -> Seams:
+    from prunebench.stages.vision_internvl import InternVLVisionMerge
+
     cfg, inner = model.config, model.model
     return Seams(
         family="internvl",
@@ -51,6 +54,7 @@ def internvl_seams(model: nn.Module) -> Seams:
         language_model=inner.language_model,
         decoder_layers=list(inner.language_model.layers),
         apply_rope=apply_rope,
+        vision_driver=InternVLVisionMerge,
     )
 
 
