@@ -40,6 +40,7 @@ def test_unknown_group_choice_names_valid_ones():
         (["model=llava15", "model.weights=random", "model.arch=nope", "baseline=false"],
          "no shipped architecture 'nope'"),
         (["device=tpu"], "device must be one of"),
+        (["method=fastv", "method.params.layer=99"], "fastv: layer must be in 1..3"),
     ],
 )
 def test_user_mistakes_are_one_line(args, message, tmp_path):

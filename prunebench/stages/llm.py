@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from prunebench.errors import UserError
 from prunebench.methods.base import Positions, ResolvedMethod, SelectContext, n_keep_for
 from prunebench.models.base import Seams
 from prunebench.stages.attention import last_query_attention
@@ -125,7 +126,8 @@ class IntraLLM:
         self.k = int(method.params["layer"])
         n_layers = len(seams.decoder_layers)
         if not 1 <= self.k < n_layers:
-            raise ValueError(f"intra-LLM layer must be in [1, {n_layers - 1}] for this model, got {self.k}")
+            raise UserError(f"{method.name}: layer must be in 1..{n_layers - 1} for this model "
+                            f"({n_layers} decoder layers), got {self.k}")
 
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
         layers = self.seams.decoder_layers
