@@ -20,7 +20,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -260,16 +262,22 @@ def llava15_reference_config(variant: str) -> LlavaConfig:
     )
 
 
-def write_reference_configs(arch_dir: str | Path = ARCH_DIR) -> list[Path]:
-    """(Re)write ``arch/llava-1.5-{7b,13b}.json`` from :func:`llava15_reference_config`."""
+def write_configs(configs: dict[str, Callable[[], Any]], arch_dir: str | Path = ARCH_DIR) -> list[Path]:
+    """(Re)write ``arch_dir/<name>.json`` from each ``name -> () -> config`` (shipped for weights=random)."""
     arch_dir = Path(arch_dir)
     arch_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for variant in _LLAVA15_TEXT:
-        path = arch_dir / f"llava-1.5-{variant}.json"
-        path.write_text(llava15_reference_config(variant).to_json_string(), encoding="utf-8")
+    for name, make in configs.items():
+        path = arch_dir / f"{name}.json"
+        path.write_text(make().to_json_string(), encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def write_reference_configs(arch_dir: str | Path = ARCH_DIR) -> list[Path]:
+    """(Re)write ``arch/llava-1.5-{7b,13b}.json`` from :func:`llava15_reference_config`."""
+    return write_configs({f"llava-1.5-{v}": (lambda v=v: llava15_reference_config(v)) for v in _LLAVA15_TEXT},
+                         arch_dir)
 
 
 # ---------------------------------------------------------------------------------------- saving
@@ -364,8 +372,9 @@ def build_tiny_llava(
     return path
 
 
-def ensure_tiny_llava(path: str | Path, **kwargs) -> Path:
-    """Build the tiny LLaVA at ``path`` unless ``path/config.json`` exists; atomic via temp dir + rename."""
+def ensure_built(path: str | Path, build: Callable[..., Path], **kwargs: Any) -> Path:
+    """Run ``build(tmp, **kwargs)`` unless ``path/config.json`` exists; atomic via temp dir + rename,
+    so an interrupted build never leaves a half-written checkpoint."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
@@ -374,7 +383,7 @@ def ensure_tiny_llava(path: str | Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
     try:
-        build_tiny_llava(tmp, **kwargs)
+        build(tmp, **kwargs)
         tmp.chmod(0o755)  # mkdtemp creates 0700
         if path.exists():
             path.rmdir()  # empty directory: rename() cannot replace it portably
@@ -385,3 +394,8 @@ def ensure_tiny_llava(path: str | Path, **kwargs) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def ensure_tiny_llava(path: str | Path, **kwargs: Any) -> Path:
+    """Build the tiny LLaVA at ``path`` unless ``path/config.json`` exists (see `ensure_built`)."""
+    return ensure_built(path, build_tiny_llava, **kwargs)

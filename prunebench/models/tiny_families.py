@@ -90,13 +90,20 @@ from transformers.video_utils import (
     make_batched_videos,
 )
 
-from prunebench.models.tiny import ARCH_DIR, LLAVA_15_CHAT_TEMPLATE, _save, build_tokenizer, llava15_prompt
+from prunebench.models.tiny import (
+    ARCH_DIR,
+    LLAVA_15_CHAT_TEMPLATE,
+    _save,
+    build_tokenizer,
+    ensure_built,
+    llava15_prompt,
+    write_configs,
+)
 from prunebench.models.tiny_qwen import (
     ENDOFTEXT,
     IM_END,
     build_qwen_model,
     build_qwen_tokenizer,
-    ensure_built,
 )
 
 IM_START = "<|im_start|>"
@@ -616,14 +623,7 @@ def family_reference_config(name: str) -> PretrainedConfig:
 
 def write_family_reference_configs(arch_dir: str | Path = ARCH_DIR) -> list[Path]:
     """(Re)write ``arch/<name>.json`` for every :data:`FAMILY_REFERENCE` entry."""
-    arch_dir = Path(arch_dir)
-    arch_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in FAMILY_REFERENCE:
-        path = arch_dir / f"{name}.json"
-        path.write_text(family_reference_config(name).to_json_string(), encoding="utf-8")
-        paths.append(path)
-    return paths
+    return write_configs({name: (lambda n=name: family_reference_config(n)) for name in FAMILY_REFERENCE}, arch_dir)
 
 
 # ---------------------------------------------------------------------------------------- tiny models

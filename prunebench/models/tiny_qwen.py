@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +55,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from prunebench.models.tiny import ARCH_DIR, _save, build_tokenizer
+from prunebench.models.tiny import ARCH_DIR, _save, build_tokenizer, ensure_built, write_configs
 
 # The Qwen2-VL added tokens, in Qwen's id order (151643 ... 151656 in the real vocabulary).
 QWEN_SPECIAL_TOKENS = (
@@ -415,14 +412,7 @@ def qwen_reference_config(name: str) -> PretrainedConfig:
 
 def write_qwen_reference_configs(arch_dir: str | Path = ARCH_DIR) -> list[Path]:
     """(Re)write ``arch/{qwen2.5-vl-3b,qwen2.5-vl-7b,qwen2-vl-7b}.json`` from :func:`qwen_reference_config`."""
-    arch_dir = Path(arch_dir)
-    arch_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in QWEN_REFERENCE:
-        path = arch_dir / f"{name}.json"
-        path.write_text(qwen_reference_config(name).to_json_string(), encoding="utf-8")
-        paths.append(path)
-    return paths
+    return write_configs({name: (lambda n=name: qwen_reference_config(n)) for name in QWEN_REFERENCE}, arch_dir)
 
 
 # ---------------------------------------------------------------------------------------- saving
@@ -584,32 +574,6 @@ def build_tiny_qwen2_vl(
     return _build(
         "qwen2_vl", path, seed, image_size, sizes, dict(min_tokens=min_tokens, max_tokens=max_tokens)
     )
-
-
-def ensure_built(path: str | Path, build: Callable[..., Path], **kwargs: Any) -> Path:
-    """Run ``build(tmp, **kwargs)`` unless ``path/config.json`` exists; atomic via temp dir + rename.
-
-    Generic form of :func:`prunebench.models.tiny.ensure_tiny_llava` (which is hard-wired to the LLaVA builder).
-    """
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists, is not empty and has no config.json; refusing to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
-    try:
-        build(tmp, **kwargs)
-        tmp.chmod(0o755)  # mkdtemp creates 0700
-        if path.exists():
-            path.rmdir()  # empty directory: rename() cannot replace it portably
-        os.rename(tmp, path)
-    except OSError:
-        if not (path / "config.json").is_file():  # lost a race to a concurrent builder: fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def ensure_tiny_qwen2_5_vl(path: str | Path, **kwargs: Any) -> Path:

@@ -149,8 +149,8 @@ class VisionMerge:
             captured: dict[str, torch.Tensor] = {}
             if "received_attention" in self.method.spec.needs:
                 handles += [
-                    layer.self_attn.q_proj.register_forward_hook(_store(captured, "q")),
-                    layer.self_attn.k_proj.register_forward_hook(_store(captured, "k")),
+                    layer.self_attn.q_proj.register_forward_hook(capture_output(captured, "q")),
+                    layer.self_attn.k_proj.register_forward_hook(capture_output(captured, "k")),
                 ]
             step = _MergeStep(self, layer, r, captured)
             if self.merge_point == "layer":  # between layers: on the layer's output, after its MLP
@@ -215,7 +215,8 @@ class _MergeStep:
         return received_attention(q, k, attn.scale)
 
 
-def _store(captured: dict[str, torch.Tensor], name: str):
+def capture_output(captured: dict[str, torch.Tensor], name: str):
+    """A forward hook keeping a module's output under `name` (q/k projections for attention rows)."""
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         captured[name] = output
 

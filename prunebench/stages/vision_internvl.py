@@ -24,6 +24,7 @@ from prunebench.methods.base import ResolvedMethod, n_keep_for
 from prunebench.models.base import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
+from prunebench.stages.vision import capture_output
 from prunebench.stages.vision_qwen import merge_units
 from prunebench.timing import Timer
 
@@ -97,8 +98,8 @@ class InternVLVisionMerge:
             if r == 0:
                 continue
             captured: dict[str, torch.Tensor] = {}
-            handles += [layer.attention.q_norm.register_forward_hook(_store(captured, "q")),
-                        layer.attention.k_norm.register_forward_hook(_store(captured, "k"))]
+            handles += [layer.attention.q_norm.register_forward_hook(capture_output(captured, "q")),
+                        layer.attention.k_norm.register_forward_hook(capture_output(captured, "k"))]
             self._swapped.append((layer, type(layer)))
             layer.__class__ = _merging_class(type(layer))
             layer._pb_merge = _Step(self, layer, r, captured)
@@ -153,9 +154,3 @@ class _Step:
             owner.size = out.size
             return torch.cat([x[:, :1], torch.stack(kept).flatten(1, 2)], dim=1)
 
-
-def _store(captured: dict[str, torch.Tensor], name: str):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        captured[name] = output
-
-    return hook
