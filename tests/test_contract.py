@@ -20,10 +20,25 @@ PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage is not Stage.NONE]
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
 
 
+# Families whose visual tokens reach the LLM as one image's h x w grid (tiny setup): LLaVA-1.5 only.
+# NeXT / OneVision pack base + tiles + newlines, Qwen and InternVL are dynamic-resolution.
+INTRA_GRID_FAMILIES = {"llava"}
+
+
+def needs_intra_grid(name: str) -> bool:
+    spec = METHODS.get(name)
+    return spec.stage is Stage.INTRA_LLM and "grid" in spec.needs
+
+
 def supported(fam, name: str) -> bool:
     """Vision-stage merges need an encoder seam (a merging layer class, or a family-specific vision
-    driver such as Qwen's 2x2-unit merges); families without one refuse them clearly."""
+    driver such as Qwen's 2x2-unit merges); intra-LLM grid methods need the visual tokens to form
+    one grid inside the LLM; families without these refuse the method clearly."""
     seams = fam.seams
+    if needs_intra_grid(name):
+        return fam.family in INTRA_GRID_FAMILIES
+    if "grid" in METHODS.get(name).needs:  # pre-LLM: per-image grids, but not packed tokens
+        return seams.always_keep is None
     return (METHODS.get(name).stage is not Stage.VISION or seams.merge_layer_class is not None
             or seams.vision_driver is not None)
 
@@ -34,7 +49,8 @@ def require(fam, name: str) -> None:
         # budgets, tested with their own expectations
         pytest.skip(f"vision-stage merges on {fam.family}: contract in tests/test_video.py, test_vision_next.py")
     if not supported(fam, name):
-        with pytest.raises(UserError, match=f"not supported on the {fam.seams.family} family"):
+        why = "needs the visual tokens to form a grid: " if "grid" in METHODS.get(name).needs else ""
+        with pytest.raises(UserError, match=f"{why}not supported on the {fam.seams.family} family"):
             with install(fam.seams, resolve_method(name), keep=0.5, seed=0):
                 pass
         pytest.skip(f"{name} is refused on {fam.family} (checked)")
@@ -200,8 +216,10 @@ def _uncached_greedy(model, inputs, steps: int, inst) -> tuple[torch.Tensor, tor
 
 
 # Methods whose decision does not depend on the generated suffix (so a full recompute of the
-# longer sequence makes the same decision), under both position policies.
-SUFFIX_FREE = [(n, p) for n in PRUNING if "last_query_attention" not in METHODS.get(n).needs
+# longer sequence makes the same decision), under both position policies. Signals read at the last
+# token depend on it; the last VISUAL token's causal row (FastV_VIS) does not, so it stays in.
+SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden"}
+SUFFIX_FREE = [(n, p) for n in PRUNING if SUFFIX_SIGNALS.isdisjoint(METHODS.get(n).needs)
                for p in ("original", "contiguous")]
 
 

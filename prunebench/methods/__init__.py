@@ -6,7 +6,19 @@ Adding a method: write one module here with a pure tensor function decorated by
 
 from __future__ import annotations
 
-from prunebench.methods import divprune, evoprune, fastv, random, vanilla  # noqa: F401  (registration)
+from prunebench.methods import (  # noqa: F401  (registration)
+    divprune,
+    evoprune,
+    fastv,
+    fastv_alpha,
+    fastv_reverse,
+    fastv_vis,
+    fastv_window,
+    pooling_intra,
+    pooling_pre,
+    random,
+    vanilla,
+)
 from prunebench.methods.base import (
     METHODS,
     MethodSpec,

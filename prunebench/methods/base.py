@@ -5,7 +5,8 @@ hand it the visual tokens at its stage and the signals it asked for, and apply i
 
 Two kinds:
 - *select* methods (pre-LLM, intra-LLM): ``fn(ctx, **params) -> LongTensor[B, k]``, the kept
-  visual-token indices, sorted ascending;
+  visual-token indices, sorted ascending; a pre-LLM method may instead return a `Selection`
+  (indices plus new token values, e.g. pooled);
 - *merge* methods (inside the vision encoder): a per-layer merge schedule plus a merge step
   applied between a layer's self-attention and its MLP (EvoPrune, ToMe-style).
 """
@@ -44,6 +45,10 @@ SIGNALS = {
     "restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
     "received_attention": "[B, T] mean attention each vision token receives at the current encoder layer "
     "(recomputed from that layer's q/k)",
+    "last_visual_query_attention": "[B, N] head-mean softmax row of the last visual token at LLM layer K-1 "
+    "(causal: keys up to it), restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
+    "last_token_hidden": "[B, D] hidden state of the last prompt token entering LLM layer K",
+    "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 
 
@@ -64,6 +69,16 @@ class SelectContext:
     grid: tuple[int, int] | None
     generator: torch.Generator
     signals: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a select method returns when it also changes the kept tokens (pooling, merging):
+    index [B, k] sorted (where each output token sits among the N inputs: its representative) and
+    tokens [B, k, D] (the new values). A plain select method returns just the index tensor."""
+
+    index: torch.Tensor
+    tokens: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,35 @@ def last_query_attention(
     return query_rows_attention(q, k, scale, key_mask)[:, 0]
 
 
+def position_query_attention(
+    q_proj_out: torch.Tensor,
+    k_proj_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    query: torch.Tensor,
+    *,
+    head_dim: int,
+    scale: float,
+    apply_rope: RopeFn,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-mean causal attention row of the token at position query[b] of each row: [B, L].
+
+    As `last_query_attention`, for any query position (FastV_VIS: the last visual token); keys after
+    the query are masked as the causal mask does, so entries past query[b] are 0. query: [B] long.
+    """
+    b, length, _ = q_proj_out.shape
+    at = query.to(q_proj_out.device).view(b, 1, 1)
+    q = q_proj_out.gather(1, at.expand(b, 1, q_proj_out.shape[-1])).view(b, 1, -1, head_dim).transpose(1, 2)
+    d = cos.shape[-1]
+    q = apply_rope(q, cos.expand(b, -1, -1).gather(1, at.expand(b, 1, d)),
+                   sin.expand(b, -1, -1).gather(1, at.expand(b, 1, d)))
+    k = apply_rope(k_proj_out.view(b, length, -1, head_dim).transpose(1, 2), cos, sin)
+    causal = torch.arange(length, device=q.device)[None] <= at.view(b, 1)  # [B, L]
+    key_mask = causal if key_mask is None else causal & key_mask
+    return query_rows_attention(q, k, scale, key_mask)[:, 0]
+
+
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
     """Mean attention each token RECEIVES: [B, H, T, d] q, k -> [B, T] float32.
 

@@ -16,11 +16,14 @@ import torch
 from prunebench.errors import UserError
 from prunebench.methods.base import Positions, ResolvedMethod, SelectContext, n_keep_for
 from prunebench.models.base import Seams
-from prunebench.stages.attention import last_query_attention
+from prunebench.stages.attention import last_query_attention, position_query_attention
 from prunebench.stages.state import CallState, Compaction, TokenCounts, renumber, rows_of
 from prunebench.timing import Timer
 
 Kwargs = dict[str, Any]
+
+# Signals recomputed from layer K-1's captured q/k (and rotary embeddings).
+ATTENTION_SIGNALS = frozenset({"last_query_attention", "last_visual_query_attention"})
 
 
 def capture_image_positions(seams: Seams, state: CallState):
@@ -80,11 +83,12 @@ def _compact_entry(
         raise RuntimeError(f"prunebench: {flat.numel()} visual placeholders but the visual seam gave {sum(sizes)}")
     kept = [rows[k.to(rows.device)] for rows, k in zip(flat.split(sizes), state.visual_keep, strict=True)]
     keep.view(-1)[torch.cat(kept)] = True
+    embeds = _with_new_values(embeds, kept, state.visual_values)
     index = rows_of(keep)
     n_out = int(keep[0].sum() - (~state.image_mask[0]).sum())
     state.counts = TokenCounts(int(state.image_mask[0].sum()), n_out, float(n_out), state.clamped, state.fixed)
     state.clamped, state.fixed = False, 0
-    state.visual_sizes = None
+    state.visual_sizes = state.visual_values = None
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = torch.arange(length, device=embeds.device).expand(b, length)
@@ -99,6 +103,17 @@ def _compact_entry(
         kwargs["attention_mask"] = mask2d.gather(1, index)
     state.attention_mask_2d = kwargs.get("attention_mask")
     return kwargs
+
+
+def _with_new_values(embeds: torch.Tensor, kept: list[torch.Tensor], values: list | None) -> torch.Tensor:
+    """Write the new values of pooled / merged visual tokens at their kept rows (flat [B*L] rows)."""
+    if not values or all(v is None for v in values):
+        return embeds
+    flat = embeds.reshape(-1, embeds.shape[-1]).clone()
+    for rows, new in zip(kept, values, strict=True):
+        if new is not None:
+            flat[rows] = new.to(flat)
+    return flat.view_as(embeds)
 
 
 def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2d: torch.Tensor | None) -> Kwargs:
@@ -124,6 +139,11 @@ class IntraLLM:
         self.seams, self.method, self.keep, self.positions, self.state = seams, method, keep, positions, state
         self.timer, self.generator = timer, generator
         self.k = int(method.params["layer"])
+        if "grid" in method.spec.needs and (seams.vision_grid is None or seams.always_keep is not None):
+            # packed any-resolution tokens (LLaVA-NeXT / OneVision: base + tiles + newlines) or dynamic
+            # resolution (Qwen, InternVL tiles) have no single h x w layout inside the LLM
+            raise UserError(f"{method.name} needs the visual tokens to form a grid: not supported on the "
+                            f"{seams.family} family (its visual tokens reach the LLM packed or at dynamic resolution)")
         n_layers = len(seams.decoder_layers)
         if not 1 <= self.k < n_layers:
             raise UserError(f"{method.name}: layer must be in 1..{n_layers - 1} for this model "
@@ -134,7 +154,7 @@ class IntraLLM:
         handles = [layers[self.k].register_forward_pre_hook(self._at_k, with_kwargs=True)]
         for layer in layers[self.k + 1 :]:
             handles.append(layer.register_forward_pre_hook(self._after_k, with_kwargs=True))
-        if "last_query_attention" in self.method.spec.needs:
+        if not ATTENTION_SIGNALS.isdisjoint(self.method.spec.needs):
             handles += self._register_capture(layers[self.k - 1])
         return handles
 
@@ -160,18 +180,26 @@ class IntraLLM:
             attn.k_proj.register_forward_hook(keep_output("k")),
         ]
 
-    def _signals(self, image_rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        if "last_query_attention" not in self.method.spec.needs:
-            return {}
+    def _signals(self, image_rows: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The signals the method needs; image_rows [B, N], hidden [B, L, D] entering layer K."""
+        needs, out = self.method.spec.needs, {}
+        if "last_token_hidden" in needs:
+            out["last_token_hidden"] = hidden[:, -1]
+        if ATTENTION_SIGNALS.isdisjoint(needs):
+            return out
         caps, attn = self.state.captures, self.seams.decoder_layers[self.k - 1].self_attn
         cos, sin = caps["rope"]
         mask = self.state.attention_mask_2d
-        row = last_query_attention(
-            caps["q"], caps["k"], cos, sin, head_dim=attn.head_dim, scale=attn.scaling,
-            apply_rope=self.seams.apply_rope, key_mask=None if mask is None else mask.bool(),
-        )
+        common = dict(head_dim=attn.head_dim, scale=attn.scaling, apply_rope=self.seams.apply_rope,
+                      key_mask=None if mask is None else mask.bool())
+        if "last_query_attention" in needs:
+            row = last_query_attention(caps["q"], caps["k"], cos, sin, **common)
+            out["last_query_attention"] = row.gather(1, image_rows)
+        if "last_visual_query_attention" in needs:  # FastV_VIS: the row of the last visual token
+            row = position_query_attention(caps["q"], caps["k"], cos, sin, image_rows[:, -1], **common)
+            out["last_visual_query_attention"] = row.gather(1, image_rows)
         caps.clear()
-        return {"last_query_attention": row.gather(1, image_rows)}
+        return out
 
     # -- hooks ---------------------------------------------------------------------------
     def _at_k(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
@@ -187,7 +215,7 @@ class IntraLLM:
             ctx = SelectContext(
                 tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
                 n_keep=n_keep, grid=self._grid(n_in), generator=self.generator,
-                signals=self._signals(image_rows),
+                signals=self._signals(image_rows, hidden),
             )
             keep_visual = self.method.spec.fn(ctx, **self.method.params)
             compaction = self._compaction(hidden, kwargs, image_rows.gather(1, keep_visual.to(image_rows.device)))

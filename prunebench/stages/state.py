@@ -50,6 +50,7 @@ class CallState:
     attention_mask_2d: torch.Tensor | None = None  # [B, L] padding mask after entry compaction
     visual_sizes: list[int] | None = None  # tokens per image, in scatter order (from the visual seam)
     visual_keep: list[torch.Tensor] | None = None  # per image: kept indices, pending from vision / pre-LLM
+    visual_values: list[torch.Tensor | None] | None = None  # per image: new values of the kept tokens, or None
     clamped: bool = False
     fixed: int = 0  # tokens the visual seam keeps outside the budget, this prompt
     entry: Compaction | None = None

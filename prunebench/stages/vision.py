@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.base import ResolvedMethod, SelectContext, n_keep_for
+from prunebench.methods.base import ResolvedMethod, SelectContext, Selection, n_keep_for
 from prunebench.models.base import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
@@ -39,6 +39,9 @@ class PreLLMSelect:
 
     def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, state: CallState, timer: Timer,
                  generator: torch.Generator) -> None:
+        if "grid" in method.spec.needs and seams.always_keep is not None:
+            raise UserError(f"{method.name} needs the visual tokens to form a grid: not supported on the "
+                            f"{seams.family} family (it packs them with newline tokens)")
         self.seams, self.method, self.keep, self.state = seams, method, keep, state
         self.timer, self.generator = timer, generator
 
@@ -51,30 +54,42 @@ class PreLLMSelect:
     def _hook(self, module: object, args: tuple, kwargs: dict, output: object, split: object = None) -> None:
         tokens = (split or self.seams.split_visual)(args, kwargs, output)
         grids = self.seams.visual_grids(args, kwargs, tokens)
-        keeps = []
+        keeps, values = [], []
         with self.timer.span("method"):
             for x, grid in zip(tokens, grids, strict=True):
-                keeps.append(self._select(x, grid))
+                kept, new = self._select(x, grid)
+                keeps.append(kept)
+                values.append(new)
         self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
         self.state.visual_keep = (self.state.visual_keep or []) + keeps
+        self.state.visual_values = (self.state.visual_values or []) + values
 
-    def _select(self, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
-        """[N, D] -> sorted indices of the kept rows."""
+    def _select(self, x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, D] -> (sorted indices of the kept rows, their new values or None)."""
+        if "grid" in self.method.spec.needs and grid is None:
+            raise ValueError(f"{self.method.name} needs the visual tokens of an image to form a grid")
         fixed = self.seams.always_keep(x) if self.seams.always_keep else None
         candidates = torch.arange(x.shape[0], device=x.device)
         if fixed is not None:
             candidates = candidates[~fixed]
             if candidates.numel() == 0:  # e.g. a video's closing newline, reported on its own
                 self.state.fixed += int(fixed.sum())
-                return fixed.nonzero()[:, 0]
+                return fixed.nonzero()[:, 0], None
         n_keep, clamped = n_keep_for(self.keep, candidates.numel())
         self.state.clamped |= clamped
         ctx = SelectContext(tokens=x[candidates][None], n_keep=n_keep, grid=grid, generator=self.generator)
-        kept = candidates[self.method.spec.fn(ctx, **self.method.params)[0].to(x.device)]
+        out = self.method.spec.fn(ctx, **self.method.params)
+        index, new = (out.index, out.tokens) if isinstance(out, Selection) else (out, None)
+        kept = candidates[index[0].to(x.device)]
+        if new is not None:
+            new = new[0]
         if fixed is not None:
-            kept = torch.cat([kept, fixed.nonzero()[:, 0]]).sort().values
+            order = torch.cat([kept, fixed.nonzero()[:, 0]]).sort()
+            kept = order.values
+            if new is not None:
+                new = torch.cat([new, x[fixed]])[order.indices]
             self.state.fixed += int(fixed.sum())
-        return kept
+        return kept, new
 
 
 class MethodWrap:
