@@ -84,3 +84,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos) + (rotated * sin)
+
+
+_MERGING: dict[tuple[type, Callable[..., Any]], type] = {}
+
+
+def merging_subclass(base: type[nn.Module], forward: Callable[..., Any]) -> type[nn.Module]:
+    """A cached subclass of an encoder layer class whose `forward` adds the merge step (`forward`
+    mirrors the base's line for line and calls `self._pb_merge`). A subclass, so isinstance still
+    holds and transformers' hidden-state capture keeps working after the per-instance class swap."""
+    key = (base, forward)
+    if key not in _MERGING:
+        _MERGING[key] = type(f"Merging{base.__name__}", (base,), {"forward": forward})
+    return _MERGING[key]

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from prunebench.models.base import Seams, apply_rope
+from prunebench.models.base import Seams, apply_rope, merging_subclass
 
 
 def _merging_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -32,15 +32,9 @@ def _merging_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Te
     return hidden_states
 
 
-_MERGING: dict[type, type] = {}
-
-
 def merging_layer_class(base: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of a CLIP/SigLIP encoder layer with the merge step (isinstance still holds, so
-    transformers' hidden-state capture keeps working after the per-instance class swap)."""
-    if base not in _MERGING:
-        _MERGING[base] = type(f"Merging{base.__name__}", (base,), {"forward": _merging_forward})
-    return _MERGING[base]
+    """CLIP/SigLIP encoder layer class with the merge step between attention and MLP."""
+    return merging_subclass(base, _merging_forward)
 
 
 MergingCLIPEncoderLayer = merging_layer_class(CLIPEncoderLayer)

@@ -125,6 +125,25 @@ class AttrOverride(MethodWrap):
         setattr(owner, name, value)
 
 
+class ClassSwaps:
+    """Per-instance class swaps of encoder layers to their merging subclass (ToMe-style), with the
+    merge step attached as `layer._pb_merge`; `restore()` puts every class back."""
+
+    def __init__(self) -> None:
+        self._swapped: list[tuple[torch.nn.Module, type]] = []
+
+    def swap(self, layer: torch.nn.Module, cls: type, step: object) -> None:
+        self._swapped.append((layer, type(layer)))
+        layer.__class__ = cls
+        layer._pb_merge = step
+
+    def restore(self) -> None:
+        for layer, cls in self._swapped:
+            layer.__class__ = cls
+            del layer._pb_merge
+        self._swapped.clear()
+
+
 class VisionMerge:
     """A merge method applied inside encoder layers, between attention and MLP (EvoPrune Alg. 1)."""
 
@@ -149,7 +168,7 @@ class VisionMerge:
             )
         except ValueError as err:  # e.g. more merges asked than this encoder's layers can make
             raise UserError(f"{method.name}: {err}") from None
-        self._swapped: list[tuple[torch.nn.Module, type]] = []
+        self.swaps = ClassSwaps()
 
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
         s = self.seams
@@ -172,16 +191,11 @@ class VisionMerge:
                 # prepend: run before transformers' own hooks that record hidden_states
                 handles.append(layer.register_forward_hook(lambda m, a, out, step=step: step(out), prepend=True))
                 continue
-            self._swapped.append((layer, type(layer)))  # inside the layer, between attention and MLP
-            layer.__class__ = s.merge_layer_class
-            layer._pb_merge = step
+            self.swaps.swap(layer, s.merge_layer_class, step)  # inside the layer, between attention and MLP
         return handles
 
     def restore(self) -> None:
-        for layer, cls in self._swapped:
-            layer.__class__ = cls
-            del layer._pb_merge
-        self._swapped.clear()
+        self.swaps.restore()
 
     def _start(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         pixels = kwargs.get("pixel_values", args[0] if args else None)

@@ -21,10 +21,10 @@ from torch import nn
 
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, n_keep_for
-from prunebench.models.base import Seams
+from prunebench.models.base import Seams, merging_subclass
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
-from prunebench.stages.vision import capture_output
+from prunebench.stages.vision import ClassSwaps, capture_output
 from prunebench.stages.vision_qwen import merge_units
 from prunebench.timing import Timer
 
@@ -43,15 +43,6 @@ def _merging_layer_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         layer_output = self.lambda_2 * layer_output
     layer_output = layer_output + hidden_states
     return layer_output
-
-
-_MERGING: dict[type, type] = {}
-
-
-def _merging_class(base: type[nn.Module]) -> type[nn.Module]:
-    if base not in _MERGING:
-        _MERGING[base] = type(f"Merging{base.__name__}", (base,), {"forward": _merging_layer_forward})
-    return _MERGING[base]
 
 
 def shuffle_groups(inner: nn.Module, side: int) -> torch.Tensor:
@@ -84,7 +75,7 @@ class InternVLVisionMerge:
         except ValueError as err:
             raise UserError(f"{method.name}: {err}") from None
         self.params = {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point")}
-        self._swapped: list[tuple[nn.Module, type]] = []
+        self.swaps = ClassSwaps()
         self.units: torch.Tensor | None = None  # [B, U'] unit ids still in the sequence, sequence order
         self.size: torch.Tensor | None = None  # [B, U'] ToMe sizes, in units
 
@@ -100,16 +91,12 @@ class InternVLVisionMerge:
             captured: dict[str, torch.Tensor] = {}
             handles += [layer.attention.q_norm.register_forward_hook(capture_output(captured, "q")),
                         layer.attention.k_norm.register_forward_hook(capture_output(captured, "k"))]
-            self._swapped.append((layer, type(layer)))
-            layer.__class__ = _merging_class(type(layer))
-            layer._pb_merge = _Step(self, layer, r, captured)
+            merging = merging_subclass(type(layer), _merging_layer_forward)
+            self.swaps.swap(layer, merging, _Step(self, layer, r, captured))
         return handles
 
     def restore(self) -> None:
-        for layer, cls in self._swapped:
-            layer.__class__ = cls
-            del layer._pb_merge
-        self._swapped.clear()
+        self.swaps.restore()
 
     def _reorder(self, module: nn.Module, args: tuple) -> tuple:
         """[B, 1 + N, D] raster -> [CLS] + unit-major rows."""

@@ -51,9 +51,10 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_i
 
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, n_keep_for
-from prunebench.models.base import Seams
+from prunebench.models.base import Seams, merging_subclass
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
+from prunebench.stages.vision import ClassSwaps
 from prunebench.timing import Timer
 
 
@@ -73,15 +74,9 @@ def _merging_block_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.
     return hidden_states
 
 
-_MERGING: dict[type, type] = {}
-
-
 def merging_block_class(base: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of a Qwen vision block with the merge step (isinstance still holds, so transformers'
-    hidden-state capture keeps working after the per-instance class swap)."""
-    if base not in _MERGING:
-        _MERGING[base] = type(f"Merging{base.__name__}", (base,), {"forward": _merging_block_forward})
-    return _MERGING[base]
+    """Qwen vision block class with the merge step between attention and MLP."""
+    return merging_subclass(base, _merging_block_forward)
 
 
 def merge_units(units: torch.Tensor, size: torch.Tensor, old_to_new: torch.Tensor,
@@ -148,7 +143,7 @@ class QwenVisionMerge:
         self.active = keep < 1.0  # keep=1.0 merges nothing anywhere: install nothing
         self.schedule: list[int] = [0] * len(self.blocks)
         self._captured: dict[int, torch.Tensor] = {}
-        self._swapped: list[tuple[nn.Module, type]] = []
+        self.swaps = ClassSwaps()
         self._rope = {i: sys.modules[type(b.attn).__module__].apply_rotary_pos_emb_vision
                       for i, b in enumerate(self.blocks)}
 
@@ -167,16 +162,11 @@ class QwenVisionMerge:
             if self.merge_point == "layer":  # on the block's output; before transformers' capture hooks
                 handles.append(block.register_forward_hook(lambda m, a, out, step=step: step(out), prepend=True))
                 continue
-            self._swapped.append((block, type(block)))
-            block.__class__ = merging_block_class(type(block))
-            block._pb_merge = step
+            self.swaps.swap(block, merging_block_class(type(block)), step)
         return handles
 
     def restore(self) -> None:
-        for block, cls in self._swapped:
-            block.__class__ = cls
-            del block._pb_merge
-        self._swapped.clear()
+        self.swaps.restore()
         self._captured.clear()
 
     # -- tower entry: the plan of this call -----------------------------------------------------------
