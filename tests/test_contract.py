@@ -133,7 +133,7 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     fixed = fixed_tokens(fam, inputs) if method.stage is Stage.PRE_LLM else 0
     n_keep, clamped = n_keep_for(keep, n_in - fixed)
     assert n_keep == max(1, round(keep * (n_in - fixed)))
-    n_keep += fixed
+    n_keep = method.spec.kept_count(n_in - fixed, n_keep, method.params) + fixed
     if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(fam, n_in):
         with pytest.raises(UserError, match="at most"):
             with install(fam.seams, method, keep=keep, seed=0):

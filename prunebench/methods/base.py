@@ -93,6 +93,13 @@ class MethodSpec:
     positions: Positions = Positions.CONTIGUOUS
     defaults: Mapping[str, Any] = field(default_factory=dict)
     deviations: tuple[str, ...] = ()
+    # The documented number of visual tokens the method keeps for n_in candidates when the budget
+    # is n_keep = round(keep * n_in), given its hyper-parameters: budget(n_in, n_keep, **params).
+    # None means exactly n_keep. E.g. DART keeps 4 + 8 * ((n_keep - 4) // 8) (image pivots + per-pivot quota).
+    budget: Callable[..., int] | None = None
+
+    def kept_count(self, n_in: int, n_keep: int, params: Mapping[str, Any]) -> int:
+        return n_keep if self.budget is None else int(self.budget(n_in, n_keep, **params))
 
     @property
     def kind(self) -> str:
@@ -113,6 +120,7 @@ def register_method(
     positions: Positions = Positions.CONTIGUOUS,
     defaults: Mapping[str, Any] | None = None,
     deviations: tuple[str, ...] = (),
+    budget: Callable[..., int] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -124,7 +132,7 @@ def register_method(
             name,
             MethodSpec(
                 name=name, stage=stage, source=source, fn=fn, needs=frozenset(needs), positions=positions,
-                defaults=dict(defaults or {}), deviations=deviations,
+                defaults=dict(defaults or {}), deviations=deviations, budget=budget,
             ),
         )
         return fn

@@ -218,6 +218,7 @@ class IntraLLM:
                 signals=self._signals(image_rows, hidden),
             )
             keep_visual = self.method.spec.fn(ctx, **self.method.params)
+            n_keep = keep_visual.shape[1]  # the method's documented count (MethodSpec.budget)
             compaction = self._compaction(hidden, kwargs, image_rows.gather(1, keep_visual.to(image_rows.device)))
         self.state.intra = compaction
         n_layers = len(self.seams.decoder_layers)
