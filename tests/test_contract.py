@@ -217,8 +217,10 @@ def _uncached_greedy(model, inputs, steps: int, inst) -> tuple[torch.Tensor, tor
 
 # Methods whose decision does not depend on the generated suffix (so a full recompute of the
 # longer sequence makes the same decision), under both position policies. Signals read at the last
-# token depend on it; the last VISUAL token's causal row (FastV_VIS) does not, so it stays in.
-SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden"}
+# token depend on it; the last VISUAL token's causal row (FastV_VIS) does not, so it stays in. The
+# prompt's text after the image does too (text-conditioned pre-LLM methods; their deferred selection is
+# checked with a text-blind spy in tests/test_text_conditioned.py).
+SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden", "text_embeddings"}
 SUFFIX_FREE = [(n, p) for n in PRUNING if SUFFIX_SIGNALS.isdisjoint(METHODS.get(n).needs)
                for p in ("original", "contiguous")]
 

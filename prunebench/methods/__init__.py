@@ -7,6 +7,8 @@ Adding a method: write one module here with a pure tensor function decorated by
 from __future__ import annotations
 
 from prunebench.methods import (  # noqa: F401  (registration)
+    adaptive_mi,
+    cdpruner,
     divprune,
     evoprune,
     fastv,

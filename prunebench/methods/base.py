@@ -48,6 +48,9 @@ SIGNALS = {
     "last_visual_query_attention": "[B, N] head-mean softmax row of the last visual token at LLM layer K-1 "
     "(causal: keys up to it), restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
     "last_token_hidden": "[B, D] hidden state of the last prompt token entering LLM layer K",
+    "text_embeddings": "[B, M, D] LLM input embeddings of the prompt's text after the last visual token of the "
+    "image's sequence (the question and the template's assistant prefix; padding excluded; all non-visual tokens "
+    "when none follow the image); pre-LLM only: the selection then runs at the LLM entry, where the text is embedded",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 

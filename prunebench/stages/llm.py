@@ -56,6 +56,9 @@ def llm_entry(state: CallState, positions: Positions):
         if _past_length(kwargs) == 0:
             state.phase = "prefill"
             state.new_prompt()
+            if state.select_at_entry is not None:  # text-conditioned pre-LLM methods select now
+                select, state.select_at_entry = state.select_at_entry, None
+                select(embeds, mask2d)
             if state.visual_keep is None:
                 state.attention_mask_2d = mask2d
                 return None

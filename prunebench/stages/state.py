@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,9 @@ class CallState:
     counts: TokenCounts = field(default_factory=TokenCounts)
     captures: dict[str, Any] = field(default_factory=dict)  # q/k/rope captured for signals
     vision: Any = None  # per-call merge state of the vision stage
+    # A pre-LLM selection deferred to the LLM entry (text-conditioned methods): called there with
+    # (inputs_embeds [B, L, D], 2-D padding mask or None) before the sequence is compacted.
+    select_at_entry: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
 
     def new_prompt(self) -> None:
         self.entry = None

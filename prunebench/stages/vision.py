@@ -18,6 +18,7 @@ from prunebench.methods.base import ResolvedMethod, SelectContext, Selection, n_
 from prunebench.models.base import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
+from prunebench.stages.text import text_embeddings
 from prunebench.timing import Timer
 
 
@@ -44,6 +45,9 @@ class PreLLMSelect:
                             f"{seams.family} family (it packs them with newline tokens)")
         self.seams, self.method, self.keep, self.state = seams, method, keep, state
         self.timer, self.generator = timer, generator
+        # The text is embedded after this seam: text-conditioned methods select at the LLM entry.
+        self.deferred = "text_embeddings" in method.spec.needs
+        self._pending: list[tuple[torch.Tensor, tuple[int, int] | None]] = []
 
     def register(self) -> list:
         if self.seams.visual_fns:
@@ -54,17 +58,40 @@ class PreLLMSelect:
     def _hook(self, module: object, args: tuple, kwargs: dict, output: object, split: object = None) -> None:
         tokens = (split or self.seams.split_visual)(args, kwargs, output)
         grids = self.seams.visual_grids(args, kwargs, tokens)
+        self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
+        if self.deferred:
+            self._pending += list(zip(tokens, grids, strict=True))
+            self.state.select_at_entry = self._select_at_entry
+            return
         keeps, values = [], []
         with self.timer.span("method"):
             for x, grid in zip(tokens, grids, strict=True):
                 kept, new = self._select(x, grid)
                 keeps.append(kept)
                 values.append(new)
-        self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
+        self._hand_on(keeps, values)
+
+    def _hand_on(self, keeps: list[torch.Tensor], values: list[torch.Tensor | None]) -> None:
         self.state.visual_keep = (self.state.visual_keep or []) + keeps
         self.state.visual_values = (self.state.visual_values or []) + values
 
-    def _select(self, x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _select_at_entry(self, embeds: torch.Tensor, mask2d: torch.Tensor | None) -> None:
+        """At the LLM entry: select each pending image's tokens given its prompt's text."""
+        pending, self._pending = self._pending, []
+        image_mask = self.state.image_mask
+        if image_mask is None or image_mask.shape != embeds.shape[:2]:
+            raise RuntimeError("prunebench: image-token positions unknown at the LLM entry (pass input_ids)")
+        keeps, values = [], []
+        with self.timer.span("method"):
+            texts = text_embeddings(embeds, image_mask, mask2d, [x.shape[0] for x, _ in pending])
+            for (x, grid), text in zip(pending, texts, strict=True):
+                kept, new = self._select(x, grid, {"text_embeddings": text.to(x.device)})
+                keeps.append(kept)
+                values.append(new)
+        self._hand_on(keeps, values)
+
+    def _select(self, x: torch.Tensor, grid: tuple[int, int] | None,
+                signals: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[N, D] -> (sorted indices of the kept rows, their new values or None)."""
         if "grid" in self.method.spec.needs and grid is None:
             raise ValueError(f"{self.method.name} needs the visual tokens of an image to form a grid")
@@ -77,7 +104,8 @@ class PreLLMSelect:
                 return fixed.nonzero()[:, 0], None
         n_keep, clamped = n_keep_for(self.keep, candidates.numel())
         self.state.clamped |= clamped
-        ctx = SelectContext(tokens=x[candidates][None], n_keep=n_keep, grid=grid, generator=self.generator)
+        ctx = SelectContext(tokens=x[candidates][None], n_keep=n_keep, grid=grid, generator=self.generator,
+                            signals=signals or {})
         out = self.method.spec.fn(ctx, **self.method.params)
         index, new = (out.index, out.tokens) if isinstance(out, Selection) else (out, None)
         kept = candidates[index[0].to(x.device)]
