@@ -129,6 +129,8 @@ def register_method(
     unknown = set(needs) - set(SIGNALS)
     if unknown:
         raise ValueError(f"method {name} needs unknown signals {sorted(unknown)}")
+    if "text_embeddings" in needs and stage is not Stage.PRE_LLM:  # only the LLM entry provides the text
+        raise ValueError(f"method {name}: the text_embeddings signal is provided to pre-LLM methods only")
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         METHODS.add(

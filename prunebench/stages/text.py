@@ -43,4 +43,6 @@ def text_embeddings(embeds: torch.Tensor, image_mask: torch.Tensor, mask2d: torc
                     sizes: list[int]) -> list[torch.Tensor]:
     """inputs_embeds [B, L, D] -> per visual unit, [1, M, D] embeddings of its prompt's text."""
     rows = text_rows(image_mask, mask2d)
+    if any(r.numel() == 0 for r in rows):
+        raise RuntimeError("prunebench: a text-conditioned method got a prompt with no text tokens")
     return [embeds[b, rows[b]][None] for b in unit_batch_rows(image_mask, sizes)]
