@@ -7,6 +7,7 @@ Adding a method: write one module here with a pure tensor function decorated by
 from __future__ import annotations
 
 from prunebench.methods import (  # noqa: F401  (registration)
+    dart,
     divprune,
     evoprune,
     fastv,
@@ -18,6 +19,7 @@ from prunebench.methods import (  # noqa: F401  (registration)
     pooling_pre,
     random,
     vanilla,
+    vtw,
 )
 from prunebench.methods.base import (
     METHODS,
