@@ -92,6 +92,9 @@ def dart_select(
         "L1 norm scales by the group count, so the ranking is the same)",
         "several images / packed tiles / video frames: all visual tokens of the prompt form one candidate "
         "set (as the official LLaVA-NeXT path), the text pivots come after the last visual token",
+        "LLaVA-NeXT / OneVision: the budget is round(keep*N) of all packed visual tokens, not the official "
+        "fixed retain_token_num_for_llava_next=320; the Qwen2-VL path follows the LLaVA code (same signals "
+        "from the model's own M-RoPE keys)",
     ),
 )
 def dart(ctx: SelectContext, layer: int, pivot_image: int, pivot_text: int) -> torch.Tensor:

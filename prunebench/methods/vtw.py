@@ -50,6 +50,9 @@ def vtw_budget(n_in: int, n_keep: int, **_: object) -> int:
         "method.params.layer (scripts/vtw_findk.py)",
         "the visual rows come from the image-token ids of the prompt (any span, any family), not the "
         "hard-coded [35, 611) of LLaVA-1.5",
+        "an explicit layer ignores keep (the record's notes state the K that ran); K=0 (withdraw before the "
+        "first layer) is allowed, K=L withdraws nothing (no hooks installed)",
+        "batch rows must hold the same number of visual tokens (as every intra-LLM method here)",
     ),
 )
 def vtw(ctx: SelectContext, layer: int | None) -> torch.Tensor:
