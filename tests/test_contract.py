@@ -134,6 +134,12 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     n_keep, clamped = n_keep_for(keep, n_in - fixed)
     assert n_keep == max(1, round(keep * (n_in - fixed)))
     n_keep = method.spec.kept_count(n_in - fixed, n_keep, method.params) + fixed
+    n_layers = len(fam.seams.decoder_layers)
+    k = intra_layer(method, keep, n_layers)
+    if method.spec.layer_for_keep is not None:  # VTW: an operating point, no per-token budget to clamp
+        clamped = False
+        if k == n_layers:  # nothing withdrawn
+            n_keep = n_in
     if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(fam, n_in):
         with pytest.raises(UserError, match="at most"):
             with install(fam.seams, method, keep=keep, seed=0):
@@ -147,13 +153,21 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     assert inst.counts.clamped == clamped
     pruned = full - n_in + n_keep
     if method.stage is Stage.INTRA_LLM:
-        k = method.params["layer"]
         assert lengths == [full] * k + [pruned] * (len(lengths) - k)
-        n_layers = len(lengths)
         assert inst.counts.layer_avg == pytest.approx((k * n_in + (n_layers - k) * n_keep) / n_layers)
     else:
         assert lengths == [pruned] * len(lengths)
     assert tokens.shape[1] == full + GEN["max_new_tokens"]
+
+
+def intra_layer(method, keep: float, n_layers: int) -> int | None:
+    """The layer an intra-LLM method prunes at: its `layer`, or the one its keep maps to (VTW:
+    round-half-up(keep*L), computed here independently of the method's own function)."""
+    if method.stage is not Stage.INTRA_LLM:
+        return None
+    if method.spec.layer_for_keep is None or method.params.get("layer") is not None:
+        return method.params["layer"]
+    return int(keep * n_layers + 0.5)
 
 
 @pytest.mark.parametrize("name", PRUNING)
@@ -218,9 +232,9 @@ def _uncached_greedy(model, inputs, steps: int, inst) -> tuple[torch.Tensor, tor
 # Methods whose decision does not depend on the generated suffix (so a full recompute of the
 # longer sequence makes the same decision), under both position policies. Signals read at the last
 # token depend on it; the last VISUAL token's causal row (FastV_VIS) does not, so it stays in. The
-# prompt's text after the image does too (text-conditioned pre-LLM methods; their deferred selection is
-# checked with a text-blind spy in tests/test_text_conditioned.py).
-SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden", "text_embeddings"}
+# prompt's text after the image does too (text-conditioned pre-LLM methods, whose deferred selection is
+# checked with a text-blind spy in tests/test_text_conditioned.py; DART's text pivots).
+SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden", "text_embeddings", "text_after_visual"}
 SUFFIX_FREE = [(n, p) for n in PRUNING if SUFFIX_SIGNALS.isdisjoint(METHODS.get(n).needs)
                for p in ("original", "contiguous")]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prunebench.methods import (  # noqa: F401  (registration)
     adaptive_mi,
     cdpruner,
+    dart,
     divprune,
     evoprune,
     fastv,
@@ -21,6 +22,7 @@ from prunebench.methods import (  # noqa: F401  (registration)
     pooling_pre,
     random,
     vanilla,
+    vtw,
 )
 from prunebench.methods.base import (
     METHODS,

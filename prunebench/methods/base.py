@@ -51,6 +51,12 @@ SIGNALS = {
     "text_embeddings": "[B, M, D] LLM input embeddings of the prompt's text after the last visual token of the "
     "image's sequence (the question and the template's assistant prefix; padding excluded; all non-visual tokens "
     "when none follow the image); pre-LLM only: the selection then runs at the LLM entry, where the text is embedded",
+    "layer_keys": "[B, L, Hkv*d] post-RoPE key states of every prompt row at LLM layer K-1, heads "
+    "concatenated (k_proj output + that layer's rotary embeddings; no second forward)",
+    "normed_hidden": "[B, L, D] hidden states of every prompt row entering LLM layer K, through the LLM's final norm",
+    "visual_rows": "[B, N] sequence rows of the visual tokens at layer K (ascending)",
+    "text_after_visual": "[B, L] bool: non-padding rows after the last visual token (the question, the "
+    "generation prompt)",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 
@@ -100,6 +106,10 @@ class MethodSpec:
     # is n_keep = round(keep * n_in), given its hyper-parameters: budget(n_in, n_keep, **params).
     # None means exactly n_keep. E.g. DART keeps 4 + 8 * ((n_keep - 4) // 8) (image pivots + per-pivot quota).
     budget: Callable[..., int] | None = None
+    # Intra-LLM methods whose operating point is a layer, not a token count (VTW withdraws every
+    # visual token): layer_for_keep(keep, n_layers, **params) -> K in 0..n_layers (K = n_layers
+    # withdraws nothing). None means K = params["layer"] and a per-token budget n_keep.
+    layer_for_keep: Callable[..., int] | None = None
 
     def kept_count(self, n_in: int, n_keep: int, params: Mapping[str, Any]) -> int:
         return n_keep if self.budget is None else int(self.budget(n_in, n_keep, **params))
@@ -124,6 +134,7 @@ def register_method(
     defaults: Mapping[str, Any] | None = None,
     deviations: tuple[str, ...] = (),
     budget: Callable[..., int] | None = None,
+    layer_for_keep: Callable[..., int] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -138,6 +149,7 @@ def register_method(
             MethodSpec(
                 name=name, stage=stage, source=source, fn=fn, needs=frozenset(needs), positions=positions,
                 defaults=dict(defaults or {}), deviations=deviations, budget=budget,
+                layer_for_keep=layer_for_keep,
             ),
         )
         return fn

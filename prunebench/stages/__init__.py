@@ -75,7 +75,10 @@ def install(
         if method.stage is Stage.PRE_LLM:
             inst.handles += PreLLMSelect(seams, method, keep, state, timer, generator).register()
         elif method.stage is Stage.INTRA_LLM:
-            inst.handles += IntraLLM(seams, method, keep, positions, state, timer, generator).register()
+            intra = IntraLLM(seams, method, keep, positions, state, timer, generator)
+            inst.handles += intra.register()
+            if method.spec.layer_for_keep is not None:  # the record says which operating point ran
+                inst.notes.append(f"{method.name}: layer K={intra.k} of {len(seams.decoder_layers)} for keep={keep}")
         elif method.stage is Stage.VISION:
             merge = (seams.vision_driver or VisionMerge)(seams, method, keep, state, timer)
             inst.schedule = merge.schedule

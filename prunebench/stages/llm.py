@@ -24,6 +24,7 @@ Kwargs = dict[str, Any]
 
 # Signals recomputed from layer K-1's captured q/k (and rotary embeddings).
 ATTENTION_SIGNALS = frozenset({"last_query_attention", "last_visual_query_attention"})
+CAPTURE_SIGNALS = ATTENTION_SIGNALS | {"layer_keys"}
 
 
 def capture_image_positions(seams: Seams, state: CallState):
@@ -141,23 +142,37 @@ class IntraLLM:
                  timer: Timer, generator: torch.Generator) -> None:
         self.seams, self.method, self.keep, self.positions, self.state = seams, method, keep, positions, state
         self.timer, self.generator = timer, generator
-        self.k = int(method.params["layer"])
+        self.k = self._layer(seams, method, keep)
         if "grid" in method.spec.needs and (seams.vision_grid is None or seams.always_keep is not None):
             # packed any-resolution tokens (LLaVA-NeXT / OneVision: base + tiles + newlines) or dynamic
             # resolution (Qwen, InternVL tiles) have no single h x w layout inside the LLM
             raise UserError(f"{method.name} needs the visual tokens to form a grid: not supported on the "
                             f"{seams.family} family (its visual tokens reach the LLM packed or at dynamic resolution)")
-        n_layers = len(seams.decoder_layers)
-        if not 1 <= self.k < n_layers:
-            raise UserError(f"{method.name}: layer must be in 1..{n_layers - 1} for this model "
-                            f"({n_layers} decoder layers), got {self.k}")
+
+    @staticmethod
+    def _layer(seams: Seams, method: ResolvedMethod, keep: float) -> int:
+        """K: the method's `layer`, or the layer its keep fraction maps to (VTW); K = n_layers (only
+        for the latter) prunes nothing."""
+        n_layers, spec = len(seams.decoder_layers), method.spec
+        if spec.layer_for_keep is None:
+            k, low, high = int(method.params["layer"]), 1, n_layers - 1
+        else:
+            k, low, high = int(spec.layer_for_keep(keep, n_layers, **method.params)), 0, n_layers
+        if not CAPTURE_SIGNALS.isdisjoint(spec.needs):
+            low = max(low, 1)  # the signals come from layer K-1
+        if not low <= k <= high:
+            raise UserError(f"{method.name}: layer must be in {low}..{high} for this model "
+                            f"({n_layers} decoder layers), got {k}")
+        return k
 
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
         layers = self.seams.decoder_layers
+        if self.k == len(layers):  # the operating point withdraws nothing: the unpruned model
+            return []
         handles = [layers[self.k].register_forward_pre_hook(self._at_k, with_kwargs=True)]
         for layer in layers[self.k + 1 :]:
             handles.append(layer.register_forward_pre_hook(self._after_k, with_kwargs=True))
-        if not ATTENTION_SIGNALS.isdisjoint(self.method.spec.needs):
+        if not CAPTURE_SIGNALS.isdisjoint(self.method.spec.needs):
             handles += self._register_capture(layers[self.k - 1])
         return handles
 
@@ -185,13 +200,16 @@ class IntraLLM:
 
     def _signals(self, image_rows: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """The signals the method needs; image_rows [B, N], hidden [B, L, D] entering layer K."""
-        needs, out = self.method.spec.needs, {}
-        if "last_token_hidden" in needs:
-            out["last_token_hidden"] = hidden[:, -1]
-        if ATTENTION_SIGNALS.isdisjoint(needs):
+        needs = self.method.spec.needs
+        out = self._row_signals(image_rows, hidden)
+        if CAPTURE_SIGNALS.isdisjoint(needs):
             return out
         caps, attn = self.state.captures, self.seams.decoder_layers[self.k - 1].self_attn
         cos, sin = caps["rope"]
+        if "layer_keys" in needs:  # DART: heads concatenated, as its `any_states.permute(0, 2, 1, 3)`
+            b, length, _ = caps["k"].shape
+            keys = self.seams.apply_rope(caps["k"].view(b, length, -1, attn.head_dim).transpose(1, 2), cos, sin)
+            out["layer_keys"] = keys.transpose(1, 2).reshape(b, length, -1)
         mask = self.state.attention_mask_2d
         common = dict(head_dim=attn.head_dim, scale=attn.scaling, apply_rope=self.seams.apply_rope,
                       key_mask=None if mask is None else mask.bool())
@@ -202,6 +220,22 @@ class IntraLLM:
             row = position_query_attention(caps["q"], caps["k"], cos, sin, image_rows[:, -1], **common)
             out["last_visual_query_attention"] = row.gather(1, image_rows)
         caps.clear()
+        return out
+
+    def _row_signals(self, image_rows: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Signals read off the hidden states entering layer K; image_rows [B, N], hidden [B, L, D]."""
+        needs, out = self.method.spec.needs, {}
+        if "last_token_hidden" in needs:
+            out["last_token_hidden"] = hidden[:, -1]
+        if "normed_hidden" in needs:  # DART: `self.norm(last_layer_state)`
+            out["normed_hidden"] = self.seams.language_model.norm(hidden)
+        if "visual_rows" in needs:
+            out["visual_rows"] = image_rows
+        if "text_after_visual" in needs:
+            rows = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            after = rows > image_rows[:, -1:]
+            mask = self.state.attention_mask_2d
+            out["text_after_visual"] = after if mask is None else after & mask.bool().to(after.device)
         return out
 
     # -- hooks ---------------------------------------------------------------------------
@@ -215,6 +249,7 @@ class IntraLLM:
             image_rows = rows_of(self.state.image_mask)  # [B, N]
             n_in = image_rows.shape[1]
             n_keep, clamped = n_keep_for(self.keep, n_in)
+            clamped = clamped and self.method.spec.layer_for_keep is None  # no per-token budget (VTW)
             ctx = SelectContext(
                 tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
                 n_keep=n_keep, grid=self._grid(n_in), generator=self.generator,

@@ -1,0 +1,116 @@
+"""DART, duplication-aware token reduction (Wen et al. 2025, "Stop looking for important tokens in
+multimodal language models: duplication matters more", §3; official repo ZichenWen1/DART, read in
+the fork xqy1111111/DART `llava/model/language_model/modeling_llama_self.py`
+`DART.get_retained_image_token`).
+
+At LLM layer K (default 2):
+1. pivots: the `pivot_image` visual tokens and the `pivot_text` text tokens after the image with the
+   largest L1 norm of their layer K-1 key states (post-RoPE, heads concatenated);
+2. for each pivot in turn, the TOPK not-yet-chosen visual tokens whose hidden states (entering layer
+   K, through the final norm) have the LOWEST cosine similarity to the pivot's are added;
+3. image pivots stay, text pivots are never visual tokens to keep; kept tokens keep their original
+   positions. TOPK = floor((k - pivot_image) / (pivot_image + pivot_text)), so
+   kept = pivot_image + 8 * TOPK = 4 + 8 * floor((k - 4) / 8) with the defaults (`dart_budget`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunebench.errors import UserError
+from prunebench.methods.base import Positions, SelectContext, Stage, register_method
+
+
+def _check(pivot_image: int, pivot_text: int) -> None:
+    if int(pivot_image) != pivot_image or int(pivot_text) != pivot_text or pivot_image < 1 or pivot_text < 0:
+        raise UserError(f"dart: pivot_image must be an integer >= 1 and pivot_text an integer >= 0 "
+                        f"(paper: 4 and 4), got {pivot_image} and {pivot_text}")
+
+
+def dart_budget(n_in: int, n_keep: int, *, pivot_image: int = 4, pivot_text: int = 4, **_: object) -> int:
+    """Documented kept count: p + (pivot_image + pivot_text) * TOPK, p = min(pivot_image, n_keep),
+    TOPK = floor((n_keep - p) / (pivot_image + pivot_text)); n_in when n_keep >= n_in (keep=1.0)."""
+    _check(pivot_image, pivot_text)
+    if n_keep >= n_in:
+        return n_in
+    p = min(pivot_image, n_keep)
+    return p + (pivot_image + pivot_text) * ((n_keep - p) // (pivot_image + pivot_text))
+
+
+def dart_select(
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    pivot_image: int,
+    pivot_text: int,
+    per_pivot: int,
+) -> torch.Tensor:
+    """One prompt. image_keys [N, C], text_keys [M, C] (layer K-1 post-RoPE keys, heads concatenated);
+    image_feats [N, D], text_feats [M, D] (normed hidden states). Returns [p + P * per_pivot] sorted
+    visual indices, p = min(pivot_image, N), P = p + min(pivot_text, M) pivots.
+
+    Pivots are visited image pivots first, then text pivots, each group in sequence order (the
+    official loop visits a Python set of sequence indices, i.e. CPython's hash order).
+    """
+    n = image_keys.shape[0]
+    img_piv = image_keys.float().abs().sum(-1).topk(min(pivot_image, n)).indices.sort().values
+    txt_piv = text_keys.float().abs().sum(-1).topk(min(pivot_text, text_keys.shape[0])).indices.sort().values
+    pivots = torch.cat([image_feats[img_piv], text_feats[txt_piv]]).float()  # [P, D]
+    feats = image_feats.float()
+    free = torch.ones(n, dtype=torch.bool, device=feats.device)
+    free[img_piv] = False
+    chosen = [img_piv]
+    for pivot in pivots:
+        cos = torch.nn.functional.cosine_similarity(pivot[None], feats, dim=-1)
+        cos = cos.masked_fill(~free, float("inf"))  # only tokens nobody has chosen yet
+        pick = (-cos).topk(per_pivot).indices  # the LEAST similar: duplicates of the pivot are dropped
+        free[pick] = False
+        chosen.append(pick)
+    return torch.cat(chosen).sort().values
+
+
+@register_method(
+    "dart",
+    stage=Stage.INTRA_LLM,
+    source="Wen et al. 2025 §3 (DART); ZichenWen1/DART (fork xqy1111111/DART) "
+    "llava/model/language_model/modeling_llama_self.py get_retained_image_token",
+    needs=("layer_keys", "normed_hidden", "visual_rows", "text_after_visual"),
+    positions=Positions.ORIGINAL,  # the official code sets position_ids = kept original indices
+    defaults={"layer": 2, "pivot_image": 4, "pivot_text": 4},
+    budget=dart_budget,
+    deviations=(
+        "budget: TOPK = floor((k - 4) / 8) from the harness budget k = round(keep*N), so kept = "
+        "4 + 8*TOPK <= k (the official TOPK = floor(max_num_trunction / 8) keeps 4 more than the setting, "
+        "e.g. 132 for 128); keep=1.0 (k = N) keeps every token",
+        "k < 12: TOPK = 0 and only the min(4, k) image pivots are kept (pivot count capped at k)",
+        "fewer than pivot_text text tokens after the image: that many text pivots, so fewer tokens are kept "
+        "(the record counts what was kept); the official topk would fail",
+        "pivots are visited image pivots first, then text pivots, each in sequence order; the official loop "
+        "visits a Python set (CPython hash order), which only changes which pivot claims a shared neighbour",
+        "L1 norms and cosines in float32; with GQA the keys are the Hkv heads, not repeat_kv'd copies (the "
+        "L1 norm scales by the group count, so the ranking is the same)",
+        "several images / packed tiles / video frames: all visual tokens of the prompt form one candidate "
+        "set (as the official LLaVA-NeXT path), the text pivots come after the last visual token",
+        "LLaVA-NeXT / OneVision: the budget is round(keep*N) of all packed visual tokens, not the official "
+        "fixed retain_token_num_for_llava_next=320; the Qwen2-VL path follows the LLaVA code (same signals "
+        "from the model's own M-RoPE keys)",
+    ),
+)
+def dart(ctx: SelectContext, layer: int, pivot_image: int, pivot_text: int) -> torch.Tensor:
+    """signals: layer_keys [B, L, C], normed_hidden [B, L, D], visual_rows [B, N], text_after_visual
+    [B, L] -> [B, k'] kept visual indices, sorted; k' = dart_budget(N, ctx.n_keep)."""
+    del layer  # consumed by the intra-LLM stage
+    n = ctx.tokens.shape[1]
+    n_out = dart_budget(n, ctx.n_keep, pivot_image=pivot_image, pivot_text=pivot_text)
+    if n_out >= n:
+        return torch.arange(n, device=ctx.tokens.device).expand(ctx.tokens.shape[0], n)
+    p = min(pivot_image, ctx.n_keep)
+    per_pivot = (n_out - p) // (pivot_image + pivot_text)
+    sig = ctx.signals
+    rows = []
+    for b in range(ctx.tokens.shape[0]):  # greedy and per prompt, as the official (batch size 1) code
+        vis, txt = sig["visual_rows"][b], sig["text_after_visual"][b]
+        keys, feats = sig["layer_keys"][b], sig["normed_hidden"][b]
+        rows.append(dart_select(keys[vis], keys[txt], feats[vis], feats[txt], p, pivot_text, per_pivot))
+    return torch.stack(rows)
