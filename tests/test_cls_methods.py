@@ -202,3 +202,75 @@ def test_holov_budget_follows_chunk_attention():
 def test_methods_are_registered_pre_llm():
     for name in ("fastervlm", "vispruner", "holov"):
         assert "cls_attention" in METHODS.get(name).needs
+
+
+# -- other families: InternVL (group means of the [CLS] row), Qwen (received-attention substitute) -----------
+def test_internvl_cls_row_is_the_group_mean_of_eager_attention(fam, fam_path):
+    """InternVL: each visual token's signal = mean eager [CLS] attention of its 4 pixel-shuffle patches."""
+    if fam.family != "internvl":
+        pytest.skip("InternVL only")
+    from prunebench.stages.vision_internvl import shuffle_groups
+
+    rows = eager_cls_rows(fam, fam_path, -1)  # InternVL selects the last InternViT layer
+    groups = shuffle_groups(fam.seams.multimodal, math.isqrt(rows.shape[1]))
+    seen = spy_signals(fam, "fastervlm")
+    assert len(seen) == rows.shape[0]
+    for got, row in zip(seen, rows, strict=True):
+        torch.testing.assert_close(got["cls_attention"], row[groups].mean(-1), atol=1e-5, rtol=0)
+
+
+def qwen_received_reference(fam, block) -> torch.Tensor:
+    """[U] received attention per 2x2 unit in the tower's sequence order, from a dense masked softmax."""
+    store = {}
+
+    def pre(module, args, kwargs):
+        store["x"], store["kw"] = args[0] if args else kwargs["hidden_states"], kwargs
+
+    handle = block.attn.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            fam.model(**fam.inputs())
+    finally:
+        handle.remove()
+    import sys
+
+    attn, x, kw = block.attn, store["x"], store["kw"]
+    s = x.shape[0]
+    q, k, _ = attn.qkv(x).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, *kw["position_embeddings"])
+    cu = kw["cu_seqlens"].tolist()
+    segment = torch.bucketize(torch.arange(s), torch.tensor(cu[1:]), right=True)
+    same = segment[:, None] == segment[None, :]
+    logits = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * attn.scaling
+    probs = logits.masked_fill(~same, float("-inf")).softmax(-1)  # [H, S, S]
+    length = same.sum(0).double()
+    received = probs.sum(dim=(0, 1)) / (attn.num_heads * length)
+    m = int(fam.seams.vision_tower.spatial_merge_size) ** 2
+    return received.view(-1, m).mean(1).float()
+
+
+@pytest.mark.parametrize("vision_layer", [None, 0])  # the last (full-attention) block; block 0 (windowed on 2.5)
+def test_qwen_substitute_is_received_attention_per_unit(fam, vision_layer):
+    """Qwen (no [CLS]): mean attention received at the last block, per 2x2 unit, raster order per image;
+    the raster order is checked against the model's own un-permutation (merger of the features)."""
+    if fam.family not in ("qwen2_5_vl", "qwen2_vl"):
+        pytest.skip("Qwen only")
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = fam.seams.vision_tower
+    seen = spy_signals(fam, "vispruner", vision_layer=vision_layer)
+    inputs = fam.inputs()
+    grid = inputs["image_grid_thw"]
+    received = qwen_received_reference(fam, list(visual.blocks)[-1 if vision_layer is None else vision_layer])
+    if getattr(visual, "fullatt_block_indexes", None) is not None:
+        order, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                           window_size=visual.window_size, patch_size=visual.patch_size, kwargs={})
+        raster = torch.empty_like(received)
+        raster[order] = received
+        received = raster
+    torch.testing.assert_close(torch.cat([s["cls_attention"] for s in seen]), received, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        pooled = visual(inputs["pixel_values"], grid_thw=grid).pooler_output
+    features = torch.cat([s["vision_features"] for s in seen])
+    merged = visual.merger(features.reshape(-1, features.shape[-1] // 4))
+    torch.testing.assert_close(merged, pooled, atol=1e-5, rtol=0)
