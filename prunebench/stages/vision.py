@@ -45,7 +45,7 @@ class PreLLMSelect:
                             f"{seams.family} family (it packs them with newline tokens)")
         self.seams, self.method, self.keep, self.state = seams, method, keep, state
         self.timer, self.generator = timer, generator
-        self.signals = VisionSignals(seams, method) if VISION_SIGNALS & method.spec.needs else None
+        self.signals = VisionSignals(seams, method, timer) if VISION_SIGNALS & method.spec.needs else None
 
     def register(self) -> list:
         handles = self.signals.register() if self.signals is not None else []

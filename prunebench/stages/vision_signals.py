@@ -37,6 +37,7 @@ from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod
 from prunebench.models.base import Seams
 from prunebench.stages.attention import query_rows_attention, received_attention
+from prunebench.timing import NullTimer, Timer
 
 # Signals this module computes (declared by a method in `needs`).
 VISION_SIGNALS = frozenset({"cls_attention", "cls_keys", "vision_features"})
@@ -80,11 +81,11 @@ class VisionSignals:
     """Captures the signals at one encoder layer for every tower call and queues them per visual
     unit (image / tile / temporal slice), in the order the pre-LLM seam splits the tokens."""
 
-    def __init__(self, seams: Seams, method: ResolvedMethod) -> None:
+    def __init__(self, seams: Seams, method: ResolvedMethod, timer: Timer | None = None) -> None:
         if seams.always_keep is not None:
             raise UserError(f"{method.name} needs per-view vision-encoder signals: not supported on the "
                             f"{seams.family} family (packed views and newlines are not mapped yet)")
-        self.seams, self.method = seams, method
+        self.seams, self.method, self.timer = seams, method, timer or NullTimer()
         self.index = layer_index(seams, method)
         self.layer = encoder_layers(seams)[self.index]
         self.queue: deque[dict[str, torch.Tensor]] = deque()
@@ -157,7 +158,7 @@ class VisionSignals:
         return [h * w // m for t, h, w in self._grid.tolist() for _ in range(t)]
 
     def _done(self, module: nn.Module, args: tuple, output: object) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), self.timer.span("method"):  # the signal is the method's cost (eager in official code)
             self.queue.extend(self._qwen() if self.qwen else self._cls())
         self._captured.clear()
 
