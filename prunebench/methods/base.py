@@ -57,6 +57,14 @@ SIGNALS = {
     "visual_rows": "[B, N] sequence rows of the visual tokens at layer K (ascending)",
     "text_after_visual": "[B, L] bool: non-padding rows after the last visual token (the question, the "
     "generation prompt)",
+    "cls_attention": "[N] per image (pre-LLM): head-mean softmax row of the vision encoder's [CLS] query over the "
+    "patches at encoder layer `vision_layer` (method parameter; None = the selected feature layer), recomputed "
+    "from that layer's q/k, aligned with the post-projector tokens (families without [CLS]: mean attention "
+    "received, see stages/vision_signals.py)",
+    "cls_keys": "[N, d] per image (pre-LLM): head-mean keys of the patches at the same encoder layer, aligned "
+    "with the post-projector tokens",
+    "vision_features": "[N, C] per image (pre-LLM): the projector's input per visual token (the vision features "
+    "before the projector; InternVL/Qwen: the 2x2 group's concatenated features)",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 

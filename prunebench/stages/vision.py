@@ -19,6 +19,7 @@ from prunebench.models.base import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
 from prunebench.stages.text import text_embeddings
+from prunebench.stages.vision_signals import VISION_SIGNALS, VisionSignals
 from prunebench.timing import Timer
 
 
@@ -47,26 +48,29 @@ class PreLLMSelect:
         self.timer, self.generator = timer, generator
         # The text is embedded after this seam: text-conditioned methods select at the LLM entry.
         self.deferred = "text_embeddings" in method.spec.needs
-        self._pending: list[tuple[torch.Tensor, tuple[int, int] | None]] = []
+        self._pending: list[tuple[torch.Tensor, tuple[int, int] | None, dict[str, torch.Tensor]]] = []
+        self.signals = VisionSignals(seams, method, timer) if VISION_SIGNALS & method.spec.needs else None
 
     def register(self) -> list:
+        handles = self.signals.register() if self.signals is not None else []
         if self.seams.visual_fns:
-            return [MethodWrap(self.seams.multimodal, name, functools.partial(self._hook, split=split))
+            return handles + [MethodWrap(self.seams.multimodal, name, functools.partial(self._hook, split=split))
                     for name, split in self.seams.visual_fns.items()]
-        return [self.seams.visual_output.register_forward_hook(self._hook, with_kwargs=True)]
+        return handles + [self.seams.visual_output.register_forward_hook(self._hook, with_kwargs=True)]
 
     def _hook(self, module: object, args: tuple, kwargs: dict, output: object, split: object = None) -> None:
         tokens = (split or self.seams.split_visual)(args, kwargs, output)
         grids = self.seams.visual_grids(args, kwargs, tokens)
         self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
+        signals = self.signals.take(len(tokens)) if self.signals is not None else [{}] * len(tokens)
         if self.deferred:
-            self._pending += list(zip(tokens, grids, strict=True))
+            self._pending += list(zip(tokens, grids, signals, strict=True))
             self.state.select_at_entry = self._select_at_entry
             return
         keeps, values = [], []
         with self.timer.span("method"):
-            for x, grid in zip(tokens, grids, strict=True):
-                kept, new = self._select(x, grid)
+            for x, grid, sig in zip(tokens, grids, signals, strict=True):
+                kept, new = self._select(x, grid, sig)
                 keeps.append(kept)
                 values.append(new)
         self._hand_on(keeps, values)
@@ -83,16 +87,17 @@ class PreLLMSelect:
             raise RuntimeError("prunebench: image-token positions unknown at the LLM entry (pass input_ids)")
         keeps, values = [], []
         with self.timer.span("method"):
-            texts = text_embeddings(embeds, image_mask, mask2d, [x.shape[0] for x, _ in pending])
-            for (x, grid), text in zip(pending, texts, strict=True):
-                kept, new = self._select(x, grid, {"text_embeddings": text.to(x.device)})
+            texts = text_embeddings(embeds, image_mask, mask2d, [x.shape[0] for x, _, _ in pending])
+            for (x, grid, sig), text in zip(pending, texts, strict=True):
+                kept, new = self._select(x, grid, {**sig, "text_embeddings": text.to(x.device)})
                 keeps.append(kept)
                 values.append(new)
         self._hand_on(keeps, values)
 
     def _select(self, x: torch.Tensor, grid: tuple[int, int] | None,
-                signals: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[N, D] -> (sorted indices of the kept rows, their new values or None)."""
+                signals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, D] and its signals (per token [N, ...], or per image like the text [1, M, D]) -> (sorted
+        indices of the kept rows, their new values or None)."""
         if "grid" in self.method.spec.needs and grid is None:
             raise ValueError(f"{self.method.name} needs the visual tokens of an image to form a grid")
         fixed = self.seams.always_keep(x) if self.seams.always_keep else None
@@ -104,8 +109,13 @@ class PreLLMSelect:
                 return fixed.nonzero()[:, 0], None
         n_keep, clamped = n_keep_for(self.keep, candidates.numel())
         self.state.clamped |= clamped
+        per_token = {k: v.to(x.device) for k, v in signals.items() if k in VISION_SIGNALS}
+        for name, value in per_token.items():
+            if value.shape[0] != x.shape[0]:
+                raise RuntimeError(f"prunebench: {name} has {value.shape[0]} rows for {x.shape[0]} visual tokens")
+        signals = {**signals, **{k: v[candidates][None] for k, v in per_token.items()}}
         ctx = SelectContext(tokens=x[candidates][None], n_keep=n_keep, grid=grid, generator=self.generator,
-                            signals=signals or {})
+                            signals=signals)
         out = self.method.spec.fn(ctx, **self.method.params)
         index, new = (out.index, out.tokens) if isinstance(out, Selection) else (out, None)
         kept = candidates[index[0].to(x.device)]
