@@ -17,6 +17,7 @@ from prunebench.methods import (  # noqa: F401  (registration)
     pooling_intra,
     pooling_pre,
     random,
+    tome,
     vanilla,
 )
 from prunebench.methods.base import (

@@ -48,6 +48,8 @@ SIGNALS = {
     "last_visual_query_attention": "[B, N] head-mean softmax row of the last visual token at LLM layer K-1 "
     "(causal: keys up to it), restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
     "last_token_hidden": "[B, D] hidden state of the last prompt token entering LLM layer K",
+    "keys": "[B, T, d] head-mean keys of the current encoder layer (its key projection output, before any "
+    "rotary embedding), ToMe's merge metric; passed to the merge step as `metric`",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 

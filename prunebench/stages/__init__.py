@@ -79,6 +79,7 @@ def install(
         elif method.stage is Stage.VISION:
             merge = (seams.vision_driver or VisionMerge)(seams, method, keep, state, timer)
             inst.schedule = merge.schedule
+            inst.notes += getattr(merge, "notes", [])
             inst.handles += merge.register()
         yield inst
     finally:
