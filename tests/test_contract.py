@@ -16,7 +16,8 @@ from prunebench.methods import METHODS, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
 from prunebench.stages import install
 
-PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage is not Stage.NONE]
+# Pipelines (`method=compose`) chain these; their contract is in tests/test_compose.py.
+PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage not in (Stage.NONE, Stage.PIPELINE)]
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
 
 

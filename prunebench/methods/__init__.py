@@ -7,6 +7,7 @@ Adding a method: write one module here with a pure tensor function decorated by
 from __future__ import annotations
 
 from prunebench.methods import (  # noqa: F401  (registration)
+    compose,
     divprune,
     evoprune,
     fastv,

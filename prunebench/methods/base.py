@@ -30,6 +30,7 @@ class Stage(str, Enum):
     VISION = "vision"  # inside the vision encoder
     PRE_LLM = "pre_llm"  # after the projector, before the LLM
     INTRA_LLM = "intra_llm"  # inside the LLM at layer K
+    PIPELINE = "pipeline"  # several of the above in order (`method=compose`, methods/compose.py)
 
 
 class Positions(str, Enum):
@@ -107,6 +108,8 @@ class MethodSpec:
     def kind(self) -> str:
         if self.stage is Stage.NONE:
             return "none"
+        if self.stage is Stage.PIPELINE:
+            return "pipeline"
         return "merge" if self.merge is not None else "select"
 
 

@@ -58,11 +58,13 @@ class CallState:
     counts: TokenCounts = field(default_factory=TokenCounts)
     captures: dict[str, Any] = field(default_factory=dict)  # q/k/rope captured for signals
     vision: Any = None  # per-call merge state of the vision stage
+    stage_counts: dict[str, TokenCounts] = field(default_factory=dict)  # "entry" / "intra": this prompt
 
     def new_prompt(self) -> None:
         self.entry = None
         self.intra = None
         self.captures.clear()
+        self.stage_counts.clear()
 
 
 def renumber(keep_mask: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, policy: Positions) -> torch.Tensor:
