@@ -83,11 +83,12 @@ def install(
     timer = timer or NullTimer()
     n_keep_for(keep, 1)  # validates keep
     stages = planned_stages(method, keep)
-    policies = [effective_positions(seams, stage.method) for stage in stages] or [effective_positions(seams, method)]
+    policies = [effective_positions(seams, stage.method) for stage in stages]
     notes = list(dict.fromkeys(n for _, stage_notes in policies for n in stage_notes))
     state = CallState()
     generator = torch.Generator().manual_seed(seed)
-    inst = Installation(method=method, keep=keep, positions=policies[-1][0], state=state, generator=generator,
+    positions = policies[-1][0] if policies else method.positions
+    inst = Installation(method=method, keep=keep, positions=positions, state=state, generator=generator,
                         notes=notes, stages=stages if method.stage is Stage.PIPELINE else [])
     merges: list[Any] = []
     try:
