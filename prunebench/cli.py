@@ -47,6 +47,30 @@ def check_overrides(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
 
             for name in names:
                 resolve_method(name, {key.split(".", 2)[2]: None})
+    _check_pipeline(overrides, names, float(top["keep"]))
+
+
+def _check_pipeline(overrides: list[tuple[str, str, str]], names: list[str], default_keep: float) -> None:
+    """`method.params.stages=[...]` of `method=compose`: stage names, params and keeps, one line each."""
+    import yaml
+
+    from prunebench.methods.compose import plan_stages
+
+    stages = [v for k, _, v in overrides if k == "method.params.stages"]
+    if not stages or "compose" not in names:
+        return
+    try:
+        value = yaml.safe_load(stages[-1])
+    except yaml.YAMLError:
+        raise UserError("compose: method.params.stages must be a list like "
+                        "[{name: random_pre, keep: 0.333}, {name: fastv, keep: 0.333}]") from None
+    keeps = [v for k, _, v in overrides if k == "keep"]
+    for keep in _sweep_values(keeps[-1]) if keeps else [str(default_keep)]:
+        try:
+            fraction = float(keep)
+        except ValueError:  # not a number: the job itself reports it
+            continue
+        plan_stages(value, fraction)
 
 
 def _sweep_values(value: str) -> list[str]:

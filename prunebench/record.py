@@ -10,13 +10,16 @@ Fields (schema_version 1):
   tokens           n_visual_in / n_visual_out (means per sample), layer_avg, clamped_to_one,
                    llm_prompt_len (mean tokens entering the LLM), vision_merge_schedule (merges per
                    encoder layer, vision-stage methods), n_visual_fixed (kept outside the budget,
-                   e.g. LLaVA-NeXT newlines); videos: n_frames, per_frame_in, per_frame_out
+                   e.g. LLaVA-NeXT newlines); videos: n_frames, per_frame_in, per_frame_out;
+                   pipelines (method=compose): stages, per stage {method, keep, n_visual_in, n_visual_out}
+                   (means; optional, absent for single-stage methods)
   timing           total_s, vision_s, method_s, prefill_s, decode_s: sums over samples;
                    median: the same per sample, medians; n_timed, warmup (samples run untimed first);
                    clock ("cuda_events" | "perf_counter")
   memory           peak_gpu_bytes (max over samples) or None on CPU
   predictions      file name of the per-sample predictions (JSON lines) beside the record
-  method_card      stage, params, position policy, source, stated deviations
+  method_card      stage, params, position policy, source, stated deviations; pipelines also
+                   stages (each stage's card plus its keep)
   device, versions (python, torch, transformers, prunebench, git_sha), config (resolved)
   started_at, finished_at
 """

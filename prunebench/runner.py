@@ -34,7 +34,7 @@ from prunebench.record import (
     save_record,
     versions,
 )
-from prunebench.stages import Installation, install
+from prunebench.stages import Installation, install, planned_stages
 from prunebench.timing import Timer
 
 
@@ -50,11 +50,12 @@ class Job:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Job:
         m = cfg["method"]
-        method = resolve_method(str(m["name"]), dict(m.get("params") or {}), m.get("positions"))
+        method = resolve_method(str(m["name"]), _plain(m.get("params") or {}), m.get("positions"))
         keep = float(cfg["keep"])
         n_keep_for(keep, 1)  # validates the range with a clear message
         if method.stage is Stage.NONE:
             keep = 1.0
+        planned_stages(method, keep)  # a pipeline's stages and keeps, checked before any model loads
         limit = cfg.get("limit")
         if limit is not None and int(limit) < 1:
             raise UserError(f"limit must be a positive number of samples, got {limit}")
@@ -74,6 +75,13 @@ class Job:
             blob = json.dumps({"p": dict(self.method.params), "pos": self.method.positions.value}, sort_keys=True)
             method += "-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
         return results_dir / self.model / data / method / f"keep{self.keep:.3f}-seed{self.seed}"
+
+
+def _plain(params: Any) -> dict[str, Any]:
+    """Hydra/OmegaConf containers -> plain dicts and lists (pipelines nest them; the record is JSON)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params)
 
 
 def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
@@ -101,6 +109,8 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     record.notes += inst.notes
     if inst.schedule is not None:  # dynamic-resolution families: per sample in the predictions
         record.tokens["vision_merge_schedule"] = list(inst.schedule)
+    if inst.stages:  # pipelines: every stage's method, params, keep (method_card) and counts (tokens)
+        record.method_card["stages"] = [stage.describe() for stage in inst.stages]
     save_record(out, record)
     if record.n_failed:
         _say(False, f"[prunebench] warning: {record.n_failed} of {len(rows)} samples failed; see {out / PREDICTIONS_NAME}")
@@ -245,6 +255,7 @@ def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installat
         **inst.counts.as_dict(),
         "n_frames": len(item.frames) if item.frames else 0,
         **({"vision_merge_schedule": list(inst.schedule)} if inst.schedule is not None else {}),
+        **({"stages": inst.stage_counts} if inst.stages else {}),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
     }
     return text, extra
@@ -280,6 +291,11 @@ def _tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = {"n_visual_in": mean("n_visual_in"), "n_visual_out": mean("n_visual_out"),
               "n_visual_fixed": mean("n_visual_fixed"), "layer_avg": mean("layer_avg"),
               "llm_prompt_len": mean("llm_prompt_len"), "prompt_len": mean("prompt_len")}
+    if all(r.get("stages") for r in rows):  # pipelines: mean tokens in / out of each stage
+        tokens["stages"] = [
+            {"method": first["method"], "keep": first["keep"],
+             **{k: statistics.fmean(r["stages"][i][k] or 0 for r in rows) for k in ("n_visual_in", "n_visual_out")}}
+            for i, first in enumerate(rows[0]["stages"])]
     if all(r.get("n_frames") for r in rows):  # video: frames x tokens per frame (newlines excluded)
         tokens["n_frames"] = mean("n_frames")
         tokens["per_frame_in"] = statistics.fmean((r["n_visual_in"] - r["n_visual_fixed"]) / r["n_frames"] for r in rows)

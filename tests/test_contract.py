@@ -17,7 +17,8 @@ from prunebench.methods.base import n_keep_for
 from prunebench.stages import install
 from prunebench.stages.vision_signals import VISION_SIGNALS
 
-PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage is not Stage.NONE]
+# Pipelines (`method=compose`) chain these; their contract is in tests/test_compose.py.
+PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage not in (Stage.NONE, Stage.PIPELINE)]
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
 
 

@@ -88,14 +88,15 @@ def hooks_and_classes(model):
             [type(m) for m in model.modules()], sorted(vars(model.model)))
 
 
+@pytest.mark.parametrize("name", ["evoprune", "tome"])
 @pytest.mark.parametrize("keep", [0.34, 0.5])
-def test_evoprune_inside_siglip_on_video_frames(onevision, keep):
+def test_merges_inside_siglip_on_video_frames(onevision, keep, name):
     """Vision-stage merges on LLaVA-OneVision video: per-frame budget of the pooled count,
     keep=1.0 identical, patch undone, cached decode equal to a full recompute."""
     from test_contract import GEN, _uncached_greedy
 
     inputs = video_inputs(onevision)
-    method = resolve_method("evoprune")
+    method = resolve_method(name)
     with torch.no_grad():
         reference = onevision.model.generate(**inputs, **GEN)
         onevision.model(**inputs)  # transformers installs its capture hooks lazily

@@ -38,12 +38,16 @@ def llm_length(tiny, fn) -> int:
     return seen[0]
 
 
+MERGE_METHODS = ["evoprune", "tome"]
+
+
+@pytest.mark.parametrize("name", MERGE_METHODS)
 @pytest.mark.parametrize("keep", [0.5, 0.25])
-def test_square_image_keeps_the_budget_of_every_view(next_tiny, keep):
+def test_square_image_keeps_the_budget_of_every_view(next_tiny, keep, name):
     inputs = inputs_for(next_tiny, 96, 96)  # base view + 2x2 crops, nothing unpadded: 5 x 36 + 12 newlines
     n_in = int((inputs["input_ids"] == next_tiny.seams.image_token_ids[0]).sum())
     assert n_in == 5 * 36 + 12
-    with install(next_tiny.seams, resolve_method("evoprune"), keep=keep) as inst:
+    with install(next_tiny.seams, resolve_method(name), keep=keep) as inst:
         with torch.no_grad():
             length = llm_length(next_tiny, lambda: next_tiny.model(**inputs))
     expected = 5 * n_keep_for(keep, 36)[0] + 12
@@ -51,12 +55,13 @@ def test_square_image_keeps_the_budget_of_every_view(next_tiny, keep):
     assert length == inputs["input_ids"].shape[1] - n_in + expected
 
 
+@pytest.mark.parametrize("name", MERGE_METHODS)
 @pytest.mark.parametrize(("width", "height"), [(96, 96), (96, 48), (48, 96)])
-def test_keep_one_identity_restore_and_cached_decode(next_tiny, width, height):
+def test_keep_one_identity_restore_and_cached_decode(next_tiny, width, height, name):
     from test_contract import GEN, _uncached_greedy, hooks_left
 
     inputs = inputs_for(next_tiny, width, height)
-    method = resolve_method("evoprune")
+    method = resolve_method(name)
     with torch.no_grad():
         reference = next_tiny.model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
         hooks = hooks_left(next_tiny.model)

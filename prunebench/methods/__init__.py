@@ -9,6 +9,7 @@ from __future__ import annotations
 from prunebench.methods import (  # noqa: F401  (registration)
     adaptive_mi,
     cdpruner,
+    compose,
     dart,
     divprune,
     evoprune,
@@ -23,6 +24,7 @@ from prunebench.methods import (  # noqa: F401  (registration)
     pooling_intra,
     pooling_pre,
     random,
+    tome,
     vanilla,
     vispruner,
     vtw,

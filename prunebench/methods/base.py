@@ -30,6 +30,7 @@ class Stage(str, Enum):
     VISION = "vision"  # inside the vision encoder
     PRE_LLM = "pre_llm"  # after the projector, before the LLM
     INTRA_LLM = "intra_llm"  # inside the LLM at layer K
+    PIPELINE = "pipeline"  # several of the above in order (`method=compose`, methods/compose.py)
 
 
 class Positions(str, Enum):
@@ -65,6 +66,8 @@ SIGNALS = {
     "with the post-projector tokens",
     "vision_features": "[N, C] per image (pre-LLM): the projector's input per visual token (the vision features "
     "before the projector; InternVL/Qwen: the 2x2 group's concatenated features)",
+    "keys": "[B, T, d] head-mean keys of the current encoder layer (its key projection output, before any "
+    "rotary embedding), ToMe's merge metric; passed to the merge step as `metric`",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 
@@ -126,6 +129,8 @@ class MethodSpec:
     def kind(self) -> str:
         if self.stage is Stage.NONE:
             return "none"
+        if self.stage is Stage.PIPELINE:
+            return "pipeline"
         return "merge" if self.merge is not None else "select"
 
 

@@ -309,13 +309,12 @@ def evoprune_merge(
     (ToMe merge_wavg; several a's may share a b). Deviation: see `_make_feasible`.
     """
     _check_merge_inputs(x, size, rep, importance, r, ctr, protect)
-    b, t, dim = x.shape
+    b, t, _ = x.shape
     user = protect.bool() if protect is not None else torch.zeros(b, t, dtype=torch.bool, device=x.device)
     protected = _protected_set(importance, user, r, ctr)
-    arange = torch.arange(t, device=x.device).expand(b, t)
-    no_merge = torch.zeros(b, t, dtype=torch.bool, device=x.device)
     if r == 0:
-        return MergeResult(x, size, rep, arange.clone(), no_merge, protected)
+        arange = torch.arange(t, device=x.device).expand(b, t).clone()
+        return MergeResult(x, size, rep, arange, torch.zeros_like(user), protected)
     protected = _make_feasible(protected, user, importance, r)
 
     score = _pair_scores(x, protected, knn, tau, lambda_d)
@@ -324,8 +323,18 @@ def evoprune_merge(
     chosen = best.sort(dim=-1, descending=True, stable=True).indices[:, :r]  # top-r a's, §3.3
     src = 2 * chosen  # old index of each merged a-token
     dst = 2 * best_j.gather(-1, chosen) + 1  # old index of its b-token
+    return merge_pairs(x, size, rep, src, dst, protected)
 
-    # Size-weighted mean (ToMe merge_wavg), in float32; untouched tokens keep their exact values.
+
+def merge_pairs(x: torch.Tensor, size: torch.Tensor, rep: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                protected: torch.Tensor) -> MergeResult:
+    """Merge tokens src [B, r] into dst [B, r] (old indices; several src may share a dst) by size-weighted
+    mean (ToMe `merge_wavg`), in float32; untouched tokens keep their exact values. Survivors are sorted
+    by rep; x [B, T, D], size [B, T], rep [B, T]; protected [B, T] is only reported."""
+    b, t, dim = x.shape
+    r = src.shape[1]
+    arange = torch.arange(t, device=x.device).expand(b, t)
+    no_merge = torch.zeros(b, t, dtype=torch.bool, device=x.device)
     xf, sf = x.float(), size.float()
     num = (xf * sf[..., None]).scatter_add(1, dst[..., None].expand(-1, -1, dim),
                                            (xf * sf[..., None]).gather(1, src[..., None].expand(-1, -1, dim)))
@@ -334,7 +343,7 @@ def evoprune_merge(
     x_all = torch.where(received[..., None], num / new_size[..., None], xf).to(x.dtype)
     size_all = torch.where(received, new_size, sf).to(size.dtype)
 
-    # Survivors sorted by rep; merged a's point at their b's new index.
+    # Survivors sorted by rep; merged src tokens point at their dst's new index.
     merged = no_merge.scatter(1, src, True)
     keep = rep.masked_fill(merged, torch.iinfo(rep.dtype).max).sort(dim=-1, stable=True).indices[:, : t - r]
     old_to_new = torch.full_like(arange, -1).scatter(1, keep, arange[:, : t - r].contiguous())

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from prunebench.methods.base import Positions, ResolvedMethod, Stage, n_keep_for
+from prunebench.methods.compose import PlannedStage, plan_stages
 from prunebench.models.base import Seams
 from prunebench.stages.llm import IntraLLM, capture_image_positions, llm_entry
 from prunebench.stages.state import CallState, TokenCounts
@@ -28,17 +30,30 @@ from prunebench.timing import NullTimer, Timer
 class Installation:
     method: ResolvedMethod
     keep: float
-    positions: Positions  # the policy in force (M-RoPE families keep original positions)
+    positions: Positions  # the policy in force (M-RoPE families keep original positions); pipelines: the last stage's
     state: CallState
     generator: torch.Generator
     schedule: list[int] | None = None  # per encoder layer merges (vision stage)
     notes: list[str] = field(default_factory=list)
     handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    stages: list[PlannedStage] = field(default_factory=list)  # `method=compose`: its stages, in order
 
     @property
     def counts(self) -> TokenCounts:
         """Visual tokens of the last prompt, as measured by the hooks."""
         return self.state.counts
+
+    @property
+    def stage_counts(self) -> list[dict[str, Any]]:
+        """Pipelines: per stage of the last prompt, its method, keep and visual tokens in / out."""
+        out = []
+        for stage in self.stages:
+            c = self.state.stage_counts.get("intra" if stage.method.stage is Stage.INTRA_LLM else "entry")
+            out.append({"method": stage.method.name, "keep": stage.keep,
+                        "n_visual_in": None if c is None else c.n_visual_in,
+                        "n_visual_out": None if c is None else c.n_visual_out,
+                        "clamped_to_one": None if c is None else c.clamped})
+        return out
 
     def reseed(self, seed: int) -> None:
         """Fix the random stream of stochastic methods, e.g. per sample: seed + sample index."""
@@ -54,39 +69,59 @@ def effective_positions(seams: Seams, method: ResolvedMethod) -> tuple[Positions
     return method.positions, []
 
 
+def planned_stages(method: ResolvedMethod, keep: float) -> list[PlannedStage]:
+    """The stages a method installs: a pipeline's own list, one stage otherwise, none for vanilla."""
+    if method.stage is Stage.PIPELINE:
+        return plan_stages(method.params["stages"], keep)
+    return [] if method.stage is Stage.NONE else [PlannedStage(method, keep)]
+
+
 @contextmanager
 def install(
     seams: Seams, method: ResolvedMethod, keep: float, *, seed: int = 0, timer: Timer | None = None
 ) -> Iterator[Installation]:
     timer = timer or NullTimer()
     n_keep_for(keep, 1)  # validates keep
-    positions, notes = effective_positions(seams, method)
+    stages = planned_stages(method, keep)
+    policies = [effective_positions(seams, stage.method) for stage in stages]
+    notes = list(dict.fromkeys(n for _, stage_notes in policies for n in stage_notes))
     state = CallState()
     generator = torch.Generator().manual_seed(seed)
+    positions = policies[-1][0] if policies else method.positions
     inst = Installation(method=method, keep=keep, positions=positions, state=state, generator=generator,
-                        notes=notes)
-    merge: VisionMerge | None = None
+                        notes=notes, stages=stages if method.stage is Stage.PIPELINE else [])
+    merges: list[Any] = []
     try:
+        # shared hooks, once: where the visual tokens are, and the LLM entry applying earlier decisions
         inst.handles.append(
             seams.multimodal.register_forward_pre_hook(capture_image_positions(seams, state), with_kwargs=True))
-        if method.stage is not Stage.NONE:
+        if stages:
             inst.handles.append(
-                seams.language_model.register_forward_pre_hook(llm_entry(state, positions), with_kwargs=True))
-        if method.stage is Stage.PRE_LLM:
-            inst.handles += PreLLMSelect(seams, method, keep, state, timer, generator).register()
-        elif method.stage is Stage.INTRA_LLM:
-            intra = IntraLLM(seams, method, keep, positions, state, timer, generator)
-            inst.handles += intra.register()
-            if method.spec.layer_for_keep is not None:  # the record says which operating point ran
-                inst.notes.append(f"{method.name}: layer K={intra.k} of {len(seams.decoder_layers)} for keep={keep}")
-        elif method.stage is Stage.VISION:
-            merge = (seams.vision_driver or VisionMerge)(seams, method, keep, state, timer)
-            inst.schedule = merge.schedule
-            inst.handles += merge.register()
+                seams.language_model.register_forward_pre_hook(llm_entry(state, policies[0][0]), with_kwargs=True))
+        for stage, (positions, _) in zip(stages, policies, strict=True):
+            inst.handles += _install_stage(seams, stage, positions, inst, timer, merges)
         yield inst
     finally:
         for handle in inst.handles:
             handle.remove()
         inst.handles.clear()
-        if merge is not None:
+        for merge in merges:
             merge.restore()
+
+
+def _install_stage(seams: Seams, stage: PlannedStage, positions: Positions, inst: Installation, timer: Timer,
+                   merges: list[Any]) -> list[Any]:
+    """One stage's own handler (the shared hooks are already in place)."""
+    method, keep, state = stage.method, stage.keep, inst.state
+    if method.stage is Stage.PRE_LLM:
+        return PreLLMSelect(seams, method, keep, state, timer, inst.generator).register()
+    if method.stage is Stage.INTRA_LLM:
+        intra = IntraLLM(seams, method, keep, positions, state, timer, inst.generator)
+        if method.spec.layer_for_keep is not None:  # the record says which operating point ran
+            inst.notes.append(f"{method.name}: layer K={intra.k} of {len(seams.decoder_layers)} for keep={keep}")
+        return intra.register()
+    merge = (seams.vision_driver or VisionMerge)(seams, method, keep, state, timer)
+    merges.append(merge)
+    inst.schedule = merge.schedule
+    inst.notes += getattr(merge, "notes", [])
+    return merge.register()

@@ -60,8 +60,9 @@ def llm_entry(state: CallState, positions: Positions):
             if state.select_at_entry is not None:  # text-conditioned pre-LLM methods select now
                 select, state.select_at_entry = state.select_at_entry, None
                 select(embeds, mask2d)
-            if state.visual_keep is None:
+            if state.visual_keep is None:  # nothing decided before the LLM (or keep=1.0 installed nothing)
                 state.attention_mask_2d = mask2d
+                state.stage_counts["entry"] = state.counts
                 return None
             return args, _compact_entry(state, kwargs, embeds, mask2d, positions)
         state.phase = "decode"
@@ -91,6 +92,7 @@ def _compact_entry(
     index = rows_of(keep)
     n_out = int(keep[0].sum() - (~state.image_mask[0]).sum())
     state.counts = TokenCounts(int(state.image_mask[0].sum()), n_out, float(n_out), state.clamped, state.fixed)
+    state.stage_counts["entry"] = state.counts
     state.clamped, state.fixed = False, 0
     state.visual_sizes = state.visual_values = None
     pos = kwargs.get("position_ids")
@@ -260,8 +262,12 @@ class IntraLLM:
             compaction = self._compaction(hidden, kwargs, image_rows.gather(1, keep_visual.to(image_rows.device)))
         self.state.intra = compaction
         n_layers = len(self.seams.decoder_layers)
-        self.state.counts = TokenCounts(n_in, n_keep, (self.k * n_in + (n_layers - self.k) * n_keep) / n_layers,
-                                        clamped or self.state.clamped)
+        # `prior`: what entered the LLM (an earlier pipeline stage may have pruned already; else n_in)
+        prior = self.state.counts
+        self.state.stage_counts["intra"] = TokenCounts(n_in, n_keep, float(n_keep), clamped)
+        self.state.counts = TokenCounts(prior.n_visual_in, n_keep,
+                                        (self.k * n_in + (n_layers - self.k) * n_keep) / n_layers,
+                                        clamped or self.state.clamped or prior.clamped, prior.n_fixed)
         hidden = hidden.gather(1, compaction.index[..., None].expand(-1, -1, hidden.shape[-1]))
         if args:
             args = (hidden, *args[1:])

@@ -62,11 +62,13 @@ class CallState:
     # A pre-LLM selection deferred to the LLM entry (text-conditioned methods): called there with
     # (inputs_embeds [B, L, D], 2-D padding mask or None) before the sequence is compacted.
     select_at_entry: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
+    stage_counts: dict[str, TokenCounts] = field(default_factory=dict)  # "entry" / "intra": this prompt
 
     def new_prompt(self) -> None:
         self.entry = None
         self.intra = None
         self.captures.clear()
+        self.stage_counts.clear()
 
 
 def renumber(keep_mask: torch.Tensor, positions: torch.Tensor, index: torch.Tensor, policy: Positions) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, SelectContext, Selection, n_keep_for
+from prunebench.methods.tome_ops import head_mean_keys, proportional_bias
 from prunebench.models.base import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
@@ -199,7 +200,9 @@ class VisionMerge:
         self.merge_point = str(method.params.get("merge_point", "attention"))
         if self.merge_point not in ("attention", "layer"):
             raise UserError(f"{method.name}: merge_point must be one of: attention, layer (got '{self.merge_point}')")
-        self.merge_params = {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point")}
+        self.merge_params = merge_params(method)
+        self.prop_attn = bool(method.params.get("prop_attn", False))
+        self.notes: list[str] = []
         try:
             self.schedule = method.spec.schedule(
                 str(method.params["schedule"]), len(seams.vision_layers), n_in, n_remove
@@ -215,15 +218,17 @@ class VisionMerge:
             handles += s.vision_hand_on(self)
         else:
             handles.append(s.visual_output.register_forward_hook(self._finish))
+        if self.prop_attn and self.active:
+            handles += [layer.register_forward_pre_hook(self._size_bias, with_kwargs=True) for layer in s.vision_layers]
+        needs = self.method.spec.needs
         for layer, r in zip(s.vision_layers, self.schedule, strict=True):
             if r == 0:
                 continue
             captured: dict[str, torch.Tensor] = {}
-            if "received_attention" in self.method.spec.needs:
-                handles += [
-                    layer.self_attn.q_proj.register_forward_hook(capture_output(captured, "q")),
-                    layer.self_attn.k_proj.register_forward_hook(capture_output(captured, "k")),
-                ]
+            if "received_attention" in needs:
+                handles.append(layer.self_attn.q_proj.register_forward_hook(capture_output(captured, "q")))
+            if needs & {"received_attention", "keys"}:
+                handles.append(layer.self_attn.k_proj.register_forward_hook(capture_output(captured, "k")))
             step = _MergeStep(self, layer, r, captured)
             if self.merge_point == "layer":  # between layers: on the layer's output, after its MLP
                 # prepend: run before transformers' own hooks that record hidden_states
@@ -234,6 +239,21 @@ class VisionMerge:
 
     def restore(self) -> None:
         self.swaps.restore()
+
+    def _size_bias(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """ToMe proportional attention: log(size) as the layer's additive attention mask, once tokens
+        have merged (before that every size is 1 and the layer runs untouched)."""
+        merge: MergeState = self.state.vision
+        if not isinstance(merge, MergeState) or bool((merge.size == 1).all()):
+            return None
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        bias = proportional_bias(merge.size, hidden.dtype)
+        if len(args) > 1:
+            mask = args[1]
+            return (args[0], bias if mask is None else mask + bias, *args[2:]), kwargs
+        mask = kwargs.get("attention_mask")
+        kwargs["attention_mask"] = bias if mask is None else mask + bias
+        return args, kwargs
 
     def _start(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         pixels = kwargs.get("pixel_values", args[0] if args else None)
@@ -266,11 +286,14 @@ class _MergeStep:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         owner = self.owner
         state: MergeState = owner.state.vision
+        needs = owner.method.spec.needs
         with owner.timer.span("method"):
-            importance = self._received_attention(x.shape[0], x.shape[1]) if self.captured else None
+            importance = self._received_attention(x.shape[0], x.shape[1]) if "received_attention" in needs else None
+            extra = {"metric": head_mean_keys(self.captured.pop("k"), self.layer.self_attn.head_dim)} \
+                if "keys" in needs else {}
             protect = state.rep < 0
             out = owner.method.spec.merge(x, state.size, state.rep, importance, self.r, protect=protect,
-                                          **owner.merge_params)
+                                          **owner.merge_params, **extra)
             owner.state.vision = MergeState(size=out.size, rep=out.rep)
         return out.x
 
@@ -280,6 +303,18 @@ class _MergeStep:
         q = self.captured.pop("q").view(b, t, -1, attn.head_dim).transpose(1, 2)
         k = self.captured.pop("k").view(b, t, -1, attn.head_dim).transpose(1, 2)
         return received_attention(q, k, attn.scale)
+
+
+def merge_params(method: ResolvedMethod) -> dict:
+    """The hyper-parameters a merge step takes: all but the stage-level ones."""
+    return {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point", "prop_attn")}
+
+
+def unapplied_prop_attn(method: ResolvedMethod, family: str, why: str) -> list[str]:
+    """Install notes for a family whose encoder cannot take ToMe's proportional attention bias."""
+    if not method.params.get("prop_attn", False):
+        return []
+    return [f"{method.name}: proportional attention not applied on the {family} family ({why})"]
 
 
 def capture_output(captured: dict[str, torch.Tensor], name: str):

@@ -21,10 +21,11 @@ from torch import nn
 
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, n_keep_for
+from prunebench.methods.tome_ops import head_mean_keys
 from prunebench.models.base import Seams, merging_subclass
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
-from prunebench.stages.vision import ClassSwaps, capture_output
+from prunebench.stages.vision import ClassSwaps, capture_output, merge_params, unapplied_prop_attn
 from prunebench.stages.vision_qwen import merge_units
 from prunebench.timing import Timer
 
@@ -74,7 +75,8 @@ class InternVLVisionMerge:
                                                  n_units, n_units - self.n_keep)
         except ValueError as err:
             raise UserError(f"{method.name}: {err}") from None
-        self.params = {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point")}
+        self.params = merge_params(method)
+        self.notes = unapplied_prop_attn(method, seams.family, "InternViT layers take no attention mask")
         self.swaps = ClassSwaps()
         self.units: torch.Tensor | None = None  # [B, U'] unit ids still in the sequence, sequence order
         self.size: torch.Tensor | None = None  # [B, U'] ToMe sizes, in units
@@ -89,8 +91,9 @@ class InternVLVisionMerge:
             if r == 0:
                 continue
             captured: dict[str, torch.Tensor] = {}
-            handles += [layer.attention.q_norm.register_forward_hook(capture_output(captured, "q")),
-                        layer.attention.k_norm.register_forward_hook(capture_output(captured, "k"))]
+            if "received_attention" in self.method.spec.needs:
+                handles.append(layer.attention.q_norm.register_forward_hook(capture_output(captured, "q")))
+            handles.append(layer.attention.k_norm.register_forward_hook(capture_output(captured, "k")))
             merging = merging_subclass(type(layer), _merging_layer_forward)
             self.swaps.swap(layer, merging, _Step(self, layer, r, captured))
         return handles
@@ -130,12 +133,18 @@ class _Step:
         owner, attn = self.owner, self.layer.attention
         with owner.timer.span("method"):
             b, t, d = x.shape
-            q = self.captured.pop("q").view(b, t, -1, attn.head_dim).transpose(1, 2)
-            k = self.captured.pop("k").view(b, t, -1, attn.head_dim).transpose(1, 2)
-            importance = received_attention(q, k, attn.scale)[:, 1:].view(b, -1, 4).mean(-1)  # [B, U]
+            keys = self.captured.pop("k")
+            importance, extra = None, {}
+            if "received_attention" in owner.method.spec.needs:
+                q = self.captured.pop("q").view(b, t, -1, attn.head_dim).transpose(1, 2)
+                k = keys.view(b, t, -1, attn.head_dim).transpose(1, 2)
+                importance = received_attention(q, k, attn.scale)[:, 1:].view(b, -1, 4).mean(-1)  # [B, U]
+            if "keys" in owner.method.spec.needs:  # ToMe metric per unit: mean of its rows' head-mean keys
+                extra["metric"] = head_mean_keys(keys, attn.head_dim)[:, 1:].reshape(b, -1, 4, attn.head_dim).mean(2)
             units = x[:, 1:].reshape(b, -1, 4, d)
             order = torch.arange(units.shape[1], device=x.device).expand(b, -1)  # keep sequence order
-            out = owner.method.spec.merge(units.mean(2), owner.size, order, importance, self.r, **owner.params)
+            out = owner.method.spec.merge(units.mean(2), owner.size, order, importance, self.r, **owner.params,
+                                          **extra)
             kept = [merge_units(units[i], owner.size[i], out.old_to_new[i], out.merged[i]) for i in range(b)]
             owner.units = owner.units[~out.merged].view(b, -1)
             owner.size = out.size

@@ -51,10 +51,11 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_i
 
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, n_keep_for
+from prunebench.methods.tome_ops import head_mean_keys
 from prunebench.models.base import Seams, merging_subclass
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
-from prunebench.stages.vision import ClassSwaps
+from prunebench.stages.vision import ClassSwaps, merge_params, unapplied_prop_attn
 from prunebench.timing import Timer
 
 
@@ -134,7 +135,8 @@ class QwenVisionMerge:
         self.merge_point = str(method.params.get("merge_point", "attention"))
         if self.merge_point not in ("attention", "layer"):
             raise UserError(f"{method.name}: merge_point must be one of: attention, layer (got '{self.merge_point}')")
-        self.merge_params = {k: v for k, v in method.params.items() if k not in ("schedule", "merge_point")}
+        self.merge_params = merge_params(method)
+        self.notes = unapplied_prop_attn(method, seams.family, "its windowed varlen attention takes no mask")
         try:  # validates the strategy string now; the counts depend on each image's size
             method.spec.schedule(self.strategy, len(self.blocks), 0, 0)
         except ValueError as err:
@@ -153,10 +155,10 @@ class QwenVisionMerge:
             return []
         handles = [self.visual.register_forward_pre_hook(self._start, with_kwargs=True),
                    self.visual.merger.register_forward_hook(self._finish)]
-        needs_attention = "received_attention" in self.method.spec.needs
+        needs_qkv = bool(self.method.spec.needs & {"received_attention", "keys"})
         for i, block in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(functools.partial(self._enter, i), with_kwargs=True))
-            if needs_attention:
+            if needs_qkv:
                 handles.append(block.attn.qkv.register_forward_hook(functools.partial(self._store_qkv, i)))
             step = functools.partial(self._merge, i)
             if self.merge_point == "layer":  # on the block's output; before transformers' capture hooks
@@ -243,7 +245,8 @@ class QwenVisionMerge:
         with self.timer.span("method"):
             if x.shape[0] != m * st.pos.numel():
                 raise RuntimeError(f"prunebench: block {i} got {x.shape[0]} rows for {st.pos.numel()} merge units")
-            importance = self._importance(i, x, r)
+            importance, keys = self._importance(i, x, r), self._keys(i)
+            self._captured.pop(i, None)
             counts = torch.bincount(st.part, minlength=len(r)).tolist()
             pieces, kept, sizes, start = [], [], [], 0
             for p, n in enumerate(counts):
@@ -256,9 +259,10 @@ class QwenVisionMerge:
                 else:
                     units = rows.view(n, m, -1)
                     imp = None if importance is None else importance[start * m : (start + n) * m].view(n, m).mean(1)
+                    extra = {} if keys is None else {"metric": keys[start * m : (start + n) * m].view(n, m, -1).mean(1)[None]}
                     out = self.method.spec.merge(
                         units.float().mean(1)[None], size[None], st.pos[start : start + n][None],
-                        None if imp is None else imp[None], r[p], protect=None, **self.merge_params)
+                        None if imp is None else imp[None], r[p], protect=None, **self.merge_params, **extra)
                     merged = out.merged[0]
                     pieces.append(merge_units(units, size, out.old_to_new[0], merged).flatten(0, 1))
                     kept.append(start + (~merged).nonzero()[:, 0])
@@ -270,10 +274,20 @@ class QwenVisionMerge:
             st.substitute = self._substitutions(st)
         return torch.cat(pieces)
 
+    def _keys(self, i: int) -> torch.Tensor | None:
+        """[S, d] head-mean keys of block i's rows, before the rotary embedding (ToMe's metric)."""
+        qkv = self._captured.get(i) if "keys" in self.method.spec.needs else None
+        if qkv is None:
+            return None
+        attn = self.blocks[i].attn
+        return head_mean_keys(qkv.reshape(qkv.shape[0], 3, -1)[:, 1], qkv.shape[-1] // (3 * attn.num_heads))
+
     def _importance(self, i: int, x: torch.Tensor, r: list[int]) -> torch.Tensor | None:
         """[S] attention each row receives within its attention segment at block i (float32), from the
         block's own qkv with the rotary embedding it was given; zeros for parts that do not merge here."""
-        qkv = self._captured.pop(i, None)
+        if "received_attention" not in self.method.spec.needs:
+            return None
+        qkv = self._captured.get(i)
         if qkv is None:
             return None
         st: UnitState = self.state.vision
