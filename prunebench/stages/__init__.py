@@ -21,6 +21,7 @@ from prunebench.models.base import Seams
 from prunebench.stages.llm import IntraLLM, capture_image_positions, llm_entry
 from prunebench.stages.state import CallState, TokenCounts
 from prunebench.stages.vision import PreLLMSelect, VisionMerge
+from prunebench.stages.vision_preproj import PROJECTOR_INPUT, PreProjectorSelect
 from prunebench.timing import NullTimer, Timer
 
 
@@ -54,6 +55,18 @@ def effective_positions(seams: Seams, method: ResolvedMethod) -> tuple[Positions
     return method.positions, []
 
 
+def _pre_llm(seams: Seams, method: ResolvedMethod, inst: Installation, timer: Timer) -> PreLLMSelect:
+    """The pre-LLM seam: on the projector input for methods in encoder feature space when the
+    family's projector rows allow it, else on the projector output (noted)."""
+    args = (seams, method, inst.keep, inst.state)
+    if PROJECTOR_INPUT in method.spec.needs:
+        if seams.projector_rows:
+            return PreProjectorSelect(*args, timer, inst.generator)
+        inst.notes.append(f"{seams.family}: the projector input is not row-aligned with its output; "
+                          f"{method.name} merges after the projector, in LLM space")
+    return PreLLMSelect(*args, timer, inst.generator)
+
+
 @contextmanager
 def install(
     seams: Seams, method: ResolvedMethod, keep: float, *, seed: int = 0, timer: Timer | None = None
@@ -73,7 +86,7 @@ def install(
             inst.handles.append(
                 seams.language_model.register_forward_pre_hook(llm_entry(state, positions), with_kwargs=True))
         if method.stage is Stage.PRE_LLM:
-            inst.handles += PreLLMSelect(seams, method, keep, state, timer, generator).register()
+            inst.handles += _pre_llm(seams, method, inst, timer).register()
         elif method.stage is Stage.INTRA_LLM:
             inst.handles += IntraLLM(seams, method, keep, positions, state, timer, generator).register()
         elif method.stage is Stage.VISION:
