@@ -15,6 +15,7 @@ from prunebench.errors import UserError
 from prunebench.methods import METHODS, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
 from prunebench.stages import install
+from prunebench.stages.vision_signals import VISION_SIGNALS
 
 PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage is not Stage.NONE]
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
@@ -37,6 +38,8 @@ def supported(fam, name: str) -> bool:
     seams = fam.seams
     if needs_intra_grid(name):
         return fam.family in INTRA_GRID_FAMILIES
+    if VISION_SIGNALS & METHODS.get(name).needs:  # per-view encoder signals: not mapped onto packed tokens
+        return seams.always_keep is None
     if "grid" in METHODS.get(name).needs:  # pre-LLM: per-image grids, but not packed tokens
         return seams.always_keep is None
     return (METHODS.get(name).stage is not Stage.VISION or seams.merge_layer_class is not None

@@ -9,15 +9,18 @@ from __future__ import annotations
 from prunebench.methods import (  # noqa: F401  (registration)
     divprune,
     evoprune,
+    fastervlm,
     fastv,
     fastv_alpha,
     fastv_reverse,
     fastv_vis,
     fastv_window,
+    holov,
     pooling_intra,
     pooling_pre,
     random,
     vanilla,
+    vispruner,
 )
 from prunebench.methods.base import (
     METHODS,

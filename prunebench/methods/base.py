@@ -48,6 +48,14 @@ SIGNALS = {
     "last_visual_query_attention": "[B, N] head-mean softmax row of the last visual token at LLM layer K-1 "
     "(causal: keys up to it), restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
     "last_token_hidden": "[B, D] hidden state of the last prompt token entering LLM layer K",
+    "cls_attention": "[N] per image (pre-LLM): head-mean softmax row of the vision encoder's [CLS] query over the "
+    "patches at encoder layer `vision_layer` (method parameter; None = the selected feature layer), recomputed "
+    "from that layer's q/k, aligned with the post-projector tokens (families without [CLS]: mean attention "
+    "received, see stages/vision_signals.py)",
+    "cls_keys": "[N, d] per image (pre-LLM): head-mean keys of the patches at the same encoder layer, aligned "
+    "with the post-projector tokens",
+    "vision_features": "[N, C] per image (pre-LLM): the projector's input per visual token (the vision features "
+    "before the projector; InternVL/Qwen: the 2x2 group's concatenated features)",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 

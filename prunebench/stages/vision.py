@@ -18,6 +18,7 @@ from prunebench.methods.base import ResolvedMethod, SelectContext, Selection, n_
 from prunebench.models.base import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
+from prunebench.stages.vision_signals import VISION_SIGNALS, VisionSignals
 from prunebench.timing import Timer
 
 
@@ -44,28 +45,32 @@ class PreLLMSelect:
                             f"{seams.family} family (it packs them with newline tokens)")
         self.seams, self.method, self.keep, self.state = seams, method, keep, state
         self.timer, self.generator = timer, generator
+        self.signals = VisionSignals(seams, method, timer) if VISION_SIGNALS & method.spec.needs else None
 
     def register(self) -> list:
+        handles = self.signals.register() if self.signals is not None else []
         if self.seams.visual_fns:
-            return [MethodWrap(self.seams.multimodal, name, functools.partial(self._hook, split=split))
+            return handles + [MethodWrap(self.seams.multimodal, name, functools.partial(self._hook, split=split))
                     for name, split in self.seams.visual_fns.items()]
-        return [self.seams.visual_output.register_forward_hook(self._hook, with_kwargs=True)]
+        return handles + [self.seams.visual_output.register_forward_hook(self._hook, with_kwargs=True)]
 
     def _hook(self, module: object, args: tuple, kwargs: dict, output: object, split: object = None) -> None:
         tokens = (split or self.seams.split_visual)(args, kwargs, output)
         grids = self.seams.visual_grids(args, kwargs, tokens)
         keeps, values = [], []
+        signals = self.signals.take(len(tokens)) if self.signals is not None else [{}] * len(tokens)
         with self.timer.span("method"):
-            for x, grid in zip(tokens, grids, strict=True):
-                kept, new = self._select(x, grid)
+            for x, grid, sig in zip(tokens, grids, signals, strict=True):
+                kept, new = self._select(x, grid, sig)
                 keeps.append(kept)
                 values.append(new)
         self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
         self.state.visual_keep = (self.state.visual_keep or []) + keeps
         self.state.visual_values = (self.state.visual_values or []) + values
 
-    def _select(self, x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[N, D] -> (sorted indices of the kept rows, their new values or None)."""
+    def _select(self, x: torch.Tensor, grid: tuple[int, int] | None,
+                signals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, D] (and per-token signals [N, ...]) -> (sorted indices of the kept rows, their new values or None)."""
         if "grid" in self.method.spec.needs and grid is None:
             raise ValueError(f"{self.method.name} needs the visual tokens of an image to form a grid")
         fixed = self.seams.always_keep(x) if self.seams.always_keep else None
@@ -77,7 +82,11 @@ class PreLLMSelect:
                 return fixed.nonzero()[:, 0], None
         n_keep, clamped = n_keep_for(self.keep, candidates.numel())
         self.state.clamped |= clamped
-        ctx = SelectContext(tokens=x[candidates][None], n_keep=n_keep, grid=grid, generator=self.generator)
+        for name, value in signals.items():
+            if value.shape[0] != x.shape[0]:
+                raise RuntimeError(f"prunebench: {name} has {value.shape[0]} rows for {x.shape[0]} visual tokens")
+        ctx = SelectContext(tokens=x[candidates][None], n_keep=n_keep, grid=grid, generator=self.generator,
+                            signals={k: v.to(x.device)[candidates][None] for k, v in signals.items()})
         out = self.method.spec.fn(ctx, **self.method.params)
         index, new = (out.index, out.tokens) if isinstance(out, Selection) else (out, None)
         kept = candidates[index[0].to(x.device)]

@@ -1,0 +1,106 @@
+"""Pure tensor functions of the ViT [CLS]-attention pre-LLM methods (FasterVLM, VisPruner, HoloV).
+
+They know no model: visual tokens [N, D] (or [B, N, D]) and a per-token attention score [N] in,
+kept indices out. The hooks (`stages/vision.py`, `stages/vision_signals.py`) supply the scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def top_attention(attention: torch.Tensor, k: int) -> torch.Tensor:
+    """FasterVLM: [B, N] scores -> [B, k] indices of the k highest, sorted ascending (original order)."""
+    return attention.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def vispruner_select(attention: torch.Tensor, features: torch.Tensor, k: int, important_ratio: float) -> torch.Tensor:
+    """VisPruner (Theia-4869/VisPruner `llava_arch.py encode_images`) for one image.
+
+    attention [N] (head-mean [CLS] attention), features [N, C] (the tokens whose cosine similarity
+    measures duplication), k = T kept tokens. T_imp = int(T * r) tokens of highest attention are
+    important; the rest (in attention-descending order) are deduplicated: split alternately into
+    A (even positions) and B (odd), drop the min(8, R - T_div) tokens of A whose best cosine match
+    in B is highest, and continue on [A survivors in descending max-similarity order, B] until
+    T_div = T - T_imp remain. Returns [k] sorted indices.
+    """
+    n_imp = int(k * important_ratio)
+    n_div = k - n_imp
+    order = attention.argsort(descending=True, stable=True)
+    important, residual = order[:n_imp], order[n_imp:]
+    unit = features.float() / features.float().norm(dim=-1, keepdim=True)
+    while (r := min(8, residual.numel() - n_div)) > 0:
+        a, b = residual[::2], residual[1::2]
+        best = (unit[a] @ unit[b].T).max(dim=-1).values  # [|A|] each A token's most similar B token
+        survivors = a[best.argsort(descending=True, stable=True)[r:]]
+        residual = torch.cat([survivors, b])
+    return torch.cat([important, residual]).sort().values
+
+
+def holov_chunks(n: int, p: int) -> list[tuple[int, int]]:
+    """P contiguous 1-D chunks of n tokens, the first n % P one token longer (HoloV `utils.py`);
+    empty chunks are skipped. Returns (start, end) pairs."""
+    size, extra = divmod(n, p)
+    bounds, start = [], 0
+    for i in range(p):
+        end = start + size + (1 if i < extra else 0)
+        if end > start:
+            bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def holov_chunk_count(n: int, k: int) -> int:
+    """P = max(1, floor((1024/576) * N / k)) chunks (METHODS.md HoloV; 16 at N=576, k=64), at most N."""
+    return min(n, max(1, math.floor(1024 / 576 * n / k)))
+
+
+def holov_chunk_score(tokens: torch.Tensor, attention: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """Mean token score of one chunk: tokens [n, D], attention [n] -> scalar (float32).
+
+    s_i = 1000 a_i + alpha * c * var_i, var_i = the variance of row i of the cosine-similarity
+    matrix with its diagonal set to 0 (the zeroed diagonal stays in the sum, divisor n-1, as the
+    official code), c = mean|1000 a| / (mean|var| + eps). A chunk of one token scores its attention.
+    """
+    n = tokens.shape[0]
+    if n <= 1:
+        return attention.float().mean()
+    unit = tokens.float() / (tokens.float().norm(dim=1, keepdim=True) + eps)
+    sim = (unit @ unit.T) * (1 - torch.eye(n, device=tokens.device))
+    mean = sim.sum(dim=1) / (n - 1)
+    var = ((sim - mean[:, None]) ** 2).sum(dim=1) / (n - 1)
+    scaled = attention.float() * 1e3
+    c = scaled.abs().mean() / (var.abs().mean() + eps)
+    return (scaled + alpha * var * c).mean()
+
+
+def holov_allocate(scores: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
+    """Chunk budgets: floor(k * score_p / (sum + eps)), the remainder +1 each to the top chunks."""
+    weights = scores / (scores.sum() + eps)
+    budget = (weights * k).floor().long()
+    remaining = k - int(budget.sum())
+    if remaining > 0:
+        budget[torch.topk(weights, min(remaining, weights.numel())).indices] += 1
+    return budget
+
+
+def holov_select(tokens: torch.Tensor, attention: torch.Tensor, k: int, n_chunks: int, alpha: float) -> torch.Tensor:
+    """HoloV (obananas/HoloV `llava/model/utils.py HoloV`) for one image: tokens [N, D], attention [N]
+    -> [k] sorted indices. Within each chunk the top-budget tokens by attention are kept (a chunk
+    whose budget reaches its size is kept whole); a shortfall (budgets beyond a chunk's size, or a
+    remainder larger than the chunk count), which the official code pads with zero tokens, is filled
+    with the highest-attention tokens not yet kept."""
+    bounds = holov_chunks(tokens.shape[0], n_chunks)
+    scores = torch.stack([holov_chunk_score(tokens[s:e], attention[s:e], alpha) for s, e in bounds])
+    budget = holov_allocate(scores, k).tolist()
+    kept = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for (s, e), b in zip(bounds, budget, strict=True):
+        if b > 0:
+            kept[s + attention[s:e].topk(min(b, e - s)).indices] = True
+    short = k - int(kept.sum())
+    if short > 0:
+        rest = attention.float().masked_fill(kept, float("-inf"))
+        kept[rest.topk(short).indices] = True
+    return kept.nonzero()[:, 0]

@@ -1,0 +1,18 @@
+"""What the [CLS]-attention methods share: the deviations every one of them states (their
+`vision_layer` parameter is resolved against the encoder in stages/vision_signals.py)."""
+
+from __future__ import annotations
+
+CLS_DEVIATIONS = (
+    "[CLS] attention recomputed from the encoder layer's own q/k (SDPA stays on) instead of output_attentions "
+    "(eager); the same numbers (tests/test_cls_methods.py checks it against eager attention)",
+    "InternVL: a visual token is a 2x2 pixel-shuffle group of InternViT patches; its [CLS] attention is the mean "
+    "over the group's 4 patches",
+    "Qwen2.5-VL / Qwen2-VL have no [CLS]: substitute = mean attention each patch RECEIVES at that ViT block "
+    "(over queries and heads, within the block's attention segment: window or whole image), averaged per 2x2 "
+    "merge unit (METHODS.md §0.4, as EffiVLM-VisionZip / HoloV-Qwen)",
+    "vision_layer=null reads the layer whose output the family selects (LLaVA-1.5: CLIP layer L-2, the official "
+    "attentions[-2]; InternVL / Qwen: the last layer)",
+    "LLaVA-NeXT / LLaVA-OneVision (packed views with newlines) are refused",
+)
+

@@ -1,0 +1,43 @@
+"""VisPruner (Zhang et al. 2025, "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective
+Token Pruning in VLMs", arXiv 2412.01818v2 / ICCV 2025 §3; official Theia-4869/VisPruner
+`llava/model/llava_arch.py` `encode_images`): T_imp = int(T * r) important tokens by head-mean
+[CLS] attention, then the rest are deduplicated by iterative bipartite matching on the cosine of
+the vision features (before the projector) down to T - T_imp diverse tokens; the mask is applied
+after the projector. See `cls_ops.vispruner_select` (METHODS.md VisPruner).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunebench.errors import UserError
+from prunebench.methods.base import Positions, SelectContext, Stage, register_method
+from prunebench.methods.cls_ops import vispruner_select
+from prunebench.methods.cls_signal import CLS_DEVIATIONS
+
+
+@register_method(
+    "vispruner",
+    stage=Stage.PRE_LLM,
+    source="VisPruner (ICCV 2025) §3; Theia-4869/VisPruner llava/model/llava_arch.py encode_images",
+    needs=("cls_attention", "vision_features"),
+    positions=Positions.CONTIGUOUS,  # pruned in prepare_inputs_labels_for_multimodal: positions close up
+    defaults={"important_ratio": 0.5, "vision_layer": None},
+    deviations=(
+        "budget: T = round(keep*N) per image (the official visual_token_num is keep*576)",
+        "ties in the attention ranking and the max-similarity ranking are broken by a stable sort (position "
+        "order); the official argsort is unstable",
+        "an odd number of residual tokens is split A = even positions (one more), B = odd; the official indexing "
+        "assumes an even count",
+        "InternVL / Qwen: duplication is measured on the projector's input per token (the 2x2 group's "
+        "concatenated features)",
+        *CLS_DEVIATIONS,
+    ),
+)
+def vispruner(ctx: SelectContext, important_ratio: float = 0.5, vision_layer: int | None = None) -> torch.Tensor:
+    if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)) \
+            or not 0.0 <= important_ratio < 1.0:
+        raise UserError(f"vispruner: important_ratio must be a number in [0, 1) (e.g. 0.5, 0.75), got {important_ratio!r}")
+    attention, features = ctx.signals["cls_attention"], ctx.signals["vision_features"]
+    return torch.stack([vispruner_select(a, f, ctx.n_keep, float(important_ratio))
+                        for a, f in zip(attention, features, strict=True)])

@@ -1,0 +1,222 @@
+"""Vision-encoder signals for pre-LLM methods: the [CLS] attention row and the keys at one layer.
+
+FasterVLM, VisPruner, HoloV (and VisionZip, PruMerge) score visual tokens by how much the ViT's
+[CLS] query attends to each patch at one encoder layer (METHODS.md §0.3: only that row is needed).
+The official code forces eager attention (`output_attentions=True`); here the row is recomputed
+from the layer's own captured q/k projections during the normal (SDPA) tower forward:
+
+    cls_attention[i] = mean_h softmax_j(q_cls,h . k_j,h * scale)[1 + i]   (patch i; the softmax
+                       runs over [CLS] + all patches, as eager attention's row 0, not renormalised)
+    cls_keys[i]      = mean_h k_{1+i},h                                   (VisionZip's head-mean keys)
+
+Per family, aligned with the post-projector visual tokens the pre-LLM method receives:
+- LLaVA-1.5 (CLIP, [CLS] at row 0): patch i is visual token i.
+- InternVL (InternViT, [CLS] at row 0, then pixel shuffle): a visual token is a 2x2 patch group
+  (read off the model's own `pixel_shuffle`, `vision_internvl.shuffle_groups`); its signal is the
+  mean over the 4 patches of the group.
+- Qwen2.5-VL / Qwen2-VL (no [CLS]): METHODS.md §0.4 substitute, the mean attention each patch
+  RECEIVES at that block (over queries and heads, within the attention segment the block uses:
+  its window, or the whole image / temporal slice for full-attention blocks), averaged per 2x2
+  merge unit (= LLM token), in raster order; keys: the head-mean pre-RoPE keys, averaged per unit.
+
+The layer: `vision_layer` method parameter, None = the layer whose output the family selects as
+its visual feature (LLaVA-1.5 `vision_feature_layer=-2` -> CLIP layer L-2, which is what the
+official code reads as `attentions[-2]`), else a Python index into the encoder's layers (-1 = last).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections import deque
+
+import torch
+from torch import nn
+
+from prunebench.errors import UserError
+from prunebench.methods.base import ResolvedMethod
+from prunebench.models.base import Seams
+from prunebench.stages.attention import query_rows_attention, received_attention
+from prunebench.timing import NullTimer, Timer
+
+# Signals this module computes (declared by a method in `needs`).
+VISION_SIGNALS = frozenset({"cls_attention", "cls_keys", "vision_features"})
+
+
+def cls_row_and_keys(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, T, d] q, k of an encoder layer whose row 0 is [CLS] ->
+    (cls_attention [B, T-1] float32: head-mean softmax row of [CLS] over all T keys, patch columns;
+     cls_keys [B, T-1, d]: head-mean keys of the patches)."""
+    row = query_rows_attention(q[:, :, :1], k, scale)[:, 0]  # [B, T]
+    return row[:, 1:], k[:, :, 1:].float().mean(dim=1)
+
+
+def encoder_layers(seams: Seams) -> list[nn.Module]:
+    """Every layer of the family's vision encoder (the feeding layers may be fewer)."""
+    tower = seams.vision_tower
+    for path in ("encoder.layers", "encoder.layer", "blocks"):
+        obj = tower
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return list(obj)
+    raise UserError(f"cls_attention: no encoder layers found on the {seams.family} family")
+
+
+def layer_index(seams: Seams, method: ResolvedMethod) -> int:
+    """The encoder layer the signal is read at (see the module docstring)."""
+    n = len(encoder_layers(seams))
+    chosen = method.params.get("vision_layer")
+    if chosen is None:
+        return len(seams.vision_layers) - 1
+    if isinstance(chosen, bool) or not isinstance(chosen, int) or not -n <= chosen < n:
+        raise UserError(f"{method.name}: vision_layer must be null or an integer in [{-n}, {n - 1}] "
+                        f"(encoder layers of {seams.family}), got {chosen!r}")
+    return chosen % n
+
+
+class VisionSignals:
+    """Captures the signals at one encoder layer for every tower call and queues them per visual
+    unit (image / tile / temporal slice), in the order the pre-LLM seam splits the tokens."""
+
+    def __init__(self, seams: Seams, method: ResolvedMethod, timer: Timer | None = None) -> None:
+        if seams.always_keep is not None:
+            raise UserError(f"{method.name} needs per-view vision-encoder signals: not supported on the "
+                            f"{seams.family} family (packed views and newlines are not mapped yet)")
+        self.seams, self.method, self.timer = seams, method, timer or NullTimer()
+        self.index = layer_index(seams, method)
+        self.layer = encoder_layers(seams)[self.index]
+        self.queue: deque[dict[str, torch.Tensor]] = deque()
+        self.features: deque[torch.Tensor] = deque()  # pre-projector features per visual unit
+        self.want_features = "vision_features" in method.spec.needs
+        self._captured: dict[str, object] = {}
+        self._grid: torch.Tensor | None = None  # Qwen: grid_thw of the current tower call
+        self.qwen = seams.family in ("qwen2_5_vl", "qwen2_vl")
+        if not self.qwen and seams.family not in ("llava", "internvl"):
+            raise UserError(f"{method.name} needs vision-encoder signals: not supported on the {seams.family} family")
+
+    def register(self) -> list:
+        handles = []
+        if self.qwen:
+            attn = self.layer.attn
+            handles.append(self.seams.vision_tower.register_forward_pre_hook(self._tower_start, with_kwargs=True))
+            handles.append(self.layer.register_forward_pre_hook(self._store_kwargs, with_kwargs=True))
+            handles.append(attn.qkv.register_forward_hook(functools.partial(self._store, "qkv")))
+        else:
+            attn = getattr(self.layer, "self_attn", None) or self.layer.attention
+            q_mod, k_mod = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (attn.q_proj, attn.k_proj)
+            handles += [q_mod.register_forward_hook(functools.partial(self._store, "q")),
+                        k_mod.register_forward_hook(functools.partial(self._store, "k"))]
+        handles.append(self.layer.register_forward_hook(self._done))
+        if self.want_features:
+            where = self.seams.vision_tower.merger if self.qwen else self.seams.visual_output
+            handles.append(where.register_forward_pre_hook(self._store_features))
+        return handles
+
+    def take(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """The signals of the next n visual units."""
+        if len(self.queue) < n:
+            raise RuntimeError(f"prunebench: {n} visual units reached the pre-LLM seam but the vision "
+                               f"encoder gave signals for {len(self.queue)}")
+        out = [self.queue.popleft() for _ in range(n)]
+        if self.want_features:
+            if len(self.features) < n:
+                raise RuntimeError("prunebench: the projector input was not captured for every visual unit")
+            for entry in out:
+                entry["vision_features"] = self.features.popleft()
+        return out
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _store(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._captured[name] = output
+
+    def _tower_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Qwen: the call's grid_thw (the window order depends on it)."""
+        self._grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+    def _store_kwargs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._captured["cu_seqlens"] = kwargs["cu_seqlens"]
+        self._captured["position_embeddings"] = kwargs["position_embeddings"]
+
+    def _store_features(self, module: nn.Module, args: tuple) -> None:
+        """The projector's input: LLaVA [B, N, C] selected CLIP features; InternVL [tiles, U, 4C]
+        pixel-shuffled groups; Qwen the merger input [S, C] in window order -> [U, 4C] per unit, raster."""
+        x = args[0]
+        if not self.qwen:
+            self.features.extend(x)
+            return
+        m = int(self.seams.vision_tower.spatial_merge_size) ** 2
+        units = x.reshape(-1, m * x.shape[-1])
+        raster = torch.empty_like(units)
+        raster[self._window_index(units.device)] = units
+        self.features.extend(raster.split(self._part_sizes()))
+
+    def _part_sizes(self) -> list[int]:
+        m = int(self.seams.vision_tower.spatial_merge_size) ** 2
+        return [h * w // m for t, h, w in self._grid.tolist() for _ in range(t)]
+
+    def _done(self, module: nn.Module, args: tuple, output: object) -> None:
+        with torch.no_grad(), self.timer.span("method"):  # the signal is the method's cost (eager in official code)
+            self.queue.extend(self._qwen() if self.qwen else self._cls())
+        self._captured.clear()
+
+    # -- families --------------------------------------------------------------------------------
+    def _cls(self) -> list[dict[str, torch.Tensor]]:
+        attn = getattr(self.layer, "self_attn", None) or self.layer.attention
+        q_out, k_out = self._captured["q"], self._captured["k"]
+        b, t, _ = q_out.shape
+        q = q_out.view(b, t, -1, attn.head_dim).transpose(1, 2)
+        k = k_out.view(b, t, -1, attn.head_dim).transpose(1, 2)
+        row, keys = cls_row_and_keys(q, k, attn.scale)
+        if self.seams.family == "internvl":
+            row, keys = self._internvl_groups(row, keys)
+        return [{"cls_attention": r, "cls_keys": kk} for r, kk in zip(row, keys, strict=True)]
+
+    def _internvl_groups(self, row: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch signals [B, N], [B, N, d] -> pixel-shuffle group means [B, U], [B, U, d]."""
+        from prunebench.stages.vision_internvl import shuffle_groups
+
+        groups = shuffle_groups(self.seams.multimodal, int(round(row.shape[1] ** 0.5))).to(row.device)  # [U, 4]
+        return row[:, groups].mean(-1), keys[:, groups].mean(-2)
+
+    def _qwen(self) -> list[dict[str, torch.Tensor]]:
+        """Received attention per segment of this block, per 2x2 unit, raster order per image/slice."""
+        visual, attn = self.seams.vision_tower, self.layer.attn
+        qkv = self._captured["qkv"]
+        s, m = qkv.shape[0], int(visual.spatial_merge_size) ** 2
+        q, k, _ = qkv.reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, H, d]
+        keys = k.float().mean(1)  # pre-RoPE head-mean keys [S, d]
+        cos, sin = self._captured["position_embeddings"]
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+        received = torch.zeros(s, dtype=torch.float32, device=qkv.device)
+        cu = self._captured["cu_seqlens"].tolist()
+        for a, e in zip(cu[:-1], cu[1:], strict=True):
+            if e > a:
+                received[a:e] = received_attention(q[a:e].transpose(0, 1)[None], k[a:e].transpose(0, 1)[None],
+                                                   attn.scaling)[0]
+        return self._qwen_units(received.view(-1, m).mean(1), keys.view(-1, m, keys.shape[-1]).mean(1))
+
+    def _qwen_units(self, received: torch.Tensor, keys: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Units in the tower's sequence order -> per image / temporal slice, raster order."""
+        order = self._window_index(received.device)  # sequence unit u holds raster unit order[u]
+        raster_att = torch.empty_like(received)
+        raster_att[order] = received
+        raster_keys = torch.empty_like(keys)
+        raster_keys[order] = keys
+        sizes = self._part_sizes()
+        return [{"cls_attention": a, "cls_keys": kk}
+                for a, kk in zip(raster_att.split(sizes), raster_keys.split(sizes), strict=True)]
+
+    def _window_index(self, device: torch.device) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        v, grid = self.seams.vision_tower, self._grid
+        if getattr(v, "fullatt_block_indexes", None) is None:  # Qwen2-VL: raster order throughout
+            return torch.arange(int(sum(t * h * w for t, h, w in grid.tolist())) // v.spatial_merge_size**2,
+                                device=device)
+        index, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                           patch_size=v.patch_size, kwargs={})
+        return index.to(device)
+
