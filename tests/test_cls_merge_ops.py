@@ -148,3 +148,16 @@ def test_prumerge_plus_select_outliers_then_uniform(k):
 def test_extra_slot_is_last_pruned_patch():
     kept = torch.tensor([[0, 5, 9], [1, 2, 3]])
     assert extra_slot(kept, 10).tolist() == [8, 9]
+
+
+def test_full_width_cls_row_is_single_head_softmax():
+    from prunebench.stages.vision_signals import full_width_cls_row
+
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 9, 12, generator=g), torch.randn(2, 9, 12, generator=g)
+    row, keys = full_width_cls_row(q, k)
+    for b in range(2):
+        logits = [float(q[b, 0] @ k[b, j]) / math.sqrt(12) for j in range(9)]
+        ref = torch.tensor(logits).softmax(0)[1:]
+        torch.testing.assert_close(row[b], ref)
+        assert torch.equal(keys[b], k[b, 1:])

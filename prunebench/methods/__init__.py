@@ -18,8 +18,10 @@ from prunebench.methods import (  # noqa: F401  (registration)
     holov,
     pooling_intra,
     pooling_pre,
+    prumerge,
     random,
     vanilla,
+    visionzip,
     vispruner,
 )
 from prunebench.methods.base import (
