@@ -161,3 +161,15 @@ def test_full_width_cls_row_is_single_head_softmax():
         ref = torch.tensor(logits).softmax(0)[1:]
         torch.testing.assert_close(row[b], ref)
         assert torch.equal(keys[b], k[b, 1:])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 0.99])
+def test_visionzip_any_share_matches_loop_reference(share):
+    x, attn, keys = _toy(b=1)
+    for k in (1, 2, 9):
+        n_dom, n_ctx = visionzip_split(k, share)
+        assert n_dom + n_ctx == k and n_dom >= 0
+        index, tokens = visionzip_merge(x, attn, keys, n_dom, n_ctx)
+        ref = visionzip_reference(x[0], attn[0], keys[0], n_dom, n_ctx)
+        assert index[0].tolist() == sorted(ref)
+        torch.testing.assert_close(tokens[0], torch.stack([ref[s] for s in sorted(ref)]))

@@ -32,6 +32,9 @@ from prunebench.methods.prumerge_ops import (
 NEEDS = ("cls_attention_full", "cls_keys_full", "projector_input")
 DEFAULTS = {"n_neighbours": N_NEIGHBOURS, "vision_layer": -1}
 DEVIATIONS = (
+    "k = round-half-up(keep * N) (n_keep_for, as every method here); the official fixed mode keeps "
+    "int(N * reduction_ratio) (floor)",
+    "the [CLS] row is recomputed from the captured q/k in float32 (official: the model dtype)",
     "budget: the k + 1 tokens the LLM receives are the k kept patches plus the aggregate token; the aggregate "
     "token occupies the placeholder slot of the last pruned patch (the official code appends it after the kept "
     "tokens; with contiguous positions this is the same place whenever the last patch is pruned)",
@@ -75,7 +78,7 @@ def _run(select: Callable[[torch.Tensor, int], torch.Tensor], ctx: SelectContext
     positions=Positions.CONTIGUOUS,  # official: rebuilt sequence in prepare_inputs_labels_for_multimodal
     defaults=DEFAULTS,
     deviations=("fixed budget (official if_adaptive=False, reduction_ratio = keep): the top-k patches by [CLS] "
-                "attention; the paper's adaptive IQR count is not offered",) + DEVIATIONS,
+                "attention; the paper's adaptive IQR count (a per-image, data-dependent count) is not offered",) + DEVIATIONS,
     budget=_budget,
 )
 def prumerge(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer: int = -1) -> torch.Tensor | Selection:
