@@ -274,3 +274,32 @@ def test_qwen_substitute_is_received_attention_per_unit(fam, vision_layer):
     features = torch.cat([s["vision_features"] for s in seen])
     merged = visual.merger(features.reshape(-1, features.shape[-1] // 4))
     torch.testing.assert_close(merged, pooled, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("vision_layer", [None, 0])
+def test_qwen_signals_per_image_in_a_two_image_call(fam, vision_layer):
+    """Two images of different sizes (odd unit grids, padded windows) in one tower call get the signals
+    each image gets alone: per-image split and window-order un-permutation are right."""
+    if fam.family not in ("qwen2_5_vl", "qwen2_vl"):
+        pytest.skip("Qwen only")
+    from test_vision_qwen import SIZES, pixels
+
+    method = resolve_method("vispruner", {"vision_layer": vision_layer})
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def spy(ctx, **kw):
+        seen.append({k: v[0].clone() for k, v in ctx.signals.items()})
+        return method.spec.fn(ctx, **kw)
+
+    spied = dataclasses.replace(method, spec=dataclasses.replace(method.spec, fn=spy))
+    both, grid = pixels(fam, SIZES)
+    n_rows = [int(g.prod()) for g in grid]
+    with install(fam.seams, spied, keep=0.3, seed=0), torch.no_grad():
+        fam.seams.vision_tower(both, grid_thw=grid)
+        for px, g in zip(both.split(n_rows), grid, strict=True):
+            fam.seams.vision_tower(px, grid_thw=g[None])
+    together, alone = seen[:2], seen[2:]
+    assert [s["cls_attention"].numel() for s in together] == [24, 15]
+    for a, b in zip(together, alone, strict=True):
+        for name in ("cls_attention", "cls_keys", "vision_features"):
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)

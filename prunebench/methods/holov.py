@@ -1,4 +1,4 @@
-"""HoloV (Zou et al., NeurIPS 2025, "HoloV: Holistic Visual Token Pruning"; official obananas/HoloV
+"""HoloV (NeurIPS 2025, holistic visual token pruning; official obananas/HoloV
 `llava/model/utils.py` `HoloV`, called from `llava/model/llava_arch.py` on the post-projector
 features with the CLIP layer -2 [CLS] attention): split the raster token sequence into P contiguous
 1-D chunks, score each chunk by the mean of 1000*a + alpha*c*var (attention plus rescaled variance

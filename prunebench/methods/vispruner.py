@@ -1,5 +1,5 @@
-"""VisPruner (Zhang et al. 2025, "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective
-Token Pruning in VLMs", arXiv 2412.01818v2 / ICCV 2025 §3; official Theia-4869/VisPruner
+"""VisPruner ("Beyond Text-Visual Attention: Exploiting Visual Cues for Effective
+Token Pruning in VLMs", ICCV 2025, §3; official Theia-4869/VisPruner
 `llava/model/llava_arch.py` `encode_images`): T_imp = int(T * r) important tokens by head-mean
 [CLS] attention, then the rest are deduplicated by iterative bipartite matching on the cosine of
 the vision features (before the projector) down to T - T_imp diverse tokens; the mask is applied
