@@ -122,3 +122,15 @@ def test_bad_hyper_parameters_are_refused(tiny, name, params):
 def test_official_visionzip_split_round_trip():
     assert all(visionzip_split(d + c) == (d, c) for d, c in [(54, 10), (108, 20), (162, 30)])
     assert math.isclose(10 / 64, 20 / 128)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"], scope="session")
+@pytest.mark.parametrize("name", ["visionzip", "prumerge"])
+def test_merge_space_is_recorded(fam, family, name):
+    """Encoder feature space where the projector rows allow it (LLaVA); elsewhere (Qwen's merger)
+    after the projector, with a note in the record."""
+    with install(fam.seams, resolve_method(name), keep=0.25, seed=0) as inst, torch.no_grad():
+        fam.model(**fam.inputs())
+    after_projector = [n for n in inst.notes if "merges after the projector" in n]
+    assert bool(after_projector) == (family != "llava")
+    assert inst.counts.n_visual_out < inst.counts.n_visual_in
