@@ -21,6 +21,7 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.methods.base import Positions, SelectContext, Selection, Stage, register_method
+from prunebench.methods.cls_signal import CLS_DEVIATIONS
 from prunebench.methods.prumerge_ops import (
     N_NEIGHBOURS,
     extra_slot,
@@ -43,9 +44,12 @@ DEVIATIONS = (
     "the merge's neighbour search is vectorised (one [k, N] cosine matrix, self excluded) instead of the "
     "official per-token loop; ties among equal cosines may pick different neighbours",
     "families whose projector input is not row-aligned with its output (Qwen2/2.5-VL merger) merge after the "
-    "projector, in LLM space (noted in the record); there the attention is the METHODS.md §0.4 substitute (mean "
-    "attention received per 2x2 unit, head-mean) and the keys the head-mean keys per unit",
-    "InternVL: merged on the pixel-shuffled projector input, with signals averaged per 2x2 group",
+    "projector, in LLM space (noted in the record); there the attention is the head-mean received-attention "
+    "substitute and the keys the head-mean keys per unit (no single-head reading)",
+    "InternVL: merged on the pixel-shuffled projector input (a token = a 2x2 group's concatenated features); "
+    "vision_layer=-1 is also InternVL's selected layer",
+) + tuple(  # the shared ones that apply: PruMerge itself already reads hooked q/k, at layer -1
+    d for d in CLS_DEVIATIONS if d.startswith(("InternVL", "Qwen", "LLaVA-NeXT"))
 )
 
 

@@ -19,6 +19,7 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.methods.base import Positions, SelectContext, Selection, Stage, register_method
+from prunebench.methods.cls_signal import CLS_DEVIATIONS
 from prunebench.methods.visionzip_ops import CONTEXTUAL_SHARE, visionzip_merge, visionzip_split
 
 
@@ -37,13 +38,11 @@ from prunebench.methods.visionzip_ops import CONTEXTUAL_SHARE, visionzip_merge, 
         "(reproduces 54+10, 108+20, 162+30; k=1 gives 1+0)",
         "token order: every output token sits at a patch slot in raster order (a contextual token at its target's "
         "slot); the official sequence is [CLS, dominant patches in raster order, contextual tokens in target order]",
-        "[CLS] attention is the head-mean softmax row recomputed from the layer's q/k (official: head-sum of eager "
-        "attention probabilities; same ranking)",
+        "[CLS] attention is the head-mean row (official: head-sum; same ranking)",
         "families whose projector input is not row-aligned with its output (Qwen2/2.5-VL merger) merge after the "
-        "projector, in LLM space (noted in the record); there the [CLS] attention is the METHODS.md §0.4 "
-        "substitute (mean attention received per 2x2 unit)",
-        "InternVL: merged on the pixel-shuffled projector input, with signals averaged per 2x2 group",
-    ),
+        "projector, in LLM space (noted in the record)",
+        "InternVL: merged on the pixel-shuffled projector input (a token = a 2x2 group's concatenated features)",
+    ) + CLS_DEVIATIONS,
 )
 def visionzip(ctx: SelectContext, contextual_share: float = CONTEXTUAL_SHARE, vision_layer: int | None = None
               ) -> torch.Tensor | Selection:
