@@ -23,9 +23,11 @@ from prunebench.methods import (  # noqa: F401  (registration)
     holov,
     pooling_intra,
     pooling_pre,
+    prumerge,
     random,
     tome,
     vanilla,
+    visionzip,
     vispruner,
     vtw,
 )

@@ -64,10 +64,16 @@ SIGNALS = {
     "received, see stages/vision_signals.py)",
     "cls_keys": "[N, d] per image (pre-LLM): head-mean keys of the patches at the same encoder layer, aligned "
     "with the post-projector tokens",
+    "cls_attention_full": "[N] per image (pre-LLM): as cls_attention but the layer's q/k read as ONE head over the full "
+    "width, scale width^-1/2 (PruMerge's clip_encoder.py); Qwen: the cls_attention substitute",
+    "cls_keys_full": "[N, C] per image (pre-LLM): the full-width keys of the patches at the same layer (PruMerge); "
+    "Qwen: cls_keys",
     "vision_features": "[N, C] per image (pre-LLM): the projector's input per visual token (the vision features "
     "before the projector; InternVL/Qwen: the 2x2 group's concatenated features)",
     "keys": "[B, T, d] head-mean keys of the current encoder layer (its key projection output, before any "
     "rotary embedding), ToMe's merge metric; passed to the merge step as `metric`",
+    "projector_input": "(pre-LLM) run the method on the projector input, the encoder feature space, where the family's "
+    "projector rows allow it (`Seams.projector_rows`); tokens it returns are then projected",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 

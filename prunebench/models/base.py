@@ -69,6 +69,10 @@ class Seams:
     # A family-specific vision-stage driver replacing `stages.vision.VisionMerge` (same
     # constructor and register()/restore()/schedule contract), e.g. Qwen's 2x2-unit merges.
     vision_driver: Any = None
+    # The first argument of `visual_output` (the projector) is [units, N, D_v], row i of unit u
+    # becoming output row i of unit u: methods working in encoder feature space (VisionZip,
+    # PruMerge) run on it (`stages/vision_preproj.py`); False = they run on the output.
+    projector_rows: bool = False
 
     @property
     def n_vision_patches(self) -> int:

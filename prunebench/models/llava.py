@@ -74,4 +74,5 @@ def llava_seams(model: LlavaForConditionalGeneration) -> Seams:
         language_model=model.model.language_model,
         decoder_layers=list(model.model.language_model.layers),
         apply_rope=apply_rope,
+        projector_rows=True,
     )

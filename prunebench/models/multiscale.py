@@ -55,6 +55,7 @@ def internvl_seams(model: nn.Module) -> Seams:
         decoder_layers=list(inner.language_model.layers),
         apply_rope=apply_rope,
         vision_driver=InternVLVisionMerge,
+        projector_rows=True,
     )
 
 

@@ -23,6 +23,7 @@ from prunebench.models.base import Seams
 from prunebench.stages.llm import IntraLLM, capture_image_positions, llm_entry
 from prunebench.stages.state import CallState, TokenCounts
 from prunebench.stages.vision import PreLLMSelect, VisionMerge
+from prunebench.stages.vision_preproj import PROJECTOR_INPUT, PreProjectorSelect
 from prunebench.timing import NullTimer, Timer
 
 
@@ -76,6 +77,18 @@ def planned_stages(method: ResolvedMethod, keep: float) -> list[PlannedStage]:
     return [] if method.stage is Stage.NONE else [PlannedStage(method, keep)]
 
 
+def _pre_llm(seams: Seams, method: ResolvedMethod, keep: float, inst: Installation, timer: Timer) -> PreLLMSelect:
+    """The pre-LLM seam: on the projector input for methods in encoder feature space when the
+    family's projector rows allow it, else on the projector output (noted)."""
+    args = (seams, method, keep, inst.state)
+    if PROJECTOR_INPUT in method.spec.needs:
+        if seams.projector_rows:
+            return PreProjectorSelect(*args, timer, inst.generator)
+        inst.notes.append(f"{seams.family}: the projector input is not row-aligned with its output; "
+                          f"{method.name} merges after the projector, in LLM space")
+    return PreLLMSelect(*args, timer, inst.generator)
+
+
 @contextmanager
 def install(
     seams: Seams, method: ResolvedMethod, keep: float, *, seed: int = 0, timer: Timer | None = None
@@ -114,7 +127,7 @@ def _install_stage(seams: Seams, stage: PlannedStage, positions: Positions, inst
     """One stage's own handler (the shared hooks are already in place)."""
     method, keep, state = stage.method, stage.keep, inst.state
     if method.stage is Stage.PRE_LLM:
-        return PreLLMSelect(seams, method, keep, state, timer, inst.generator).register()
+        return _pre_llm(seams, method, keep, inst, timer).register()
     if method.stage is Stage.INTRA_LLM:
         intra = IntraLLM(seams, method, keep, positions, state, timer, inst.generator)
         if method.spec.layer_for_keep is not None:  # the record says which operating point ran

@@ -40,7 +40,9 @@ from prunebench.stages.attention import query_rows_attention, received_attention
 from prunebench.timing import NullTimer, Timer
 
 # Signals this module computes (declared by a method in `needs`).
-VISION_SIGNALS = frozenset({"cls_attention", "cls_keys", "vision_features"})
+VISION_SIGNALS = frozenset({"cls_attention", "cls_keys", "vision_features", "cls_attention_full", "cls_keys_full"})
+# PruMerge's reading: one head over the full width (official hooks on q_proj / k_proj, scale width^-1/2).
+FULL_WIDTH = frozenset({"cls_attention_full", "cls_keys_full"})
 
 
 def cls_row_and_keys(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +51,14 @@ def cls_row_and_keys(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[to
      cls_keys [B, T-1, d]: head-mean keys of the patches)."""
     row = query_rows_attention(q[:, :, :1], k, scale)[:, 0]  # [B, T]
     return row[:, 1:], k[:, :, 1:].float().mean(dim=1)
+
+
+def full_width_cls_row(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, C] q, k projections (row 0 = [CLS]) read as ONE head of width C (PruMerge,
+    `clip_encoder.py`: softmax(q @ k^T * C^-1/2)) -> (row [B, T-1] float32 over the patches, the
+    softmax running over all T keys; keys [B, T-1, C] float32 of the patches)."""
+    row = query_rows_attention(q[:, None, :1], k[:, None], k.shape[-1] ** -0.5)[:, 0]  # [B, T]
+    return row[:, 1:], k[:, 1:].float()
 
 
 def encoder_layers(seams: Seams) -> list[nn.Module]:
@@ -172,7 +182,14 @@ class VisionSignals:
         row, keys = cls_row_and_keys(q, k, attn.scale)
         if self.seams.family == "internvl":
             row, keys = self._internvl_groups(row, keys)
-        return [{"cls_attention": r, "cls_keys": kk} for r, kk in zip(row, keys, strict=True)]
+        out = [{"cls_attention": r, "cls_keys": kk} for r, kk in zip(row, keys, strict=True)]
+        if FULL_WIDTH & self.method.spec.needs:
+            row, keys = full_width_cls_row(q_out, k_out)
+            if self.seams.family == "internvl":
+                row, keys = self._internvl_groups(row, keys)
+            for entry, r, kk in zip(out, row, keys, strict=True):
+                entry.update(cls_attention_full=r, cls_keys_full=kk)
+        return out
 
     def _internvl_groups(self, row: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch signals [B, N], [B, N, d] -> pixel-shuffle group means [B, U], [B, U, d]."""
@@ -196,7 +213,10 @@ class VisionSignals:
             if e > a:
                 received[a:e] = received_attention(q[a:e].transpose(0, 1)[None], k[a:e].transpose(0, 1)[None],
                                                    attn.scaling)[0]
-        return self._qwen_units(received.view(-1, m).mean(1), keys.view(-1, m, keys.shape[-1]).mean(1))
+        units = self._qwen_units(received.view(-1, m).mean(1), keys.view(-1, m, keys.shape[-1]).mean(1))
+        for entry in units:  # no [CLS], no single-head reading: the full-width names get the §0.4 substitute
+            entry.update(cls_attention_full=entry["cls_attention"], cls_keys_full=entry["cls_keys"])
+        return units
 
     def _qwen_units(self, received: torch.Tensor, keys: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Units in the tower's sequence order -> per image / temporal slice, raster order."""

@@ -1,0 +1,110 @@
+"""LLaVA-PruMerge and PruMerge+ (Shang et al. 2024 §3.1-3.3; official 42Shawn/LLaVA-PruMerge
+`llava/model/multimodal_encoder/clip_encoder.py` `token_prune_merge_advanced` (PruMerge) and
+`token_prune_merge_advanced_plus` (PruMerge+)), fixed-budget mode.
+
+Per image, from the LAST CLIP layer's q/k (official hooks on `layers[23].self_attn.{q,k}_proj`,
+one head over the full width, scale width^-1/2) and the selected features (CLIP layer -2, [CLS] dropped):
+1. keep k patches: PruMerge the top-k by [CLS] attention (official `if_adaptive=False`);
+   PruMerge+ the top min(IQR outliers, k) filled to k with patches spread uniformly over the rest
+   (EffiVLM-Bench's fixed-budget reading, METHODS.md);
+2. each kept patch i <- x_i + sum of a_j x_j over its 32 most key-similar other tokens (kept or
+   pruned), a_j the unnormalised [CLS] attention (the official per-token Python loop, vectorised);
+3. one extra token sum_{pruned} a_j x_j: k + 1 tokens reach the LLM (`MethodSpec.budget`).
+keep=1.0 keeps every patch untouched (no merge, no extra token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from prunebench.errors import UserError
+from prunebench.methods.base import Positions, SelectContext, Selection, Stage, register_method
+from prunebench.methods.cls_signal import CLS_DEVIATIONS
+from prunebench.methods.prumerge_ops import (
+    N_NEIGHBOURS,
+    extra_slot,
+    prumerge_merge,
+    prumerge_plus_select,
+    prumerge_select,
+)
+
+NEEDS = ("cls_attention_full", "cls_keys_full", "projector_input")
+DEFAULTS = {"n_neighbours": N_NEIGHBOURS, "vision_layer": -1}
+DEVIATIONS = (
+    "k = round-half-up(keep * N) (n_keep_for, as every method here); the official fixed mode keeps "
+    "int(N * reduction_ratio) (floor)",
+    "the [CLS] row is recomputed from the captured q/k in float32 (official: the model dtype)",
+    "budget: the k + 1 tokens the LLM receives are the k kept patches plus the aggregate token; the aggregate "
+    "token occupies the placeholder slot of the last pruned patch (the official code appends it after the kept "
+    "tokens; with contiguous positions this is the same place whenever the last patch is pruned)",
+    "token order: kept patches in raster order (official: descending [CLS] attention, then the grid patches of "
+    "PruMerge+, then the aggregate token)",
+    "the merge's neighbour search is vectorised (one [k, N] cosine matrix, self excluded) instead of the "
+    "official per-token loop; ties among equal cosines may pick different neighbours",
+    "families whose projector input is not row-aligned with its output (Qwen2/2.5-VL merger) merge after the "
+    "projector, in LLM space (noted in the record); there the attention is the head-mean received-attention "
+    "substitute and the keys the head-mean keys per unit (no single-head reading)",
+    "InternVL: merged on the pixel-shuffled projector input (a token = a 2x2 group's concatenated features); "
+    "vision_layer=-1 is also InternVL's selected layer",
+) + tuple(  # the shared ones that apply: PruMerge itself already reads hooked q/k, at layer -1
+    d for d in CLS_DEVIATIONS if d.startswith(("InternVL", "Qwen", "LLaVA-NeXT"))
+)
+
+
+def _budget(n_in: int, n_keep: int, **params: object) -> int:
+    """k kept patches + 1 aggregate token; keep=1.0 (k = n_in) adds nothing."""
+    return n_in if n_keep >= n_in else n_keep + 1
+
+
+def _run(select: Callable[[torch.Tensor, int], torch.Tensor], ctx: SelectContext, n_neighbours: int
+         ) -> torch.Tensor | Selection:
+    if not isinstance(n_neighbours, int) or isinstance(n_neighbours, bool) or n_neighbours < 1:
+        raise UserError(f"prumerge: n_neighbours must be a positive integer (official 32), got {n_neighbours!r}")
+    x, n = ctx.tokens, ctx.tokens.shape[1]
+    if ctx.n_keep >= n:  # keep=1.0: the unpruned model
+        return torch.arange(n, device=x.device)[None]
+    attn, keys = ctx.signals["cls_attention_full"], ctx.signals["cls_keys_full"]
+    kept = select(attn, ctx.n_keep)
+    merged, extra = prumerge_merge(x, attn, keys, kept, n_neighbours)
+    index = torch.cat([kept, extra_slot(kept, n)[:, None]], dim=1)
+    order = index.argsort(dim=1)
+    tokens = torch.cat([merged, extra[:, None]], dim=1).gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    return Selection(index=index.gather(1, order), tokens=tokens)
+
+
+@register_method(
+    "prumerge",
+    stage=Stage.PRE_LLM,
+    source="Shang et al. 2024 §3; 42Shawn/LLaVA-PruMerge clip_encoder.py token_prune_merge_advanced",
+    needs=NEEDS,
+    positions=Positions.CONTIGUOUS,  # official: rebuilt sequence in prepare_inputs_labels_for_multimodal
+    defaults=DEFAULTS,
+    deviations=("fixed budget (official if_adaptive=False, reduction_ratio = keep): the top-k patches by [CLS] "
+                "attention; the paper's adaptive IQR count (a per-image, data-dependent count) is not offered",) + DEVIATIONS,
+    budget=_budget,
+)
+def prumerge(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer: int = -1) -> torch.Tensor | Selection:
+    """[1, N, D] + cls_attention_full [1, N] + cls_keys_full [1, N, d] -> Selection of k + 1 tokens."""
+    return _run(prumerge_select, ctx, n_neighbours)
+
+
+@register_method(
+    "prumerge_plus",
+    stage=Stage.PRE_LLM,
+    source="Shang et al. 2024 §3.3 (PruMerge+); 42Shawn/LLaVA-PruMerge clip_encoder.py "
+    "token_prune_merge_advanced_plus; fixed budget as EffiVLM-Bench (METHODS.md)",
+    needs=NEEDS,
+    positions=Positions.CONTIGUOUS,
+    defaults=DEFAULTS,
+    deviations=("fixed budget (EffiVLM-Bench's reading): the top min(IQR outliers, k) patches by [CLS] attention, "
+                "filled to k with the free patches at positions floor((j + 1/2) F / m) of the F free patches in "
+                "raster order; the official adaptive branch adds arange(0, 575, int(1/ratio) // 3) (about 4x the "
+                "outliers), its training branch top-k + arange(step/2, 575, step) with duplicates",) + DEVIATIONS,
+    budget=_budget,
+)
+def prumerge_plus(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer: int = -1
+                  ) -> torch.Tensor | Selection:
+    """As `prumerge`, with PruMerge+'s outliers + uniform spatial fill as the kept set."""
+    return _run(prumerge_plus_select, ctx, n_neighbours)
