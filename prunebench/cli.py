@@ -81,6 +81,15 @@ def _sweep_values(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def force_method_params(argv: list[str]) -> list[str]:
+    """In a multirun, Hydra first composes the config without the swept `method=a,b` choice, so a
+    `method.params.x=` override fails there ("Key 'x' is not in struct") though every swept method
+    has `x` (checked by `check_overrides`). Force-adding it (`++`) lets each job compose."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    return [f"++{a}" if a.startswith("method.params.") and "=" in a else a for a in argv]
+
+
 def run_with_baseline(cfg: Any) -> None:
     from omegaconf import OmegaConf, open_dict
 
@@ -112,6 +121,7 @@ def main() -> None:
     except UserError as err:
         print(f"prunebench: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    sys.argv[1:] = force_method_params(sys.argv[1:])
     import hydra
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")

@@ -64,3 +64,18 @@ def test_multirun_baseline_and_report(tiny_path, tmp_path):
     again = cli("method=fastv", "keep=0.5", f"model.path={tiny_path}", "limit=2", f"results_dir={tmp_path}",
                 "dataset.image_size=48")
     assert again.returncode == 0 and again.stderr.count("complete, skipped") == 2
+
+
+def test_multirun_sweeps_methods_with_a_shared_param(tiny_path, tmp_path):
+    """Hydra composes a multirun's base config without the swept method: the shared parameter must
+    still reach every job (forced with ++ after prunebench checked every swept method has it)."""
+    from prunebench.cli import force_method_params
+
+    assert force_method_params(["method=fastv", "method.params.layer=1"]) == ["method=fastv", "method.params.layer=1"]
+    assert force_method_params(["-m", "method=a,b", "method.params.layer=1", "keep=0.5"]) == [
+        "-m", "method=a,b", "++method.params.layer=1", "keep=0.5"]
+    out = cli("-m", "method=random_intra,fastv", "method.params.layer=1", f"model.path={tiny_path}", "limit=1",
+              f"results_dir={tmp_path}", "dataset.image_size=48", "baseline=false", "report=false")
+    assert out.returncode == 0, out.stderr
+    records = sorted(p.parent.parent.name for p in tmp_path.rglob("record.json"))
+    assert len(records) == 2 and all(r.startswith(("fastv-", "random_intra-")) for r in records), records
