@@ -210,3 +210,75 @@ def test_shapes_export_round_trips(tmp_path: Path) -> None:
         assert (row["question"], row["answer"], row["category"]) == (item.question, item.answer, item.category)
         image = Image.open(io.BytesIO(base64.b64decode(row["image"])))
         assert image.convert("RGB").tobytes() == item.image.convert("RGB").tobytes()
+
+
+# ------------------------------------------------------------- checks that stop a run before loading
+
+
+def _cfg(dataset: str, tmp_path: Path, **extra) -> dict:
+    import yaml
+
+    from prunebench.cli import CONFIG_DIR
+
+    d = yaml.safe_load((CONFIG_DIR / "dataset" / f"{dataset}.yaml").read_text())
+    d.update(data_dir=str(tmp_path), **extra)
+    return {"dataset": d, "limit": None, "results_dir": str(tmp_path / "results")}
+
+
+def _no_backend(monkeypatch) -> None:
+    from prunebench.bridge import run
+
+    def refuse():
+        raise AssertionError("VLMEvalKit or the model was reached before the data checks")
+
+    monkeypatch.setattr(run, "vlmeval_api", refuse)
+
+
+def test_missing_tsv_fails_before_the_model_loads(tmp_path: Path, monkeypatch) -> None:
+    from prunebench.bridge.run import run_vlmeval
+
+    _no_backend(monkeypatch)
+    with pytest.raises(UserError, match=r"MME\.tsv is missing; download https://.*MME\.tsv"):
+        run_vlmeval(_cfg("MME", tmp_path))
+
+
+@pytest.mark.parametrize("name", ["MathVista_MINI", "MathVision_MINI", "MIA-Bench", "MMVet"])
+def test_judge_datasets_stop_without_an_endpoint(name: str, tmp_path: Path, monkeypatch) -> None:
+    from prunebench.bridge.run import prepare_data
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(UserError, match="scored by an LLM judge.*dataset.judge.api_base"):
+        prepare_data(_cfg(name, tmp_path))
+
+
+def test_video_datasets_are_refused_in_one_line(tmp_path: Path) -> None:
+    from prunebench.bridge.run import prepare_data
+
+    with pytest.raises(UserError, match="not wired through the bridge yet"):
+        prepare_data(_cfg("Video-MME", tmp_path))
+
+
+def test_mme_subset_too_small_for_its_scorer(tmp_path: Path) -> None:
+    from prunebench.bridge.run import prepare_data
+
+    rows = _rows()
+    tsv.write_tsv(tmp_path / "MME.tsv", list(rows[0]), rows)
+    with pytest.raises(UserError, match="limit >= 28"):
+        prepare_data(_cfg("MME", tmp_path, md5=None, limit=10))
+    data = prepare_data(_cfg("MME", tmp_path, md5=None, limit=40))
+    assert data.name == "MME_pbsub40s0" and (tmp_path / "MME_pbsub40s0.tsv").is_file()
+
+
+def test_every_vlmeval_yaml_states_a_valid_score_mapping() -> None:
+    import yaml
+
+    from prunebench.cli import CONFIG_DIR
+
+    seen = 0
+    for path in sorted((CONFIG_DIR / "dataset").glob("*.yaml")):
+        d = yaml.safe_load(path.read_text())
+        if d.get("kind") == "vlmeval" and d.get("scorer", "vlmeval") == "vlmeval":
+            scores.check_mapping(d["score"])
+            assert d["name"] == path.stem
+            seen += 1
+    assert seen >= 18
