@@ -96,14 +96,31 @@ def vlmeval_reference(record_path: Path, base: str, name: str, root: Path, tmp: 
     return scores.flatten(table)
 
 
-@pytest.mark.parametrize("base,writer", [("MME", write_mme), ("POPE", write_pope),
-                                         ("MMBench_DEV_EN", write_mmbench)])
-def test_record_score_equals_vlmevalkit_evaluate(tiny_path, tmp_path, base, writer) -> None:
+def _fixed_answer(monkeypatch, text: str) -> None:
+    """Real pruned generation (timings, counts), then a fixed answer: the untrained tiny model's
+    answers score 0 everywhere, which would not tell a wrong mapping from a right one."""
+    from prunebench import runner
+
+    real = runner.generate_timed
+
+    def generate(*args, **kwargs):
+        return {**real(*args, **kwargs), "text": text}
+
+    monkeypatch.setattr(runner, "generate_timed", generate)
+
+
+@pytest.mark.parametrize("answer", [None, "fixed"])
+@pytest.mark.parametrize("base,writer,fixed", [("MME", write_mme, "Yes"), ("POPE", write_pope, "Yes"),
+                                               ("MMBench_DEV_EN", write_mmbench, "A")])
+def test_record_score_equals_vlmevalkit_evaluate(tiny_path, tmp_path, monkeypatch, base, writer, fixed,
+                                                 answer) -> None:
     from prunebench.bridge.run import run_vlmeval
 
     root, name = tmp_path / "LMUData", f"{base}_pbtiny"
     root.mkdir()
     writer(root, name)
+    if answer == "fixed":
+        _fixed_answer(monkeypatch, fixed)
     path = run_vlmeval(config(tiny_path, tmp_path / "results", dataset_cfg(base, name, root)), quiet=True)
     rec = load_record(path)
     flat = vlmeval_reference(path, base, name, root, tmp_path)
@@ -115,6 +132,9 @@ def test_record_score_equals_vlmevalkit_evaluate(tiny_path, tmp_path, base, writ
         assert rec.score == pytest.approx((flat["perception"] + flat["reasoning"]) / 28)
     if base == "POPE":
         assert rec.score == flat["Overall|Overall"]
+    if answer == "fixed":  # always "Yes" / "A": known, non-zero scores
+        want = {"MME": 25.0, "POPE": 100 * 2 * (5 / 9) / (1 + 5 / 9), "MMBench_DEV_EN": 100 * 2 / 6}[base]
+        assert rec.score == pytest.approx(want)
     rows = [json.loads(x) for x in (path.parent / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == n and len({str(r["index"]) for r in rows}) == n
     assert all(r["n_visual_out"] == 18 and r["timing"]["prefill_s"] > 0 for r in rows)  # keep 0.5 of 36
@@ -198,3 +218,33 @@ def test_shapes_suite_runs_through_the_bridge(tiny_path, tmp_path) -> None:
     d.update(data_dir=str(tmp_path / "LMUData"), export_args={"n": 5, "seed": 0, "image_size": 48})
     rec = load_record(run_vlmeval(config(tiny_path, tmp_path / "results", d), quiet=True))
     assert rec.n_samples == 5 and 0 <= rec.score <= 100 and rec.benchmark["scored_as"] is None
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_same_predictions(tiny_path, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    write_pope(root, "POPE_pbtiny")
+    args = ["dataset=POPE", "dataset.name=POPE_pbtiny", "+dataset.base=POPE", "dataset.md5=null",
+            f"dataset.data_dir={root}", "dataset.max_new_tokens=3", f"model.path={tiny_path}", "method=fastv",
+            "keep=0.5", "device=cpu", "baseline=false", "report=false"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "prunebench"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "prunebench", *args, f"results_dir={tmp_path / 'one'}"], check=True,
+                   env=env, capture_output=True)
+    subprocess.run([*torchrun, *args, f"results_dir={tmp_path / 'two'}"], check=True, env=env, capture_output=True)
+
+    def answers(results: Path) -> dict[str, str]:
+        folder = next(results.glob("*/POPE_pbtiny/fastv/*"))
+        rows = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
+        return {str(r["index"]): r["prediction"] for r in rows}
+
+    one, two = answers(tmp_path / "one"), answers(tmp_path / "two")
+    assert len(one) == 9 and one == two
+    rec = load_record(next((tmp_path / "two").glob("*/POPE_pbtiny/fastv/*/record.json")))
+    assert rec.benchmark["world_size"] == 2 and set(rec.timing["per_rank"]) == {"0", "1"}
+    assert rec.timing["n_timed"] == 9 and rec.n_samples == 9

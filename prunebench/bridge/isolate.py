@@ -85,6 +85,7 @@ def vlmeval_api() -> SimpleNamespace:
     global _API
     if _API is None:
         with contained():
+            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
             try:
                 from vlmeval import inference
                 from vlmeval.dataset import DATASET_CLASSES, build_dataset
