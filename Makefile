@@ -40,7 +40,8 @@ bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU
 VLMEVAL_PYTHON ?= $(BIN)/python
 
 vlmeval-check:       ## is the VLMEvalKit backend importable from VLMEVAL_PYTHON?
-	$(VLMEVAL_PYTHON) -c "from prunebench.bridge.isolate import vlmeval_api; vlmeval_api(); print('VLMEvalKit backend: importable')"
+	$(VLMEVAL_PYTHON) -c "import sys; from prunebench.bridge.isolate import vlmeval_missing_reason as why; \
+	  m = why(); print(m or 'VLMEvalKit backend: importable'); sys.exit(1 if m else 0)"
 
 vlmeval-test: vlmeval-check  ## the bridge's end-to-end tests in the backend's venv
 	$(VLMEVAL_PYTHON) -m pytest -q tests/test_bridge_pure.py tests/test_bridge_vlmeval.py

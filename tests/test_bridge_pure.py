@@ -282,3 +282,15 @@ def test_every_vlmeval_yaml_states_a_valid_score_mapping() -> None:
             assert d["name"] == path.stem
             seen += 1
     assert seen >= 18
+
+
+def test_without_vlmeval_the_run_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
+    from prunebench.bridge import isolate
+    from prunebench.bridge.run import run_vlmeval
+
+    if isolate.vlmeval_missing_reason() is None:
+        pytest.skip("VLMEvalKit is installed here")
+    rows = _rows()
+    tsv.write_tsv(tmp_path / "POPE.tsv", list(rows[0]), rows)
+    with pytest.raises(UserError, match="scripts/setup_vlmeval.sh"):
+        run_vlmeval(_cfg("POPE", tmp_path, md5=None))

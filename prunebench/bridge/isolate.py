@@ -23,7 +23,8 @@ import torch
 
 from prunebench.errors import UserError
 
-INSTALL_HINT = ("VLMEvalKit is not importable; install the optional backend (README: 'VLMEvalKit backend': "
+INSTALL_HINT = ("VLMEvalKit is not importable; install the optional backend (README 'VLMEvalKit backend': "
+                "scripts/setup_vlmeval.sh, "
                 "a clone outside the repo, `pip install -e <clone> --no-deps`) or use a built-in dataset "
                 "such as dataset=shapes")
 
