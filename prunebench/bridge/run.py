@@ -156,6 +156,7 @@ def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     from prunebench.runner import Job, _say
 
     data = prepare_data(cfg)  # every data / judge error, before the model loads
+    api = vlmeval_api()  # then the backend itself (one line on how to install it)
     plain = _plain(cfg)
     job = replace(Job.from_config({**plain, "limit": None}), dataset=data.name, limit=data.limit)
     out = job.directory(Path(str(cfg["results_dir"])))
@@ -163,7 +164,6 @@ def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     if record_path.exists() and load_record(record_path).status == "complete":
         _say(quiet, f"[prunebench] complete, skipped: {record_path}")
         return record_path
-    api = vlmeval_api()
     rank, world = _rank_world()
     if world > 1:
         _init_gloo()
