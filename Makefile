@@ -8,7 +8,7 @@ ARGS   ?=
 METHODS ?= random_pre,random_intra,fastv,divprune,evoprune
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench lint clean
+.PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test
 
 setup: $(STAMP)
 
@@ -35,6 +35,16 @@ report: setup
 
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)
+
+# Optional VLMEvalKit backend (README: "VLMEvalKit backend"): its own venv, VLMEVAL_PYTHON=<venv>/bin/python
+VLMEVAL_PYTHON ?= $(BIN)/python
+
+vlmeval-check:       ## is the VLMEvalKit backend importable from VLMEVAL_PYTHON?
+	$(VLMEVAL_PYTHON) -c "import sys; from prunebench.bridge.isolate import vlmeval_missing_reason as why; \
+	  m = why(); print(m or 'VLMEvalKit backend: importable'); sys.exit(1 if m else 0)"
+
+vlmeval-test: vlmeval-check  ## the bridge's end-to-end tests in the backend's venv
+	$(VLMEVAL_PYTHON) -m pytest -q tests/test_bridge_pure.py tests/test_bridge_vlmeval.py
 
 lint: setup
 	$(BIN)/ruff check prunebench tests scripts

@@ -6,6 +6,7 @@ User mistakes become one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,14 @@ def run_with_baseline(cfg: Any) -> None:
             base.keep = 1.0
         run(base)
     path = run(cfg)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 writes the record and reports
+        return
     print(f"[prunebench] record: {path}", file=sys.stderr)
     if cfg.report:
+        from prunebench.record import load_record
         from prunebench.report import collect, render
-        from prunebench.runner import Job
 
-        job = Job.from_config(cfg)
+        job = load_record(path)  # its dataset may be a subset's name (VLMEvalKit backend)
         records = [r for r in collect(Path(str(cfg.results_dir)))
                    if (r.model, r.dataset, r.limit) == (job.model, job.dataset, job.limit)]
         print(render(records))

@@ -20,6 +20,9 @@ Fields (schema_version 1):
   predictions      file name of the per-sample predictions (JSON lines) beside the record
   method_card      stage, params, position policy, source, stated deviations; pipelines also
                    stages (each stage's card plus its keep)
+  benchmark        VLMEvalKit runs only: backend, vlmeval_dataset (a subset's custom name), scored_as,
+                   model_name, score_mapping (dataset YAML), judge, world_size; `metrics` then holds
+                   VLMEvalKit's whole score table flattened to {"<split>|<column>": value}
   device, versions (python, torch, transformers, prunebench, git_sha), config (resolved)
   started_at, finished_at
 """
@@ -67,6 +70,7 @@ class RunRecord:
     memory: dict[str, Any] = field(default_factory=dict)
     predictions: str = PREDICTIONS_NAME
     method_card: dict[str, Any] = field(default_factory=dict)
+    benchmark: dict[str, Any] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)

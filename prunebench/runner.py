@@ -86,6 +86,10 @@ def _plain(params: Any) -> dict[str, Any]:
 
 def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     """Run (or resume, or skip) one job; returns the record path."""
+    if cfg["dataset"].get("kind") == "vlmeval":  # the optional VLMEvalKit backend
+        from prunebench.bridge.run import run_vlmeval
+
+        return run_vlmeval(cfg, quiet=quiet)
     job = Job.from_config(cfg)
     out = job.directory(Path(str(cfg["results_dir"])))
     record_path = out / RECORD_NAME
@@ -213,9 +217,7 @@ def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installatio
 
 def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,
               seed: int) -> tuple[str, dict[str, Any]]:
-    from transformers import GenerationConfig
-
-    processor, model = loaded.processor, loaded.model
+    processor = loaded.processor
     visual = {"type": "video"} if item.frames else {"type": "image"}
     conversation = [{"role": "user", "content": [visual, {"type": "text", "text": item.question}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
@@ -225,14 +227,28 @@ def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installat
         kind = "videos" if item.frames else "images"
         raise UserError(f"the processor of model '{loaded.name}' produced no pixels for {kind} "
                         f"(its {kind[:-1]} processor is missing or unsupported here)")
+    extra = generate_timed(loaded, inputs, inst, timer, seed * 1_000_003 + item.index, dataset.max_new_tokens)
+    return extra.pop("text"), {**extra, "n_frames": len(item.frames) if item.frames else 0}
+
+
+def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: Timer, reseed: int,
+                   max_new_tokens: int) -> dict[str, Any]:
+    """Greedy generation of one prepared sample under the installed method, with the stage timings.
+
+    -> {"text", "timing", token counts, ...}: the per-sample fields of predictions.jsonl (shared by
+    the built-in runner and the VLMEvalKit bridge, so both time exactly the same thing).
+    """
+    from transformers import GenerationConfig
+
+    processor, model = loaded.processor, loaded.model
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs:
             inputs[key] = inputs[key].to(loaded.dtype)
     tok = processor.tokenizer
-    gen = GenerationConfig(max_new_tokens=dataset.max_new_tokens, do_sample=False, num_beams=1,
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                            bos_token_id=tok.bos_token_id)
-    inst.reseed(seed * 1_000_003 + item.index)
+    inst.reseed(reseed)
     cuda = loaded.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(loaded.device)
@@ -245,7 +261,8 @@ def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installat
     prompt_len = inputs["input_ids"].shape[1]
     text = tok.decode(output[0, prompt_len:], skip_special_tokens=True).strip()
     entry = inst.state.entry
-    extra = {
+    return {
+        "text": text,
         "timing": {"total_s": seconds.get("total", 0.0), "vision_s": seconds.get("vision", 0.0),
                    "method_s": seconds.get("method", 0.0), "prefill_s": forwards[0] if forwards else 0.0,
                    "decode_s": sum(forwards[1:])},
@@ -253,12 +270,10 @@ def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installat
         "prompt_len": prompt_len,
         "llm_prompt_len": prompt_len if entry is None else int(entry.index.shape[1]),
         **inst.counts.as_dict(),
-        "n_frames": len(item.frames) if item.frames else 0,
         **({"vision_merge_schedule": list(inst.schedule)} if inst.schedule is not None else {}),
         **({"stages": inst.stage_counts} if inst.stages else {}),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
     }
-    return text, extra
 
 
 def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loaded: LoadedModel) -> None:

@@ -1,0 +1,7 @@
+"""The VLMEvalKit bridge (optional backend): the papers' benchmarks by their VLMEvalKit names.
+
+Pure parts (always importable, no VLMEvalKit): `naming` (model_name), `messages` (message ->
+processor inputs), `scores` (VLMEvalKit score table -> the record's main score), `tsv` (subset
+TSVs, the built-in suite in VLMEvalKit's format, data location checks). The VLMEvalKit side
+(`isolate`, `model`, `run`) imports `vlmeval` only inside functions.
+"""

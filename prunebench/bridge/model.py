@@ -1,0 +1,100 @@
+"""The prunebench model as a VLMEvalKit `BaseModel` (class created lazily: vlmeval is optional).
+
+`Session` does the work and knows nothing about VLMEvalKit: message -> the family's processor ->
+pruned greedy generation timed exactly as the built-in runner (`runner.generate_timed`). Each answer
+is appended (and flushed) to this rank's predictions JSON-lines file at once, with its timings and
+token counts; a rerun answers indices found there from the file, so a run killed between
+VLMEvalKit's periodic pickle dumps loses nothing and answers no index twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prunebench.bridge.messages import Message, build_inputs
+
+
+def read_answers(paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
+    """Rows by str(index) from JSON-lines files; a torn last line (killed mid-write) is ignored."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[str(row["index"])] = row
+    return rows
+
+
+class Session:
+    """Answers VLMEvalKit messages with the loaded model under an installed pruning method."""
+
+    def __init__(self, loaded: Any, inst: Any, timer: Any, seed: int, max_new_tokens: int, sink: Path,
+                 known: dict[str, dict[str, Any]], warmup: int = 1) -> None:
+        self.loaded, self.inst, self.timer = loaded, inst, timer
+        self.seed, self.max_new_tokens, self.sink = seed, max_new_tokens, sink
+        self.known = known
+        self.index: Any = None  # set by the dataset's build_prompt just before each generate
+        self.generated = 0
+        self.warmup = warmup  # untimed generations before the first timed one, as the runner does
+
+    def answer(self, message: Message) -> str:
+        key = str(self.index)
+        if key in self.known:  # answered before a kill: never generate it twice
+            return str(self.known[key]["prediction"])
+        inputs = build_inputs(self.loaded.processor, message).to(self.loaded.device)
+        from prunebench.runner import generate_timed
+
+        for _ in range(self.warmup):
+            generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens)
+        self.warmup = 0
+        extra = generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens)
+        row = {"index": self.index, "prediction": extra.pop("text"), "error": None, "n_frames": 0, **extra}
+        with self.sink.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        self.known[key] = row
+        self.generated += 1
+        return row["prediction"]
+
+    def _reseed(self) -> int:
+        # the runner's per-sample seed; VLMEvalKit indices may be strings (HallusionBench)
+        try:
+            number = int(self.index)
+        except (TypeError, ValueError):
+            number = int.from_bytes(str(self.index).encode()[:8].ljust(8, b"\0"), "little")
+        return self.seed * 1_000_003 + number
+
+
+def make_vlm(api: Any, session: Session) -> Any:
+    """A `vlmeval.vlm.base.BaseModel` instance answering through `session`."""
+
+    class PrunebenchVLM(api.BaseModel):
+        INTERLEAVE = True
+        allowed_types = ["text", "image"]
+
+        def __init__(self) -> None:
+            super().__init__()
+
+        def generate_inner(self, message: Message, dataset: str | None = None) -> str:
+            return session.answer(message)
+
+    return PrunebenchVLM()
+
+
+def track_index(dataset: Any, session: Session) -> None:
+    """Tell the session which index VLMEvalKit asks about: it builds each prompt right before generate."""
+    build = dataset.build_prompt
+
+    def build_prompt(line: Any) -> Any:
+        index = dataset.data.iloc[line]["index"] if isinstance(line, int) else line["index"]
+        session.index = index.item() if hasattr(index, "item") else index  # numpy -> JSON-able
+        return build(line)
+
+    dataset.build_prompt = build_prompt

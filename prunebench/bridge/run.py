@@ -1,0 +1,269 @@
+"""One job through VLMEvalKit: data checks (before the model loads) -> `infer_data_job` with the
+pruned model -> `dataset.evaluate(pred_file, model='exact_matching' | judge)` -> one record.
+
+Torchrun: every rank answers VLMEvalKit's shard (`RANK`/`WORLD_SIZE`, every N-th sample) into its own
+predictions file; rank 0 merges them, scores and writes the one record, with timings summed / medianed
+over all samples and per-rank figures kept.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from prunebench.bridge import naming, scores, tsv
+from prunebench.bridge.isolate import contained, vlmeval_api
+from prunebench.errors import UserError
+from prunebench.record import PREDICTIONS_NAME
+
+JUDGE_ENV = "OPENAI_API_KEY"
+
+
+@dataclass(frozen=True)
+class BridgeData:
+    """Where the benchmark is and how it is scored, checked before the model loads."""
+
+    name: str  # the name VLMEvalKit builds (a subset's custom name when limited)
+    base: str | None  # VLMEvalKit dataset whose scorer is used (None: prunebench's own scorer)
+    root: Path
+    limit: int | None
+    score: dict[str, Any]
+    scorer: str  # "vlmeval" | "shapes"
+    judge: dict[str, Any] | None
+    max_new_tokens: int
+
+
+def _limit(cfg: Mapping[str, Any]) -> int | None:
+    value = cfg["dataset"].get("limit") or cfg.get("limit")
+    if value is not None and int(value) < 1:
+        raise UserError(f"limit must be a positive number of samples, got {value}")
+    return None if value is None else int(value)
+
+
+def judge_kwargs(dcfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """None for exact matching; the judge's settings, or a one-line stop when none is configured."""
+    judge = dcfg.get("judge")
+    if not judge:
+        return None
+    if not judge.get("api_base") or not os.environ.get(judge.get("key_env") or JUDGE_ENV):
+        raise UserError(f"dataset {dcfg['name']} is scored by an LLM judge ({judge.get('model')}): set "
+                        f"dataset.judge.api_base=<OpenAI-compatible URL> and ${judge.get('key_env') or JUDGE_ENV}")
+    return dict(judge)
+
+
+def prepare_data(cfg: Mapping[str, Any]) -> BridgeData:
+    """Data location, MD5, judge, subset TSV: every check that can fail, before anything loads."""
+    dcfg = cfg["dataset"]
+    if dcfg.get("modality", "image") != "image":
+        raise UserError(f"dataset {dcfg['name']}: {dcfg['modality']} benchmarks are not wired through the "
+                        f"bridge yet; valid: the image datasets")
+    judge = judge_kwargs(dcfg)
+    root = tsv.data_root(dcfg.get("data_dir"))
+    name, limit = str(dcfg["name"]), _limit(cfg)
+    if dcfg.get("export") == "shapes":  # the built-in suite, written on demand (no download)
+        e = dcfg.get("export_args") or {}
+        tsv.export_shapes(root, name, n=int(e.get("n", 100)), seed=int(e.get("seed", 0)),
+                          image_size=int(e.get("image_size", 96)))
+    else:
+        tsv.check_data(root, name, dcfg.get("md5"), dcfg.get("url"))
+    if limit and limit < int(dcfg.get("min_limit") or 1):
+        raise UserError(f"dataset {name}: limit={limit} is too small for its scorer; valid: limit >= "
+                        f"{dcfg['min_limit']} (every category must be present)")
+    if limit:
+        name, _ = tsv.write_subset(root, name, limit, int(dcfg.get("subset_seed", 0)), dcfg.get("group_by"),
+                                   dcfg.get("stratify", "category"))
+    scores.check_mapping(dcfg["score"]) if dcfg.get("scorer", "vlmeval") == "vlmeval" else None
+    return BridgeData(name=name, base=dcfg.get("base", dcfg["name"]), root=root, limit=limit,
+                      score=dict(dcfg.get("score") or {}), scorer=str(dcfg.get("scorer", "vlmeval")),
+                      judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)))
+
+
+def build_vlmeval_dataset(api: Any, data: BridgeData) -> Any:
+    """Build `data.name`; a custom name is registered on its base's class so it routes to that scorer."""
+    if data.base is not None and data.name != data.base:
+        owner = next((c for c in api.dataset_classes if data.base in c.supported_datasets()), None)
+        if owner is None:
+            raise UserError(f"VLMEvalKit has no dataset '{data.base}' in this version; valid: a name from "
+                            f"its DATASET_URL tables")
+        path = data.root / f"{data.name}.tsv"
+        # copy-on-write: a subclass sharing its parent's dict must not register the name there too
+        owner.DATASET_URL = {**owner.DATASET_URL, data.name: str(path)}
+        owner.DATASET_MD5 = {**owner.DATASET_MD5, data.name: tsv.file_md5(path)}
+    dataset = api.build_dataset(data.name)
+    if dataset is None:
+        raise UserError(f"VLMEvalKit could not build dataset {data.name} from {data.root}")
+    return dataset
+
+
+def _timing(rows: list[dict[str, Any]], clock: str) -> dict[str, Any]:
+    from prunebench.record import TIMED_FIELDS
+
+    sums = {f: sum(r["timing"][f] for r in rows) for f in TIMED_FIELDS}
+    medians = {f: statistics.median(r["timing"][f] for r in rows) for f in TIMED_FIELDS}
+    return {**sums, "median": medians, "n_timed": len(rows), "clock": clock}
+
+
+def merged_timing(rows_by_rank: Mapping[int, list[dict[str, Any]]], clock: str) -> dict[str, Any]:
+    """Sums and medians over every sample of every rank; per-rank figures kept when there are several."""
+    every = [r for rows in rows_by_rank.values() for r in rows]
+    timing = _timing(every, clock) if every else {}
+    if len(rows_by_rank) > 1:
+        timing["per_rank"] = {str(k): _timing(v, clock) for k, v in sorted(rows_by_rank.items()) if v}
+    return timing
+
+
+def shapes_score(pred_rows: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
+    """prunebench's own exact-match scorer on VLMEvalKit's prediction table (the built-in suite)."""
+    from prunebench.data.datasets import accuracy
+    from prunebench.data.shapes import score_answer
+
+    rows = [{"category": r["category"], "correct": score_answer(str(r["prediction"]), str(r["answer"]))}
+            for r in pred_rows]
+    scored = accuracy(rows)
+    return scored.score, scored.metrics
+
+
+@contextmanager
+def _lmudata(root: Path) -> Iterator[None]:
+    """VLMEvalKit reads $LMUData (LMUDataRoot); point it at data_dir for the run only."""
+    before = os.environ.get("LMUData")
+    os.environ["LMUData"] = str(root)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LMUData", None)
+        else:
+            os.environ["LMUData"] = before
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _prediction_files(out: Path) -> list[Path]:
+    return sorted(out.glob("predictions.rank*.jsonl")) + [out / PREDICTIONS_NAME]
+
+
+def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
+    """Run (or resume, or skip) one VLMEvalKit job; returns the record path (rank 0 writes it)."""
+    from prunebench.record import RECORD_NAME, load_record, save_record
+    from prunebench.runner import Job, _say
+
+    data = prepare_data(cfg)  # every data / judge error, before the model loads
+    api = vlmeval_api()  # then the backend itself (one line on how to install it)
+    plain = _plain(cfg)
+    job = replace(Job.from_config({**plain, "limit": None}), dataset=data.name, limit=data.limit)
+    out = job.directory(Path(str(cfg["results_dir"])))
+    record_path = out / RECORD_NAME
+    if record_path.exists() and load_record(record_path).status == "complete":
+        _say(quiet, f"[prunebench] complete, skipped: {record_path}")
+        return record_path
+    rank, world = _rank_world()
+    if world > 1:
+        _init_gloo()
+    record, table, pred_rows, rows_by_rank = _infer_and_score(cfg, job, data, api, out, rank, world)
+    if rank == 0:
+        _fill(record, job, data, table, pred_rows, rows_by_rank, out)
+        save_record(out, record)
+    return record_path
+
+
+def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _init_gloo() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # VLMEvalKit's barriers need a process group; gloo works on CPU
+        dist.init_process_group(backend="gloo")
+
+
+def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: Any, out: Path, rank: int,
+                     world: int) -> tuple[Any, Any, list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+    import torch
+
+    from prunebench.bridge.model import Session, make_vlm, read_answers, track_index
+    from prunebench.measure import instrument
+    from prunebench.models.loader import load_model, resolve_device
+    from prunebench.record import save_record
+    from prunebench.runner import _new_record
+    from prunebench.stages import install
+    from prunebench.timing import Timer
+
+    device = resolve_device(str(cfg["device"]))
+    if device.type == "cpu" and cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg["cpu_threads"]))
+    loaded = load_model(cfg["model"], device)
+    record = _new_record(job, cfg, loaded)
+    if rank == 0:
+        save_record(out, record)
+    work = out / "vlmeval"
+    work.mkdir(parents=True, exist_ok=True)
+    sink = out / (PREDICTIONS_NAME if world == 1 else f"predictions.rank{rank}.jsonl")
+    name = model_name_for(job)
+    table, pred_rows = None, []
+    timer = Timer(loaded.device)
+    with contained(), _lmudata(data.root):
+        dataset = build_vlmeval_dataset(api, data)
+        with instrument(loaded.model, loaded.seams, timer), \
+                install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer) as inst:
+            session = Session(loaded, inst, timer, job.seed, data.max_new_tokens, sink,
+                              read_answers(_prediction_files(out)), warmup=int(cfg.get("warmup", 1)))
+            track_index(dataset, session)
+            api.infer_data_job(make_vlm(api, session), work_dir=str(work), model_name=name, dataset=dataset)
+        record.positions = inst.positions.value
+        record.method_card["positions"] = inst.positions.value
+        record.notes += inst.notes
+        if rank == 0:
+            pred_file = api.get_pred_file_path(str(work), name, data.name)
+            pred_rows = api.load(pred_file).to_dict("records")
+            if data.scorer == "vlmeval":
+                judge = {"model": "exact_matching"} if data.judge is None else data.judge
+                table = dataset.evaluate(pred_file, **judge)
+    rows = read_answers(_prediction_files(out))
+    rows_by_rank = {r: [rows[str(p["index"])] for p in pred_rows[r::world] if str(p["index"]) in rows]
+                    for r in range(world)} if rank == 0 else {}
+    return record, table, pred_rows, rows_by_rank
+
+
+def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[dict[str, Any]],
+          rows_by_rank: dict[int, list[dict[str, Any]]], out: Path) -> None:
+    import json
+
+    from prunebench.record import now
+    from prunebench.runner import _tokens
+
+    every = [r for rows in rows_by_rank.values() for r in rows]
+    with (out / PREDICTIONS_NAME).open("w") as f:  # the merged file, in the dataset's order
+        for row in sorted(every, key=lambda r: [str(p["index"]) for p in pred_rows].index(str(r["index"]))):
+            f.write(json.dumps(row) + "\n")
+    record.n_samples, record.n_failed = len(pred_rows), len(pred_rows) - len(every)
+    if data.scorer == "vlmeval":
+        flat = scores.flatten(table)
+        record.score = scores.main_score(flat, data.score, len(pred_rows))
+        record.metrics = flat
+    else:
+        record.score, record.metrics = shapes_score(pred_rows)
+    clock = "cuda_events" if record.device.get("type") == "cuda" else "perf_counter"
+    record.timing = merged_timing(rows_by_rank, clock)
+    record.tokens = _tokens(every) if every else {}
+    record.benchmark = {"backend": "vlmeval", "vlmeval_dataset": data.name, "scored_as": data.base,
+                        "model_name": model_name_for(job), "score_mapping": data.score,
+                        "judge": (data.judge or {}).get("model", "exact_matching"),
+                        "world_size": len(rows_by_rank), "data_root": str(data.root)}
+    record.status = "complete"
+    record.finished_at = now()
+
+
+def model_name_for(job: Any) -> str:
+    return naming.model_name(job.model, job.method.name, dict(job.method.params), job.keep, job.seed,
+                             job.method.positions.value)

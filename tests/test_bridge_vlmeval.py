@@ -1,0 +1,250 @@
+"""The VLMEvalKit bridge end to end: run only where `vlmeval` imports (the optional backend).
+
+A tiny LLaVA answers generated MME-, POPE- and MMBench-format TSVs registered under custom names;
+the record's score must equal what VLMEvalKit's own `evaluate` gives on the prediction file,
+mapped as the dataset YAML says. Also: import side effects undone, resume without re-answering.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from prunebench.bridge import scores, tsv
+from prunebench.bridge.isolate import vlmeval_missing_reason
+from prunebench.cli import CONFIG_DIR
+from prunebench.record import load_record
+
+REASON = vlmeval_missing_reason()
+pytestmark = [pytest.mark.vlmeval, pytest.mark.skipif(REASON is not None, reason=f"{REASON}")]
+
+MME_CATS = ["OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position", "posters",
+            "scene", "code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation"]
+
+
+def _images(n: int) -> list[str]:
+    from prunebench.data.shapes import build_shapes
+
+    return [tsv.encode_png(it.image) for it in build_shapes(n, image_size=48)]
+
+
+def write_mme(root: Path, name: str, per_category: int = 1) -> None:
+    """Every MME category, `per_category` images each, two questions per image (Yes and No), MME's columns."""
+    cats = MME_CATS * per_category
+    images, rows = _images(len(cats)), []
+    for i, cat in enumerate(cats):
+        for q, answer in enumerate(("Yes", "No")):
+            rows.append({"index": 2 * i + q, "image": images[i] if q == 0 else str(2 * i),
+                         "image_path": f"{cat}/{i}.jpg", "question": f"Is this picture {q}? Please answer yes or no.",
+                         "answer": answer, "category": cat})
+    tsv.write_tsv(root / f"{name}.tsv", list(rows[0]), rows)
+
+
+def write_pope(root: Path, name: str) -> None:
+    images = _images(9)
+    rows = [{"index": i, "image": images[i], "question": f"Is there a shape number {i} in the image?",
+             "answer": ("Yes", "No")[i % 2], "category": ("adversarial", "popular", "random")[i % 3]}
+            for i in range(9)]
+    tsv.write_tsv(root / f"{name}.tsv", list(rows[0]), rows)
+
+
+def write_mmbench(root: Path, name: str) -> None:
+    images = _images(6)
+    rows = [{"index": i, "question": "Which colour is the background?", "hint": "", "A": "red", "B": "blue",
+             "C": "green", "D": "white", "answer": "ABCD"[i % 4], "category": ("attribute", "count")[i % 2],
+             "l2-category": "perception", "split": "dev", "image": images[i]} for i in range(6)]
+    tsv.write_tsv(root / f"{name}.tsv", list(rows[0]), rows)
+
+
+def config(tiny_path: Path, results: Path, dataset: dict[str, Any], **top: Any) -> dict[str, Any]:
+    """The composed config as Hydra builds it (the backend's venv may lack Hydra)."""
+    cfg = {k: v for k, v in yaml.safe_load((CONFIG_DIR / "config.yaml").read_text()).items()
+           if k not in ("defaults", "hydra")}
+    model = yaml.safe_load((CONFIG_DIR / "model" / "tiny_llava.yaml").read_text())
+    method = yaml.safe_load((CONFIG_DIR / "method" / "fastv.yaml").read_text())
+    cfg.update(model={**model, "path": str(tiny_path)}, method=method, dataset=dataset, results_dir=str(results),
+               device="cpu", keep=0.5, baseline=False, report=False, **top)
+    return cfg
+
+
+def dataset_cfg(base: str, name: str, root: Path, **extra: Any) -> dict[str, Any]:
+    d = yaml.safe_load((CONFIG_DIR / "dataset" / f"{base}.yaml").read_text())
+    return {**d, "name": name, "base": base, "md5": None, "url": None, "data_dir": str(root), "max_new_tokens": 3,
+            **extra}
+
+
+def vlmeval_reference(record_path: Path, base: str, name: str, root: Path, tmp: Path) -> dict[str, float]:
+    """VLMEvalKit's own evaluate on a copy of the run's prediction file (fresh intermediate files)."""
+    from prunebench.bridge.isolate import contained, vlmeval_api
+    from prunebench.bridge.run import _lmudata
+
+    rec = load_record(record_path)
+    work = record_path.parent / "vlmeval"
+    pred = next(p for p in work.iterdir() if p.name == f"{rec.benchmark['model_name']}_{name}.xlsx")
+    copy = tmp / "ref" / pred.name
+    copy.parent.mkdir()
+    shutil.copy(pred, copy)
+    with contained(), _lmudata(root):
+        table = vlmeval_api().build_dataset(name).evaluate(str(copy), model="exact_matching")
+    return scores.flatten(table)
+
+
+def _fixed_answer(monkeypatch, text: str) -> None:
+    """Real pruned generation (timings, counts), then a fixed answer: the untrained tiny model's
+    answers score 0 everywhere, which would not tell a wrong mapping from a right one."""
+    from prunebench import runner
+
+    real = runner.generate_timed
+
+    def generate(*args, **kwargs):
+        return {**real(*args, **kwargs), "text": text}
+
+    monkeypatch.setattr(runner, "generate_timed", generate)
+
+
+@pytest.mark.parametrize("answer", [None, "fixed"])
+@pytest.mark.parametrize("base,writer,fixed", [("MME", write_mme, "Yes"), ("POPE", write_pope, "Yes"),
+                                               ("MMBench_DEV_EN", write_mmbench, "A")])
+def test_record_score_equals_vlmevalkit_evaluate(tiny_path, tmp_path, monkeypatch, base, writer, fixed,
+                                                 answer) -> None:
+    from prunebench.bridge.run import run_vlmeval
+
+    root, name = tmp_path / "LMUData", f"{base}_pbtiny"
+    root.mkdir()
+    writer(root, name)
+    if answer == "fixed":
+        _fixed_answer(monkeypatch, fixed)
+    path = run_vlmeval(config(tiny_path, tmp_path / "results", dataset_cfg(base, name, root)), quiet=True)
+    rec = load_record(path)
+    flat = vlmeval_reference(path, base, name, root, tmp_path)
+    assert rec.status == "complete" and rec.metrics == pytest.approx(flat)
+    n = rec.n_samples
+    spec = yaml.safe_load((CONFIG_DIR / "dataset" / f"{base}.yaml").read_text())["score"]
+    assert rec.score == pytest.approx(scores.main_score(flat, spec, n))
+    if base == "MME":  # the paper's normalisation, from VLMEvalKit's own table
+        assert rec.score == pytest.approx((flat["perception"] + flat["reasoning"]) / 28)
+    if base == "POPE":
+        assert rec.score == flat["Overall|Overall"]
+    if answer == "fixed":  # always "Yes" / "A": known, non-zero scores
+        want = {"MME": 25.0, "POPE": 100 * 2 * (5 / 9) / (1 + 5 / 9), "MMBench_DEV_EN": 100 * 2 / 6}[base]
+        assert rec.score == pytest.approx(want)
+    rows = [json.loads(x) for x in (path.parent / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == n and len({str(r["index"]) for r in rows}) == n
+    assert all(r["n_visual_out"] == 18 and r["timing"]["prefill_s"] > 0 for r in rows)  # keep 0.5 of 36
+    assert rec.tokens["n_visual_out"] == 18 and rec.timing["n_timed"] == n
+    assert rec.benchmark["scored_as"] == base and "k0.500" in rec.benchmark["model_name"]
+
+
+def test_subset_routes_to_the_same_scorer(tiny_path, tmp_path) -> None:
+    from prunebench.bridge.run import run_vlmeval
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    write_mme(root, "MME", per_category=2)
+    d = {**dataset_cfg("MME", "MME", root), "limit": 28}
+    path = run_vlmeval(config(tiny_path, tmp_path / "results", d), quiet=True)
+    rec = load_record(path)
+    assert rec.dataset == "MME_pbsub28s0" and rec.n_samples == 28 and rec.limit == 28
+    assert {"perception", "reasoning"} <= set(rec.metrics)  # MME's rating ran on the subset
+    assert rec.score == pytest.approx((rec.metrics["perception"] + rec.metrics["reasoning"]) / 28)
+
+
+def test_resume_answers_every_index_once(tiny_path, tmp_path, monkeypatch) -> None:
+    from prunebench.bridge import model as bridge_model
+    from prunebench.bridge.run import run_vlmeval
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    write_pope(root, "POPE_pbtiny")
+    cfg = config(tiny_path, tmp_path / "results", dataset_cfg("POPE", "POPE_pbtiny", root))
+    real, calls = bridge_model.Session.answer, []
+
+    def dying(self, message):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # killed mid-dataset, between VLMEvalKit's pickle dumps
+        calls.append(self.index)
+        return real(self, message)
+
+    monkeypatch.setattr(bridge_model.Session, "answer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_vlmeval(cfg, quiet=True)
+    monkeypatch.setattr(bridge_model.Session, "answer", real)
+    generated = []
+    original = bridge_model.Session.answer
+
+    def counting(self, message):
+        before = self.generated
+        out = original(self, message)
+        if self.generated > before:
+            generated.append(self.index)
+        return out
+
+    monkeypatch.setattr(bridge_model.Session, "answer", counting)
+    path = run_vlmeval(cfg, quiet=True)
+    rows = [json.loads(x) for x in (path.parent / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(int(r["index"]) for r in rows) == list(range(9))
+    assert sorted(int(i) for i in generated) == list(range(5, 9))  # only what the killed run had not answered
+    assert load_record(path).status == "complete"
+
+
+def test_import_side_effects_are_undone() -> None:
+    import logging
+    import random
+
+    from prunebench.bridge import isolate
+
+    isolate._API = None  # import again under the guard
+    grad, rng, ctx = torch.is_grad_enabled(), torch.get_rng_state(), ssl._create_default_https_context
+    handlers, py = list(logging.getLogger().handlers), random.getstate()
+    isolate.vlmeval_api()
+    import vlmeval.vlm  # noqa: F401  (already imported: its side effects ran under the guard)
+
+    assert torch.is_grad_enabled() == grad and torch.equal(torch.get_rng_state(), rng)
+    assert ssl._create_default_https_context is ctx and logging.getLogger().handlers == handlers
+    assert random.getstate() == py
+
+
+def test_shapes_suite_runs_through_the_bridge(tiny_path, tmp_path) -> None:
+    from prunebench.bridge.run import run_vlmeval
+
+    d = yaml.safe_load((CONFIG_DIR / "dataset" / "shapes_vlmeval.yaml").read_text())
+    d.update(data_dir=str(tmp_path / "LMUData"), export_args={"n": 5, "seed": 0, "image_size": 48})
+    rec = load_record(run_vlmeval(config(tiny_path, tmp_path / "results", d), quiet=True))
+    assert rec.n_samples == 5 and 0 <= rec.score <= 100 and rec.benchmark["scored_as"] is None
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_same_predictions(tiny_path, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    write_pope(root, "POPE_pbtiny")
+    args = ["dataset=POPE", "dataset.name=POPE_pbtiny", "+dataset.base=POPE", "dataset.md5=null",
+            f"dataset.data_dir={root}", "dataset.max_new_tokens=3", f"model.path={tiny_path}", "method=fastv",
+            "keep=0.5", "device=cpu", "baseline=false", "report=false"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "prunebench"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "prunebench", *args, f"results_dir={tmp_path / 'one'}"], check=True,
+                   env=env, capture_output=True)
+    subprocess.run([*torchrun, *args, f"results_dir={tmp_path / 'two'}"], check=True, env=env, capture_output=True)
+
+    def answers(results: Path) -> dict[str, str]:
+        folder = next(results.glob("*/POPE_pbtiny/fastv/*"))
+        rows = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
+        return {str(r["index"]): r["prediction"] for r in rows}
+
+    one, two = answers(tmp_path / "one"), answers(tmp_path / "two")
+    assert len(one) == 9 and one == two
+    rec = load_record(next((tmp_path / "two").glob("*/POPE_pbtiny/fastv/*/record.json")))
+    assert rec.benchmark["world_size"] == 2 and set(rec.timing["per_rank"]) == {"0", "1"}
+    assert rec.timing["n_timed"] == 9 and rec.n_samples == 9
