@@ -70,7 +70,8 @@ class Job:
         """results/<model>/<dataset>[-nLIMIT]/<method>[-<params hash>]/keep<k>-seed<s>."""
         data = self.dataset + (f"-n{self.limit}" if self.limit else "")
         method = self.method.name
-        if dict(self.method.params) != dict(self.method.spec.defaults) or self.method.positions != self.method.spec.positions:
+        official = self.method.spec.default_positions(self.method.params)
+        if dict(self.method.params) != dict(self.method.spec.defaults) or self.method.positions != official:
             blob = json.dumps({"p": dict(self.method.params), "pos": self.method.positions.value}, sort_keys=True)
             method += "-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
         return results_dir / self.model / data / method / f"keep{self.keep:.3f}-seed{self.seed}"

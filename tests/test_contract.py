@@ -133,7 +133,10 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     fixed = fixed_tokens(fam, inputs) if method.stage is Stage.PRE_LLM else 0
     n_keep, clamped = n_keep_for(keep, n_in - fixed)
     assert n_keep == max(1, round(keep * (n_in - fixed)))
-    n_keep = method.spec.kept_count(n_in - fixed, n_keep, method.params) + fixed
+    plan = None
+    if method.stage is Stage.INTRA_LLM:  # the documented schedule [(K_s, n_s)]: one stage, or several
+        plan = method.spec.intra_plan(len(fam.seams.decoder_layers), n_in, n_keep, method.params)
+    n_keep = method.spec.kept_count(n_in - fixed, n_keep, method.params) + fixed if plan is None else plan[-1][1]
     if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(fam, n_in):
         with pytest.raises(UserError, match="at most"):
             with install(fam.seams, method, keep=keep, seed=0):
@@ -146,11 +149,15 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     assert inst.counts.n_fixed == fixed
     assert inst.counts.clamped == clamped
     pruned = full - n_in + n_keep
-    if method.stage is Stage.INTRA_LLM:
-        k = method.params["layer"]
-        assert lengths == [full] * k + [pruned] * (len(lengths) - k)
+    if plan is not None:
+        bounds = [k for k, _ in plan] + [len(lengths)]
+        expected = [full] * bounds[0]
+        for (k, n), end in zip(plan, bounds[1:], strict=True):
+            expected += [full - n_in + n] * (end - k)
+        assert lengths == expected
+        assert inst.counts.schedule == plan
         n_layers = len(lengths)
-        assert inst.counts.layer_avg == pytest.approx((k * n_in + (n_layers - k) * n_keep) / n_layers)
+        assert inst.counts.layer_avg == pytest.approx(sum(expected) / n_layers - (full - n_in))
     else:
         assert lengths == [pruned] * len(lengths)
     assert tokens.shape[1] == full + GEN["max_new_tokens"]
@@ -218,7 +225,9 @@ def _uncached_greedy(model, inputs, steps: int, inst) -> tuple[torch.Tensor, tor
 # Methods whose decision does not depend on the generated suffix (so a full recompute of the
 # longer sequence makes the same decision), under both position policies. Signals read at the last
 # token depend on it; the last VISUAL token's causal row (FastV_VIS) does not, so it stays in.
-SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden"}
+# PyramidDrop's own-layer last row and SparseVLM's raters (the text after the image) depend on it too;
+# multi-layer decode is checked with a suffix-free multi-layer method in tests/test_multilayer.py.
+SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden", "layer_last_query_attention", "raters"}
 SUFFIX_FREE = [(n, p) for n in PRUNING if SUFFIX_SIGNALS.isdisjoint(METHODS.get(n).needs)
                for p in ("original", "contiguous")]
 

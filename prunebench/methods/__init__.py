@@ -16,7 +16,9 @@ from prunebench.methods import (  # noqa: F401  (registration)
     fastv_window,
     pooling_intra,
     pooling_pre,
+    pyramiddrop,
     random,
+    sparsevlm,
     vanilla,
 )
 from prunebench.methods.base import (

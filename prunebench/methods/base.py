@@ -29,7 +29,7 @@ class Stage(str, Enum):
     NONE = "none"
     VISION = "vision"  # inside the vision encoder
     PRE_LLM = "pre_llm"  # after the projector, before the LLM
-    INTRA_LLM = "intra_llm"  # inside the LLM at layer K
+    INTRA_LLM = "intra_llm"  # inside the LLM at layer K (or at an ordered list of layers)
 
 
 class Positions(str, Enum):
@@ -48,6 +48,14 @@ SIGNALS = {
     "last_visual_query_attention": "[B, N] head-mean softmax row of the last visual token at LLM layer K-1 "
     "(causal: keys up to it), restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
     "last_token_hidden": "[B, D] hidden state of the last prompt token entering LLM layer K",
+    "layer_last_query_attention": "[B, N] head-mean softmax row of the last prompt token at LLM layer K itself: "
+    "K's input_layernorm + q/k projections of the hidden states entering K, RoPE at the current positions "
+    "(PyramidDrop's inference path; no second forward of the layer)",
+    "rater_attention": "[B, H, T, N] per-head causal softmax rows of the T text tokens after the last visual token "
+    "at LLM layer K-1, restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
+    "raters": "[B, T] bool: SparseVLM's text raters among those T tokens, chosen on the LLM input embeddings",
+    "rope_prior": "[B, T, N] RoPE-only logits (q = k = 1, rotated, scaled) between those text rows and the visual "
+    "columns at layer K-1 (SparseVLM+ normalisation)",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 
@@ -82,6 +90,19 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class IntraSchedule:
+    """Where a multi-layer intra-LLM method prunes and how many visual tokens each stage keeps.
+
+    layers(n_layers, **params) -> [K_1 < K_2 < ...] in 1..n_layers-1: stage s prunes entering layer K_s;
+    counts(n_layers, stages, n_in, n_keep, **params) -> [n_1 >= n_2 >= ...]: visual tokens kept from
+    layer K_s on, for n_in visual tokens entering the LLM and the budget n_keep = round(keep * n_in).
+    """
+
+    layers: Callable[..., list[int]]
+    counts: Callable[..., list[int]]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     stage: Stage
@@ -97,9 +118,30 @@ class MethodSpec:
     # is n_keep = round(keep * n_in), given its hyper-parameters: budget(n_in, n_keep, **params).
     # None means exactly n_keep. E.g. DART keeps 4 + 8 * ((n_keep - 4) // 8) (image pivots + per-pivot quota).
     budget: Callable[..., int] | None = None
+    # Intra-LLM methods pruning at several layers; None = one stage at params["layer"] keeping kept_count.
+    intra: IntraSchedule | None = None
+    # The official position policy when it depends on a hyper-parameter (SparseVLM v1.5 vs v2.0).
+    positions_for: Callable[..., Positions] | None = None
+
+    def default_positions(self, params: Mapping[str, Any]) -> Positions:
+        return self.positions if self.positions_for is None else self.positions_for(**params)
 
     def kept_count(self, n_in: int, n_keep: int, params: Mapping[str, Any]) -> int:
         return n_keep if self.budget is None else int(self.budget(n_in, n_keep, **params))
+
+    def intra_layers(self, n_layers: int, params: Mapping[str, Any]) -> list[int]:
+        """The decoder layers an intra-LLM method prunes at, in order."""
+        if self.intra is None:
+            return [int(params["layer"])]
+        return [int(k) for k in self.intra.layers(n_layers, **params)]
+
+    def intra_plan(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any]) -> list[tuple[int, int]]:
+        """The documented schedule [(K_s, visual tokens kept from layer K_s on), ...]."""
+        layers = self.intra_layers(n_layers, params)
+        if self.intra is None:
+            return [(layers[0], self.kept_count(n_in, n_keep, params))]
+        counts = self.intra.counts(n_layers, layers, n_in, n_keep, **params)
+        return list(zip(layers, (int(c) for c in counts), strict=True))
 
     @property
     def kind(self) -> str:
@@ -121,6 +163,8 @@ def register_method(
     defaults: Mapping[str, Any] | None = None,
     deviations: tuple[str, ...] = (),
     budget: Callable[..., int] | None = None,
+    intra: IntraSchedule | None = None,
+    positions_for: Callable[..., Positions] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -132,7 +176,8 @@ def register_method(
             name,
             MethodSpec(
                 name=name, stage=stage, source=source, fn=fn, needs=frozenset(needs), positions=positions,
-                defaults=dict(defaults or {}), deviations=deviations, budget=budget,
+                defaults=dict(defaults or {}), deviations=deviations, budget=budget, intra=intra,
+                positions_for=positions_for,
             ),
         )
         return fn
@@ -178,12 +223,20 @@ def resolve_method(name: str, params: Mapping[str, Any] | None = None, positions
         raise UserError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; valid: {valid}")
     merged = {**spec.defaults, **params}
     try:
-        pos = Positions(positions) if positions else spec.positions
+        pos = Positions(positions) if positions else spec.default_positions(merged)
     except ValueError:
         raise UserError(
             f"position policy '{positions}' is not one of: {', '.join(p.value for p in Positions)}"
         ) from None
     return ResolvedMethod(spec=spec, params=merged, positions=pos)
+
+
+def layer_average(n_layers: int, n_in: int, plan: list[tuple[int, int]]) -> float:
+    """Visual tokens per decoder layer, averaged over the n_layers layers: layers before K_1 see n_in,
+    layers K_s..K_{s+1}-1 see n_s (METHODS.md §0.2)."""
+    bounds = [k for k, _ in plan] + [n_layers]
+    total = plan[0][0] * n_in + sum((bounds[i + 1] - k) * n for i, (k, n) in enumerate(plan))
+    return total / n_layers
 
 
 def n_keep_for(keep: float, n_in: int) -> tuple[int, bool]:

@@ -1,5 +1,5 @@
 """LLM-side seams: the LLM entry (where pre-LLM and vision-stage decisions shorten the
-sequence) and layer K (intra-LLM methods).
+sequence) and layer K, or layers K_1 < K_2 < ... (intra-LLM methods).
 
 Both are forward pre-hooks with kwargs on the model instance; no modeling file is forked and
 attention stays SDPA/Flash. Decode steps are fixed up in the same hooks: the 2-D padding mask
@@ -14,16 +14,23 @@ from typing import Any
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.base import Positions, ResolvedMethod, SelectContext, n_keep_for
+from prunebench.methods.base import Positions, ResolvedMethod, SelectContext, layer_average, n_keep_for
+from prunebench.methods.sparsevlm_ops import select_raters
 from prunebench.models.base import Seams
-from prunebench.stages.attention import last_query_attention, position_query_attention
+from prunebench.stages.attention import (
+    last_query_attention,
+    position_query_attention,
+    query_rows_attention,
+    rope_prior,
+    rows_attention_per_head,
+)
 from prunebench.stages.state import CallState, Compaction, TokenCounts, renumber, rows_of
 from prunebench.timing import Timer
 
 Kwargs = dict[str, Any]
 
 # Signals recomputed from layer K-1's captured q/k (and rotary embeddings).
-ATTENTION_SIGNALS = frozenset({"last_query_attention", "last_visual_query_attention"})
+CAPTURED_SIGNALS = frozenset({"last_query_attention", "last_visual_query_attention", "rater_attention"})
 
 
 def capture_image_positions(seams: Seams, state: CallState):
@@ -132,31 +139,49 @@ def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2
 
 
 class IntraLLM:
-    """Prune visual tokens inside the LLM at layer K = method.params['layer']."""
+    """Prune visual tokens inside the LLM at layer K = method.params['layer'], or at the ordered layers
+    K_1 < K_2 < ... of a multi-layer method (MethodSpec.intra: PyramidDrop, SparseVLM).
+
+    Stage s prunes the visual tokens that survived stage s-1, entering layer K_s. Every stage's
+    `Compaction` is composed into one index over the sequence that entered the LLM, so the layers of
+    stage s get that sequence's positions / RoPE / 4-D mask gathered once, and a decode step at a
+    layer of stage s drops the same cache columns and shifts positions by what stage s dropped.
+    """
 
     def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, positions: Positions, state: CallState,
                  timer: Timer, generator: torch.Generator) -> None:
         self.seams, self.method, self.keep, self.positions, self.state = seams, method, keep, positions, state
         self.timer, self.generator = timer, generator
-        self.k = int(method.params["layer"])
         if "grid" in method.spec.needs and (seams.vision_grid is None or seams.always_keep is not None):
             # packed any-resolution tokens (LLaVA-NeXT / OneVision: base + tiles + newlines) or dynamic
             # resolution (Qwen, InternVL tiles) have no single h x w layout inside the LLM
             raise UserError(f"{method.name} needs the visual tokens to form a grid: not supported on the "
                             f"{seams.family} family (its visual tokens reach the LLM packed or at dynamic resolution)")
         n_layers = len(seams.decoder_layers)
-        if not 1 <= self.k < n_layers:
-            raise UserError(f"{method.name}: layer must be in 1..{n_layers - 1} for this model "
-                            f"({n_layers} decoder layers), got {self.k}")
+        self.layers = method.spec.intra_layers(n_layers, method.params)
+        if not all(1 <= k < n_layers for k in self.layers) or sorted(set(self.layers)) != self.layers:
+            what = "layer must be" if len(self.layers) == 1 else "layers must be increasing and"
+            got = self.layers[0] if len(self.layers) == 1 else self.layers
+            raise UserError(f"{method.name}: {what} in 1..{n_layers - 1} for this model "
+                            f"({n_layers} decoder layers), got {got}")
+        self.k = self.layers[0]
+        self.multi = method.spec.intra is not None
 
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
         layers = self.seams.decoder_layers
-        handles = [layers[self.k].register_forward_pre_hook(self._at_k, with_kwargs=True)]
-        for layer in layers[self.k + 1 :]:
-            handles.append(layer.register_forward_pre_hook(self._after_k, with_kwargs=True))
-        if not ATTENTION_SIGNALS.isdisjoint(self.method.spec.needs):
-            handles += self._register_capture(layers[self.k - 1])
+        handles = [layers[j].register_forward_pre_hook(self._hook(j), with_kwargs=True)
+                   for j in range(self.k, len(layers))]
+        if "raters" in self.method.spec.needs:
+            handles.append(layers[0].register_forward_pre_hook(self._raters, with_kwargs=True))
+        if not CAPTURED_SIGNALS.isdisjoint(self.method.spec.needs):
+            # after the stage hooks: a capture layer inside a pruned span sees the substituted RoPE
+            for k in self.layers:
+                handles += self._register_capture(layers[k - 1])
         return handles
+
+    def _stage_of(self, j: int) -> int:
+        """Index of the stage in force at decoder layer j >= K_1."""
+        return max(s for s, k in enumerate(self.layers) if k <= j)
 
     # -- signals -------------------------------------------------------------------------
     def _register_capture(self, layer: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -180,56 +205,160 @@ class IntraLLM:
             attn.k_proj.register_forward_hook(keep_output("k")),
         ]
 
-    def _signals(self, image_rows: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The signals the method needs; image_rows [B, N], hidden [B, L, D] entering layer K."""
+    def _raters(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> None:
+        """Layer 0 pre-hook: SparseVLM's text raters from the LLM input embeddings (the text after the
+        last visual token, scored against the visual tokens)."""
+        mask = self.state.image_mask
+        if self.state.phase != "prefill" or mask is None or not bool(mask.any()):
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        last = int(mask[0].nonzero()[-1, 0])
+        tail = hidden.shape[1] - 1 - last
+        if tail == 0:  # no text after the image: the last (visual) token rates alone
+            self.state.text_tail = 1
+            self.state.raters = torch.ones(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
+            return
+        self.state.text_tail = tail
+        rows = rows_of(mask)
+        visual = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.state.raters = select_raters(visual, hidden[:, last + 1 :])
+
+    def _signals(self, k: int, image_rows: torch.Tensor, hidden: torch.Tensor, kwargs: Kwargs
+                 ) -> dict[str, torch.Tensor]:
+        """The signals the method needs at layer k; image_rows [B, N], hidden [B, L, D] entering layer k,
+        kwargs: layer k's, already substituted for the sequence it sees."""
         needs, out = self.method.spec.needs, {}
+        mask = self.state.attention_mask_2d
+        key_mask = None if mask is None else mask.bool()
         if "last_token_hidden" in needs:
             out["last_token_hidden"] = hidden[:, -1]
-        if ATTENTION_SIGNALS.isdisjoint(needs):
+        if "layer_last_query_attention" in needs:
+            out["layer_last_query_attention"] = self._own_last_row(k, hidden, kwargs, key_mask).gather(1, image_rows)
+        if CAPTURED_SIGNALS.isdisjoint(needs):
             return out
-        caps, attn = self.state.captures, self.seams.decoder_layers[self.k - 1].self_attn
+        caps, attn = self.state.captures, self.seams.decoder_layers[k - 1].self_attn
         cos, sin = caps["rope"]
-        mask = self.state.attention_mask_2d
-        common = dict(head_dim=attn.head_dim, scale=attn.scaling, apply_rope=self.seams.apply_rope,
-                      key_mask=None if mask is None else mask.bool())
+        common = dict(head_dim=attn.head_dim, scale=attn.scaling, apply_rope=self.seams.apply_rope, key_mask=key_mask)
         if "last_query_attention" in needs:
             row = last_query_attention(caps["q"], caps["k"], cos, sin, **common)
             out["last_query_attention"] = row.gather(1, image_rows)
         if "last_visual_query_attention" in needs:  # FastV_VIS: the row of the last visual token
             row = position_query_attention(caps["q"], caps["k"], cos, sin, image_rows[:, -1], **common)
             out["last_visual_query_attention"] = row.gather(1, image_rows)
+        if "rater_attention" in needs:
+            out.update(self._rater_signals(caps, cos, sin, image_rows, common))
         caps.clear()
         return out
 
+    def _rater_signals(self, caps: dict, cos: torch.Tensor, sin: torch.Tensor, image_rows: torch.Tensor,
+                       common: dict) -> dict[str, torch.Tensor]:
+        b, length = caps["k"].shape[:2]
+        tail = self.state.text_tail
+        text = torch.arange(length - tail, length, device=image_rows.device).expand(b, tail)
+        rows = rows_attention_per_head(caps["q"], caps["k"], cos, sin, text, **common)  # [B, H, T, L]
+        out = {"rater_attention": rows.gather(3, image_rows[:, None, None, :].expand(-1, rows.shape[1], tail, -1)),
+               "raters": self.state.raters}
+        if "rope_prior" in self.method.spec.needs:
+            out["rope_prior"] = rope_prior(cos, sin, text, image_rows, scale=common["scale"],
+                                           apply_rope=self.seams.apply_rope)
+        return out
+
+    def _own_last_row(self, k: int, hidden: torch.Tensor, kwargs: Kwargs, key_mask: torch.Tensor | None
+                      ) -> torch.Tensor:
+        """PyramidDrop's row: layer k's input_layernorm + q (last token) / k projections + RoPE on the
+        hidden states entering k; head-mean softmax over all keys: [B, L]."""
+        layer = self.seams.decoder_layers[k]
+        attn = layer.self_attn
+        b, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        q = attn.q_proj(normed[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+        keys = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q = self.seams.apply_rope(q, cos[:, -1:], sin[:, -1:])
+        keys = self.seams.apply_rope(keys, cos, sin)
+        return query_rows_attention(q, keys, attn.scaling, key_mask)[:, 0]
+
     # -- hooks ---------------------------------------------------------------------------
-    def _at_k(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
-        if self.state.phase == "decode":
-            return self._decode(args, kwargs)
+    def _hook(self, j: int):
+        stage = self.layers.index(j) if j in self.layers else None
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
+            if self.state.phase == "decode":
+                return self._decode(args, kwargs, self._in_force(self._stage_of(j)))
+            if stage is not None:
+                return self._prune(stage, args, kwargs)
+            current = self._in_force(self._stage_of(j))
+            return None if current is None else self._substitute(args, kwargs, current)
+
+        return hook
+
+    def _in_force(self, stage: int) -> Compaction | None:
+        stages = self.state.intra_stages
+        return stages[stage] if stage < len(stages) else (stages[-1] if stages else None)
+
+    def _prune(self, stage: int, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
+        """Stage `stage` at its layer: rank the surviving visual tokens, drop, compose the compaction."""
+        previous = self._in_force(stage - 1) if stage else None
+        full = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
+        if previous is not None:  # the signals see the sequence as stage s-1 left it
+            args, kwargs = self._substitute(args, kwargs, previous)
         hidden = args[0] if args else kwargs["hidden_states"]
         if self.state.image_mask is None or not bool(self.state.image_mask.any()):
-            return None
+            self.state.intra_stages.append(previous)
+            return None if previous is None else (args, kwargs)
         with self.timer.span("method"):
-            image_rows = rows_of(self.state.image_mask)  # [B, N]
-            n_in = image_rows.shape[1]
-            n_keep, clamped = n_keep_for(self.keep, n_in)
-            ctx = SelectContext(
-                tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
-                n_keep=n_keep, grid=self._grid(n_in), generator=self.generator,
-                signals=self._signals(image_rows, hidden),
-            )
-            keep_visual = self.method.spec.fn(ctx, **self.method.params)
-            n_keep = keep_visual.shape[1]  # the method's documented count (MethodSpec.budget)
-            compaction = self._compaction(hidden, kwargs, image_rows.gather(1, keep_visual.to(image_rows.device)))
+            image_rows = rows_of(self.state.image_mask)  # [B, N_s]
+            keep_visual = self._select(stage, image_rows, hidden, kwargs)
+        if keep_visual is None:  # the stage keeps every surviving token
+            self.state.intra_stages.append(previous)
+            self._count(stage, image_rows.shape[1])
+            return None if previous is None else (args, kwargs)
+        kept_rows = image_rows.gather(1, keep_visual.to(image_rows.device))
+        local = rows_of((~self.state.image_mask).scatter(1, kept_rows, True))
+        full_index = local if previous is None else previous.index.gather(1, local)
+        compaction = self._compaction(hidden, full, full_index)
+        self.state.intra_stages.append(compaction)
         self.state.intra = compaction
-        n_layers = len(self.seams.decoder_layers)
-        self.state.counts = TokenCounts(n_in, n_keep, (self.k * n_in + (n_layers - self.k) * n_keep) / n_layers,
-                                        clamped or self.state.clamped)
-        hidden = hidden.gather(1, compaction.index[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.state.image_mask = self.state.image_mask.gather(1, local)
+        if self.state.attention_mask_2d is not None:
+            self.state.attention_mask_2d = self.state.attention_mask_2d.gather(1, local)
+        self._count(stage, keep_visual.shape[1])
+        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
-        return self._substitute(args, kwargs)
+        return self._substitute(args, kwargs, compaction)
+
+    def _select(self, stage: int, image_rows: torch.Tensor, hidden: torch.Tensor, kwargs: Kwargs
+                ) -> torch.Tensor | None:
+        """[B, n_s] kept indices among the surviving visual tokens; None when a multi-layer stage keeps all."""
+        n_now = image_rows.shape[1]
+        if stage == 0:
+            n_keep, clamped = n_keep_for(self.keep, n_now)
+            self.state.intra_plan = self.method.spec.intra_plan(
+                len(self.seams.decoder_layers), n_now, n_keep, self.method.params)
+            self.state.counts = TokenCounts(n_now, n_now, float(n_now), clamped or self.state.clamped)
+        if self.multi:
+            n_keep = min(self.state.intra_plan[stage][1], n_now)
+            if n_keep >= n_now:
+                return None
+        else:  # single-layer methods get the round(keep * N) budget and report what they kept (budget)
+            n_keep = n_keep_for(self.keep, n_now)[0]
+        ctx = SelectContext(
+            tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
+            n_keep=n_keep, grid=self._grid(n_now) if stage == 0 else None, generator=self.generator,
+            signals=self._signals(self.layers[stage], image_rows, hidden, kwargs),
+        )
+        return self.method.spec.fn(ctx, **self.method.params)
+
+    def _count(self, stage: int, n_kept: int) -> None:
+        """Record stage `stage`'s kept count; the layer average runs over the stages so far."""
+        counts = self.state.counts
+        schedule = [*counts.schedule[:stage], (self.layers[stage], n_kept)]
+        self.state.counts = TokenCounts(counts.n_visual_in, n_kept,
+                                        layer_average(len(self.seams.decoder_layers), counts.n_visual_in, schedule),
+                                        counts.clamped, schedule=schedule)
 
     def _grid(self, n: int) -> tuple[int, int] | None:
         """The visual tokens' grid when the prompt holds one image of the encoder's grid."""
@@ -237,18 +366,19 @@ class IntraLLM:
         sizes = self.state.visual_sizes
         return grid if grid is not None and grid[0] * grid[1] == n and (sizes is None or len(sizes) <= 1) else None
 
-    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, kept_rows: torch.Tensor) -> Compaction:
-        """kept_rows: [B, k] sequence rows of the visual tokens that stay."""
-        b, length, _ = hidden.shape
-        keep = (~self.state.image_mask).scatter(1, kept_rows, True)
-        index = rows_of(keep)
+    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, index: torch.Tensor) -> Compaction:
+        """index: [B, L'] the surviving rows of the sequence that entered the LLM (length L); kwargs are
+        the layer's own, i.e. that full sequence's positions, RoPE and mask."""
+        b = index.shape[0]
+        cos, sin = kwargs["position_embeddings"]
+        length = cos.shape[-2]
+        keep = torch.zeros(b, length, dtype=torch.bool, device=index.device).scatter(1, index, True)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(length, device=hidden.device).expand(b, length)
         pos = pos.expand(*pos.shape[:-2], b, length)
         new_pos = renumber(keep, pos, index, self.positions)
         if self.positions is Positions.ORIGINAL:
-            cos, sin = kwargs["position_embeddings"]
             d = cos.shape[-1]
             pe = (cos.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)),
                   sin.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)))
@@ -262,24 +392,15 @@ class IntraLLM:
         return Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift,
                           position_embeddings=pe, attention_mask=mask)
 
-    def _after_k(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
-        if self.state.intra is None:
-            return None
-        if self.state.phase == "decode":
-            return self._decode(args, kwargs)
-        return self._substitute(args, kwargs)
-
-    def _substitute(self, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs]:
-        c = self.state.intra
-        assert c is not None
+    @staticmethod
+    def _substitute(args: tuple, kwargs: Kwargs, c: Compaction) -> tuple[tuple, Kwargs]:
         kwargs["position_embeddings"] = c.position_embeddings
         kwargs["position_ids"] = c.position_ids
         if "attention_mask" in kwargs and isinstance(kwargs["attention_mask"], torch.Tensor):
             kwargs["attention_mask"] = c.attention_mask
         return args, kwargs
 
-    def _decode(self, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
-        c = self.state.intra
+    def _decode(self, args: tuple, kwargs: Kwargs, c: Compaction | None) -> tuple[tuple, Kwargs] | None:
         if c is None:
             return None
         mask = kwargs.get("attention_mask")
