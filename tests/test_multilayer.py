@@ -1,0 +1,330 @@
+"""Multi-layer intra-LLM pruning (stages/llm.py IntraLLM with MethodSpec.intra), PyramidDrop and
+SparseVLM against independent references: the recomputed rows against eager attention and a per-head
+loop, the schedules against brute-force searches, the rankings against pure-Python loops, and KV-cached
+decoding after several pruning stages against a full recompute."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from prunebench.errors import UserError
+from prunebench.methods import METHODS, SelectContext, resolve_method
+from prunebench.methods.base import IntraSchedule, MethodSpec, Positions, ResolvedMethod, Stage, layer_average
+from prunebench.methods.pyramiddrop import pdrop_counts, pdrop_layers, stage_counts
+from prunebench.methods.sparsevlm_ops import (
+    TABLES,
+    rater_scores,
+    scaled_table,
+    select_raters,
+    sparsevlm_counts,
+)
+from prunebench.stages import install
+
+GEN = dict(max_new_tokens=5, do_sample=False, min_new_tokens=5)
+
+
+# -- a suffix-free multi-layer method: the infrastructure's decode contract ---------------
+
+def _norm_rank(ctx: SelectContext) -> torch.Tensor:
+    """Keep the visual tokens with the largest hidden-state norm (depends on the prefix only)."""
+    return ctx.tokens.float().norm(dim=-1).topk(ctx.n_keep, dim=-1).indices.sort(dim=-1).values
+
+
+def _three_stages(n_layers: int, stages: list[int], n_in: int, n_keep: int) -> list[int]:
+    return [min(n_in, 3 * n_keep), min(n_in, 2 * n_keep), n_keep]
+
+
+NORM3 = MethodSpec(name="norm3", stage=Stage.INTRA_LLM, source="test", fn=_norm_rank,
+                   intra=IntraSchedule(layers=lambda n_layers: [1, 2, 3], counts=_three_stages))
+
+
+def _layer_lengths(seams, fn) -> list[int]:
+    seen: dict[int, int] = {}
+
+    def hook(i: int):
+        def pre(module, args, kwargs) -> None:
+            seen.setdefault(i, (args[0] if args else kwargs["hidden_states"]).shape[1])
+
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(seams.decoder_layers)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in sorted(seen)]
+
+
+@pytest.mark.parametrize("positions", [Positions.ORIGINAL, Positions.CONTIGUOUS])
+def test_multistage_cached_decode_matches_full_recompute(fam, positions):
+    """Three stages at layers 1, 2, 3: per-layer lengths follow the schedule, and KV-cached greedy
+    decoding equals recomputing the whole sequence every step (positions, masks, cache columns)."""
+    from test_contract import _uncached_greedy
+
+    method = ResolvedMethod(spec=NORM3, params={}, positions=positions)
+    inputs = fam.inputs()
+    full, n_in = inputs["input_ids"].shape[1], fam.n_visual(inputs)
+    with install(fam.seams, method, keep=0.2, seed=0) as inst:
+        with torch.no_grad():
+            lengths = _layer_lengths(fam.seams, lambda: fam.model(**inputs))
+            out = fam.model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
+        ids, logits = _uncached_greedy(fam.model, inputs, GEN["max_new_tokens"], inst)
+    n_keep = max(1, math.floor(0.2 * n_in + 0.5))
+    counts = _three_stages(4, [1, 2, 3], n_in, n_keep)
+    assert lengths == [full] + [full - n_in + n for n in counts]
+    assert inst.counts.schedule == list(zip([1, 2, 3], counts, strict=True))
+    assert inst.counts.layer_avg == pytest.approx((n_in + sum(counts)) / 4)
+    assert inst.counts.n_visual_out == counts[-1]
+    assert torch.equal(out.sequences, ids)
+    torch.testing.assert_close(torch.stack(out.logits, 1), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_later_stage_keeps_a_subset_of_the_earlier_one(tiny):
+    inputs = tiny.inputs()
+    kept = []
+
+    def spy(ctx):
+        kept.append(ctx.tokens.shape[1])
+        return _norm_rank(ctx)
+
+    method = ResolvedMethod(spec=dataclasses.replace(NORM3, fn=spy), params={}, positions=Positions.ORIGINAL)
+    with install(tiny.seams, method, keep=0.2, seed=0) as inst, torch.no_grad():
+        tiny.model(**inputs)
+    n_keep = max(1, math.floor(0.2 * tiny.n_visual(inputs) + 0.5))
+    assert kept == [tiny.n_visual(inputs), 3 * n_keep, 2 * n_keep]  # each stage ranks the survivors only
+    index = inst.state.intra_stages
+    for earlier, later in itertools.pairwise(index):
+        assert bool(torch.isin(later.index, earlier.index).all())
+
+
+def test_bad_stage_layers_are_refused(tiny):
+    with pytest.raises(UserError, match="increasing"):
+        with install(tiny.seams, resolve_method("pyramiddrop", {"layers": [2, 1]}), keep=0.5):
+            pass
+    with pytest.raises(UserError, match="layers must be"):
+        with install(tiny.seams, resolve_method("pyramiddrop", {"layers": [1, 9]}), keep=0.5):
+            pass
+
+
+# -- PyramidDrop -----------------------------------------------------------------------------
+
+def test_pdrop_layers_scale_the_paper_split():
+    assert pdrop_layers(32) == [8, 16, 24]
+    assert pdrop_layers(4) == [1, 2, 3]
+    assert pdrop_layers(28) == [7, 14, 21]
+
+
+def test_pdrop_paper_default_is_lambda_half():
+    """N=576, L=32, lambda=0.5: (8*576 + 8*288 + 8*144 + 8*72)/32 = 270 (METHODS.md)."""
+    assert pdrop_counts(32, [8, 16, 24], 576, 270) == [288, 144, 72]
+
+
+@pytest.mark.parametrize(("n_layers", "layers", "n_in", "n_keep"),
+                         [(32, [8, 16, 24], 576, 64), (32, [8, 16, 24], 576, 192), (4, [1, 2, 3], 36, 10),
+                          (28, [7, 14, 21], 400, 100), (4, [1, 2, 3], 36, 36)])
+def test_pdrop_lambda_is_the_closest_on_a_grid(n_layers, layers, n_in, n_keep):
+    """The solved schedule's layer average is as close to n_keep as any lambda on a fine grid."""
+    got = layer_average(n_layers, n_in, list(zip(layers, pdrop_counts(n_layers, layers, n_in, n_keep), strict=True)))
+    best = min(abs(layer_average(n_layers, n_in, list(zip(layers, stage_counts(n_in, 3, i / 20000), strict=True)))
+                   - n_keep) for i in range(20001))
+    assert abs(got - n_keep) <= best + 1e-9
+
+
+def _naive_own_row(layer, hidden: torch.Tensor, positions: torch.Tensor, rotary) -> torch.Tensor:
+    """Layer's last-token attention row by a loop over heads, transformers' own RoPE: [L]."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)[0]  # [L, D]
+    q = attn.q_proj(x).view(x.shape[0], -1, attn.head_dim).transpose(0, 1)  # [H, L, d]
+    k = attn.k_proj(x).view(x.shape[0], -1, attn.head_dim).transpose(0, 1)
+    cos, sin = rotary(hidden, position_ids=positions)
+    q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+    q, k = q[0], k[0].repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+    rows = []
+    for h in range(q.shape[0]):
+        logits = torch.stack([q[h, -1] @ k[h, j] for j in range(k.shape[1])]) / math.sqrt(attn.head_dim)
+        rows.append(logits.softmax(-1))
+    return torch.stack(rows).mean(0)
+
+
+def test_pdrop_rows_equal_eager_attention_and_a_head_loop(tiny, tiny_path):
+    """Stage 1's row equals eager attention of layer K_1 (1e-5); every stage's row equals a per-head loop
+    over the hidden states entering it at its contiguous positions; the kept set is its top-n."""
+    from conftest import load_tiny
+
+    eager = load_tiny(tiny_path, attn="eager")
+    inputs = eager.inputs()
+    with torch.no_grad():
+        attentions = eager.model(**inputs, output_attentions=True).attentions
+    method = resolve_method("pyramiddrop")
+    layers = method.spec.intra_layers(4, method.params)
+    seen, entering = [], {}
+
+    def spy(ctx, **params):
+        seen.append((ctx.signals["layer_last_query_attention"][0].clone(), ctx.n_keep))
+        return METHODS.get("pyramiddrop").fn(ctx, **params)
+
+    def grab(i):
+        def pre(module, args, kwargs):
+            entering.setdefault(i, (args[0] if args else kwargs["hidden_states"]).detach().clone())
+        return pre
+
+    spied = dataclasses.replace(method, spec=dataclasses.replace(method.spec, fn=spy))
+    seams = tiny.seams
+    handles = [seams.decoder_layers[k].register_forward_pre_hook(grab(k), with_kwargs=True) for k in layers]
+    try:
+        with install(seams, spied, keep=0.6, seed=0) as inst, torch.no_grad():  # all three stages drop
+            tiny.model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    image = torch.isin(inputs["input_ids"][0], torch.tensor(seams.image_token_ids))
+    expected = attentions[layers[0]][0, :, -1].float().mean(0)[image]
+    torch.testing.assert_close(seen[0][0], expected, atol=1e-5, rtol=0)
+    assert len(seen) == len(layers)
+    image_rows = image.nonzero()[:, 0]
+    for s, k in enumerate(layers):
+        hidden = entering[k]  # before this stage's drop: stage s-1's sequence
+        rows = image_rows if s == 0 else _surviving_visual_rows(inst.state.intra_stages[s - 1].index[0], image_rows)
+        with torch.no_grad():
+            row = _naive_own_row(seams.decoder_layers[k], hidden, torch.arange(hidden.shape[1])[None],
+                                 seams.language_model.rotary_emb)
+        torch.testing.assert_close(seen[s][0], row[rows].float(), atol=1e-5, rtol=0)
+        top = sorted(sorted(range(len(rows)), key=lambda i: -float(seen[s][0][i]))[: seen[s][1]])
+        before = inst.state.intra_stages[s - 1].index[0] if s else torch.arange(image.numel())
+        kept = torch.isin(before[rows], inst.state.intra_stages[s].index[0])
+        assert kept.nonzero()[:, 0].tolist() == top
+
+
+def _surviving_visual_rows(index: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+    """Rows, in the compacted sequence `index`, of the original visual rows that survive."""
+    return torch.isin(index, image_rows).nonzero()[:, 0]
+
+
+# -- SparseVLM -----------------------------------------------------------------------------
+
+def test_raters_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    visual, text = torch.randn(2, 7, 5, generator=g), torch.randn(2, 6, 5, generator=g)
+    got = select_raters(visual, text)
+    for b in range(2):
+        m = [sum(math.exp(float(visual[b, i] @ text[b, t]))
+                 / sum(math.exp(float(visual[b, i] @ text[b, u])) for u in range(6)) for i in range(7)) / 7
+             for t in range(6)]
+        assert got[b].tolist() == [x > sum(m) / 6 for x in m]
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_rater_scores_match_a_loop(v2):
+    g = torch.Generator().manual_seed(1)
+    b, h, t, n = 2, 5, 4, 6
+    attention = torch.rand(b, h, t, n, generator=g)
+    raters = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    prior = torch.rand(b, t, n, generator=g) + 0.5 if v2 else None
+    top = 3 if v2 else None
+    got = rater_scores(attention, raters, prior, top)
+    for bb in range(b):
+        a = [[[float(attention[bb, hh, tt, j]) / (float(prior[bb, tt, j]) if v2 else 1.0) for j in range(n)]
+              for tt in range(t)] for hh in range(h)]
+        rs = [tt for tt in range(t) if raters[bb, tt]]
+        heads = range(h)
+        if v2:
+            mass = [sum(a[hh][tt][j] for tt in rs for j in range(n)) for hh in range(h)]
+            heads = sorted(range(h), key=lambda hh: -mass[hh])[:top]
+        want = [sum(sum(a[hh][tt][j] for hh in heads) / len(heads) for tt in rs) / len(rs) for j in range(n)]
+        torch.testing.assert_close(got[bb], torch.tensor(want), atol=1e-6, rtol=1e-6)
+
+
+def test_sparsevlm_official_tables_and_scaling():
+    for version, table in TABLES.items():
+        for budget, counts in table.items():
+            assert sparsevlm_counts(32, [3, 7, 16], 576, budget, version) == list(counts)
+    # other budgets: the nearest table scaled; as close to n_keep as any scale on a fine grid
+    for n_layers, stages, n_in, n_keep, version in [(4, [1, 2, 3], 36, 9, "1.5"), (32, [3, 7, 16], 576, 100, "2.0"),
+                                                    (28, [3, 6, 14], 300, 30, "1.5")]:
+        got = sparsevlm_counts(n_layers, stages, n_in, n_keep, version)
+        avg = layer_average(n_layers, n_in, list(zip(stages, got, strict=True)))
+        reference = TABLES[version][min(TABLES[version], key=lambda x: abs(x - n_keep * 576 / n_in))]
+        best = min(abs(layer_average(n_layers, n_in, list(zip(stages, scaled_table(reference, n_in, i / 500),
+                                                                  strict=True))) - n_keep) for i in range(10001))
+        assert abs(avg - n_keep) <= best + 1e-9
+        assert got == sorted(got, reverse=True) and 1 <= got[-1] and got[0] <= n_in
+
+
+def test_sparsevlm_positions_follow_the_version():
+    assert resolve_method("sparsevlm").positions is Positions.CONTIGUOUS
+    assert resolve_method("sparsevlm", {"version": "2.0"}).positions is Positions.ORIGINAL
+    with pytest.raises(UserError, match="1.5, 2.0"):
+        resolve_method("sparsevlm", {"version": "3"}).spec.intra_plan(4, 36, 9, {"version": "3", "layers": None})
+
+
+@pytest.mark.parametrize("version", ["1.5", "2.0"])
+def test_sparsevlm_rater_rows_equal_eager_attention(tiny, tiny_path, version):
+    """Stage 1 (rating layer l = K_1 - 1): the rater rows equal eager attention rows of layer l (1e-5);
+    the raters equal a loop over the input embeddings; the kept set is the top-k of a loop's scores."""
+    from conftest import load_tiny
+
+    eager = load_tiny(tiny_path, attn="eager")
+    inputs = eager.inputs()
+    with torch.no_grad():
+        out = eager.model(**inputs, output_attentions=True, output_hidden_states=True)
+    method = resolve_method("sparsevlm", {"version": version})
+    k1 = method.spec.intra_layers(4, method.params)[0]
+    seen = []
+
+    def spy(ctx, **params):
+        seen.append(({k: v.clone() for k, v in ctx.signals.items()}, ctx.n_keep))
+        return METHODS.get("sparsevlm").fn(ctx, **params)
+
+    spied = dataclasses.replace(method, spec=dataclasses.replace(method.spec, fn=spy))
+    with install(tiny.seams, spied, keep=0.25, seed=0) as inst, torch.no_grad():
+        tiny.model(**inputs)
+    ids = inputs["input_ids"][0]
+    image = torch.isin(ids, torch.tensor(tiny.seams.image_token_ids))
+    last = int(image.nonzero()[-1, 0])
+    text = torch.arange(last + 1, ids.numel())
+    expected = out.attentions[k1 - 1][0][:, text][:, :, image].float()  # [H, T, N]
+    signals, n_keep = seen[0]
+    torch.testing.assert_close(signals["rater_attention"][0], expected, atol=1e-5, rtol=0)
+    embeds = out.hidden_states[0][0]
+    assert signals["raters"][0].tolist() == select_raters(embeds[image][None], embeds[text][None])[0].tolist()
+    # the naive score and its top-k
+    heads = range(expected.shape[0])
+    a = expected
+    if version == "2.0":
+        a = a / signals["rope_prior"][0][None]
+        rs = signals["raters"][0]
+        mass = [float(a[h][rs].sum()) for h in heads]
+        heads = sorted(heads, key=lambda h: -mass[h])[:14]
+    rs = signals["raters"][0].nonzero()[:, 0].tolist()
+    score = [sum(float(a[h, t, j]) for h in heads for t in rs) / (len(heads) * len(rs)) for j in range(a.shape[2])]
+    top = sorted(sorted(range(len(score)), key=lambda j: -score[j])[:n_keep])
+    image_rows = image.nonzero()[:, 0]
+    kept = inst.state.intra_stages[0].index[0]
+    assert torch.isin(image_rows, kept).nonzero()[:, 0].tolist() == top
+
+
+def test_rope_prior_matches_a_loop(tiny):
+    from prunebench.stages.attention import rope_prior
+
+    length, d = 9, 8
+    rotary = tiny.seams.language_model.rotary_emb
+    cfg_d = rotary.inv_freq.numel() * 2
+    cos, sin = rotary(torch.zeros(1, length, cfg_d), position_ids=torch.arange(length)[None])
+    rows, cols = torch.tensor([[7, 8]]), torch.tensor([[1, 2, 3]])
+    got = rope_prior(cos, sin, rows, cols, scale=0.5, apply_rope=tiny.seams.apply_rope)
+    ones, half = torch.ones(cfg_d), cfg_d // 2
+    rotated_ones = torch.cat([-ones[half:], ones[:half]])
+    for r, i in enumerate(rows[0].tolist()):
+        for c, j in enumerate(cols[0].tolist()):
+            qi = ones * cos[0, i] + rotated_ones * sin[0, i]
+            kj = ones * cos[0, j] + rotated_ones * sin[0, j]
+            assert float(got[0, r, c]) == pytest.approx(float(qi @ kj) * 0.5, abs=1e-5)
+    del d
