@@ -15,11 +15,22 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from prunebench.errors import UserError
 from prunebench.methods import METHODS, SelectContext, resolve_method
-from prunebench.methods.base import IntraSchedule, MethodSpec, Positions, ResolvedMethod, Stage, layer_average
+from prunebench.methods.base import (
+    Insertion,
+    IntraSchedule,
+    MethodSpec,
+    Positions,
+    ResolvedMethod,
+    Stage,
+    layer_average,
+    n_keep_for,
+)
 from prunebench.methods.pyramiddrop import pdrop_counts, pdrop_layers, stage_counts
 from prunebench.methods.sparsevlm_ops import (
     TABLES,
+    dpc_knn_merge,
     rater_scores,
+    recycled_count,
     scaled_table,
     select_raters,
     sparsevlm_counts,
@@ -44,6 +55,18 @@ NORM3 = MethodSpec(name="norm3", stage=Stage.INTRA_LLM, source="test", fn=_norm_
                    intra=IntraSchedule(layers=lambda n_layers: [1, 2, 3], counts=_three_stages))
 
 
+def _norm_rank_and_mean(ctx: SelectContext) -> Insertion:
+    """As _norm_rank, plus two inserted tokens: the mean of the dropped ones and its negative."""
+    kept = _norm_rank(ctx)
+    dropped = torch.ones(ctx.tokens.shape[:2], dtype=torch.bool).scatter(1, kept, False)
+    mean = (ctx.tokens * dropped[..., None]).sum(1) / dropped.sum(1, keepdim=True)
+    return Insertion(kept, torch.stack([mean, -mean], dim=1))
+
+
+NORM3_INSERT = dataclasses.replace(NORM3, fn=_norm_rank_and_mean,
+                                   intra=dataclasses.replace(NORM3.intra, extra=lambda n_before, n_kept: 2))
+
+
 def _layer_lengths(seams, fn) -> list[int]:
     seen: dict[int, int] = {}
 
@@ -63,13 +86,14 @@ def _layer_lengths(seams, fn) -> list[int]:
     return [seen[i] for i in sorted(seen)]
 
 
+@pytest.mark.parametrize("insert", [False, True])
 @pytest.mark.parametrize("positions", [Positions.ORIGINAL, Positions.CONTIGUOUS])
-def test_multistage_cached_decode_matches_full_recompute(fam, positions):
-    """Three stages at layers 1, 2, 3: per-layer lengths follow the schedule, and KV-cached greedy
-    decoding equals recomputing the whole sequence every step (positions, masks, cache columns)."""
+def test_multistage_cached_decode_matches_full_recompute(fam, positions, insert):
+    """Three stages at layers 1, 2, 3 (with or without inserted tokens): per-layer lengths follow the
+    schedule, and KV-cached greedy decoding equals recomputing the whole sequence every step."""
     from test_contract import _uncached_greedy
 
-    method = ResolvedMethod(spec=NORM3, params={}, positions=positions)
+    method = ResolvedMethod(spec=NORM3_INSERT if insert else NORM3, params={}, positions=positions)
     inputs = fam.inputs()
     full, n_in = inputs["input_ids"].shape[1], fam.n_visual(inputs)
     with install(fam.seams, method, keep=0.2, seed=0) as inst:
@@ -78,7 +102,9 @@ def test_multistage_cached_decode_matches_full_recompute(fam, positions):
             out = fam.model.generate(**inputs, **GEN, output_logits=True, return_dict_in_generate=True)
         ids, logits = _uncached_greedy(fam.model, inputs, GEN["max_new_tokens"], inst)
     n_keep = max(1, math.floor(0.2 * n_in + 0.5))
-    counts = _three_stages(4, [1, 2, 3], n_in, n_keep)
+    counts = method.spec.intra_plan(4, n_in, n_keep, {})
+    counts = [n for _, n in counts]
+    assert counts == [n + 2 * insert for n in _three_stages(4, [1, 2, 3], n_in, n_keep)]
     assert lengths == [full] + [full - n_in + n for n in counts]
     assert inst.counts.schedule == list(zip([1, 2, 3], counts, strict=True))
     assert inst.counts.layer_avg == pytest.approx((n_in + sum(counts)) / 4)
@@ -328,3 +354,90 @@ def test_rope_prior_matches_a_loop(tiny):
             kj = ones * cos[0, j] + rotated_ones * sin[0, j]
             assert float(got[0, r, c]) == pytest.approx(float(qi @ kj) * 0.5, abs=1e-5)
     del d
+
+
+def _naive_dpc_knn(x: torch.Tensor, k: int, noise: torch.Tensor) -> torch.Tensor:
+    """utils.py cluster_and_merge written as loops over tokens: x [M, C], noise [M] -> [k, C]."""
+    m, c = x.shape
+    dist = [[float((x[i] - x[j]).norm()) / math.sqrt(c) for j in range(m)] for i in range(m)]
+    rho = [math.exp(-sum(v * v for v in sorted(dist[i])[:k]) / k) + float(noise[i]) for i in range(m)]
+    far = max(max(row) for row in dist)
+    delta = [min([dist[i][j] for j in range(m) if rho[j] > rho[i]] or [far]) for i in range(m)]
+    centres = sorted(range(m), key=lambda i: -delta[i] * rho[i])[:k]
+    members = {c_: [] for c_ in range(k)}
+    for i in range(m):
+        members[centres.index(i) if i in centres else min(range(k), key=lambda c_: dist[centres[c_]][i])].append(i)
+    return torch.stack([sum(x[i] for i in members[c_]) / (len(members[c_]) + 1e-6) for c_ in range(k)])
+
+
+@pytest.mark.parametrize(("m", "k"), [(1, 1), (7, 1), (12, 2), (31, 4)])
+def test_dpc_knn_merge_matches_a_loop(m, k):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(2, m, 5, generator=g)
+    noise = torch.rand(2, m, generator=g) * 1e-6
+    got = dpc_knn_merge(x, k, noise)
+    for b in range(2):
+        torch.testing.assert_close(got[b], _naive_dpc_knn(x[b], k, noise[b]), atol=1e-5, rtol=1e-5)
+
+
+def test_recycled_tokens_are_inserted_after_the_kept_ones(tiny):
+    """v1.5: each stage that drops inserts int((int(0.3 * dropped) + 1) / 10) + 1 clusters right after
+    its last kept visual token; the record counts them."""
+    inputs = tiny.inputs()
+    method = resolve_method("sparsevlm")
+    n_in = tiny.n_visual(inputs)
+    with install(tiny.seams, method, keep=0.5, seed=0) as inst, torch.no_grad():
+        tiny.model(**inputs)
+    plan = method.spec.intra_plan(4, n_in, n_keep_for(0.5, n_in)[0], method.params)
+    selects = method.spec.intra_selects(4, n_in, n_keep_for(0.5, n_in)[0], method.params)
+    assert inst.counts.schedule == plan
+    before = n_in
+    for (k, total), select, c in zip(plan, selects, inst.state.intra_stages, strict=True):
+        kept = min(select, before)
+        assert total == kept + (recycled_count(before, kept) if kept < before else 0)
+        new = int(c.inserted[0].sum())  # this stage's clusters, plus earlier ones it kept
+        dropping = list(_dropping_stages(n_in, selects, k, plan))
+        assert recycled_count(*dropping[-1]) <= new <= sum(recycled_count(b, s) for b, s in dropping)
+        before = total
+    ids = inputs["input_ids"][0]
+    image = torch.isin(ids, torch.tensor(tiny.seams.image_token_ids))
+    first = inst.state.intra_stages[0]
+    new = first.inserted[0].nonzero()[:, 0]
+    kept_visual = torch.isin(first.index[0], image.nonzero()[:, 0]) & ~first.inserted[0]
+    after = int(kept_visual.nonzero()[-1, 0]) + 1
+    assert new.tolist() == list(range(after, after + recycled_count(n_in, min(selects[0], n_in))))
+
+
+def _dropping_stages(n_in: int, selects: list[int], upto: int, plan: list[tuple[int, int]]):
+    """(n_before, n_kept) of the stages up to layer `upto` that dropped tokens."""
+    before = n_in
+    for (k, total), select in zip(plan, selects, strict=True):
+        if k > upto:
+            break
+        kept = min(select, before)
+        if kept < before:
+            yield before, kept
+        before = total
+
+
+def test_sparsevlm_v2_schedule_and_identity_on_every_family(fam):
+    """v2.0 (not in the contract's default-parameter sweep): exact per-layer lengths, no recycling,
+    original positions, keep=1.0 identical to the unpruned model."""
+    method = resolve_method("sparsevlm", {"version": "2.0"})
+    inputs = fam.inputs()
+    full, n_in = inputs["input_ids"].shape[1], fam.n_visual(inputs)
+    n_layers = len(fam.seams.decoder_layers)
+    with torch.no_grad():
+        ref = fam.model(**inputs).logits
+    with install(fam.seams, method, keep=1.0, seed=0), torch.no_grad():
+        assert torch.equal(fam.model(**inputs).logits, ref)
+    plan = method.spec.intra_plan(n_layers, n_in, n_keep_for(0.3, n_in)[0], method.params)
+    with install(fam.seams, method, keep=0.3, seed=0) as inst, torch.no_grad():
+        lengths = _layer_lengths(fam.seams, lambda: fam.model(**inputs))
+    bounds = [k for k, _ in plan] + [n_layers]
+    expected = [full] * bounds[0]
+    for (k, n), end in zip(plan, bounds[1:], strict=True):
+        expected += [full - n_in + n] * (end - k)
+    assert lengths == expected and inst.counts.schedule == plan
+    assert inst.positions is Positions.ORIGINAL
+    assert all(c is None or c.inserted is None for c in inst.state.intra_stages)

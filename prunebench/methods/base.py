@@ -100,6 +100,18 @@ class IntraSchedule:
 
     layers: Callable[..., list[int]]
     counts: Callable[..., list[int]]
+    # extra(n_before, n_kept, **params) -> tokens a stage adds after its kept ones (SparseVLM v1.5's
+    # recycled clusters), when it dropped some; they are visual tokens and count as kept.
+    extra: Callable[..., int] | None = None
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """What an intra-LLM stage returns when it also adds tokens: index [B, k] the kept visual tokens
+    (sorted) and extra [B, m, D] new visual tokens, inserted right after the last kept visual token."""
+
+    index: torch.Tensor
+    extra: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -135,13 +147,25 @@ class MethodSpec:
             return [int(params["layer"])]
         return [int(k) for k in self.intra.layers(n_layers, **params)]
 
-    def intra_plan(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any]) -> list[tuple[int, int]]:
-        """The documented schedule [(K_s, visual tokens kept from layer K_s on), ...]."""
-        layers = self.intra_layers(n_layers, params)
+    def intra_selects(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any]) -> list[int]:
+        """Tokens each stage selects among its survivors (before any extra tokens it adds)."""
         if self.intra is None:
-            return [(layers[0], self.kept_count(n_in, n_keep, params))]
-        counts = self.intra.counts(n_layers, layers, n_in, n_keep, **params)
-        return list(zip(layers, (int(c) for c in counts), strict=True))
+            return [self.kept_count(n_in, n_keep, params)]
+        layers = self.intra_layers(n_layers, params)
+        return [int(c) for c in self.intra.counts(n_layers, layers, n_in, n_keep, **params)]
+
+    def intra_plan(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any]) -> list[tuple[int, int]]:
+        """The documented schedule [(K_s, visual tokens from layer K_s on, extra tokens included), ...]."""
+        layers = self.intra_layers(n_layers, params)
+        plan, current = [], n_in
+        for k, select in zip(layers, self.intra_selects(n_layers, n_in, n_keep, params), strict=True):
+            kept = min(select, current) if self.intra is not None else select
+            extra = self.intra.extra if self.intra is not None else None
+            if extra is not None and kept < current:
+                kept += int(extra(current, kept, **params))
+            plan.append((k, kept))
+            current = kept
+        return plan
 
     @property
     def kind(self) -> str:

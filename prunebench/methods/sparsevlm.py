@@ -16,8 +16,15 @@ from __future__ import annotations
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.base import IntraSchedule, Positions, SelectContext, Stage, register_method
-from prunebench.methods.sparsevlm_ops import TABLES, rater_scores, rating_layers, sparsevlm_counts
+from prunebench.methods.base import Insertion, IntraSchedule, Positions, SelectContext, Stage, register_method
+from prunebench.methods.sparsevlm_ops import (
+    TABLES,
+    rater_scores,
+    rating_layers,
+    recycle,
+    recycled_count,
+    sparsevlm_counts,
+)
 
 PRIORITY_HEADS = 14  # score.py select_attn_head_by_sum: topk(14)
 
@@ -43,6 +50,11 @@ def stage_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, versi
     return sparsevlm_counts(n_layers, stages, n_in, n_keep, _version(version))
 
 
+def stage_extra(n_before: int, n_kept: int, version: str = "1.5", **_: object) -> int:
+    """v1.5 inserts the recycled clusters after the kept tokens; v2.0 does not recycle."""
+    return recycled_count(n_before, n_kept) if _version(version) == "1.5" else 0
+
+
 @register_method(
     "sparsevlm",
     stage=Stage.INTRA_LLM,
@@ -52,10 +64,14 @@ def stage_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, versi
     positions=Positions.CONTIGUOUS,  # v1.5 truncates position_ids; v2.0 gathers the original ones
     positions_for=lambda version="1.5", **_: Positions.ORIGINAL if _version(version) == "2.0" else Positions.CONTIGUOUS,
     defaults={"version": "1.5", "layers": None},
-    intra=IntraSchedule(layers=stage_layers, counts=stage_counts),
+    intra=IntraSchedule(layers=stage_layers, counts=stage_counts, extra=stage_extra),
     deviations=(
-        "v1.5 recycling is NOT implemented: the top-30% pruned tokens are not DPC-kNN clustered and re-inserted, "
-        "so no extra tokens are added (v1.5 here = v1.5 without token recycling)",
+        "v1.5 recycling: the clusters are inserted after the last kept visual token (official: after the kept "
+        "span of the single image) and count as visual tokens in the schedule and the layer average; their "
+        "position is the next contiguous one (official), or, under original positions (M-RoPE families), the "
+        "position of the token they follow; the tables' budgets do not include them (as in the official code)",
+        "v1.5 recycling: DPC-kNN density noise (rand * 1e-6) drawn from the run's seeded generator; distances "
+        "and merges in float32",
         "rating layers: the official [2, 6, 15] of 32 scaled as round(l*L/32) ([0, 1, 2] on a 4-layer model); "
         "pruning enters layer l+1 with layer l's rater rows (official: same layer, after its forward)",
         "budget: at N = 576 and a tabled budget (v1.5: 64/128/192; v2.0: 64/96/128/192) the official per-stage "
@@ -68,11 +84,15 @@ def stage_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, versi
         "v2.0 priority heads: min(14, H) heads (official 14 of LLaVA-7B's 32)",
     ),
 )
-def sparsevlm(ctx: SelectContext, version: str, layers: list[int] | None) -> torch.Tensor:
-    """signals: rater_attention [B, H, T, N], raters [B, T], rope_prior [B, T, N] -> [B, k] sorted."""
+def sparsevlm(ctx: SelectContext, version: str, layers: list[int] | None) -> torch.Tensor | Insertion:
+    """signals: rater_attention [B, H, T, N], raters [B, T], rope_prior [B, T, N]; tokens [B, N, D] (the
+    rating layer's output) -> [B, k] sorted, plus (v1.5) the recycled clusters to insert."""
     del layers  # consumed by the intra-LLM stage
     v2 = _version(version) == "2.0"
     s = ctx.signals
     scores = rater_scores(s["rater_attention"], s["raters"], s["rope_prior"] if v2 else None,
                           PRIORITY_HEADS if v2 else None)
-    return scores.topk(ctx.n_keep, dim=-1).indices.sort(dim=-1).values
+    kept = scores.topk(ctx.n_keep, dim=-1).indices.sort(dim=-1).values
+    if v2 or ctx.n_keep >= scores.shape[1]:
+        return kept
+    return Insertion(kept, recycle(ctx.tokens, scores, kept, ctx.generator))

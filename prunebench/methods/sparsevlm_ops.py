@@ -86,3 +86,51 @@ def sparsevlm_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, v
 
     top = REFERENCE_N / min(reference) + 1.0  # every stage keeps all n_in from here on
     return scaled_table(reference, n_in, closest_step(avg, float(n_keep), 0.0, top))
+
+
+def recycled_count(n_before: int, n_kept: int) -> int:
+    """Clusters a v1.5 stage inserts when it drops n_before - n_kept tokens: the top 30% (+1) of the
+    dropped are clustered into int(that / 10) + 1 (modelling_sparse_llama.py)."""
+    return int((int((n_before - n_kept) * 0.3) + 1) / 10) + 1
+
+
+def dpc_knn_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor) -> torch.Tensor:
+    """DPC-kNN clustering and merging (utils.py `cluster_and_merge`): x [B, M, C] -> [B, n_clusters, C].
+
+    Distances d_ij = ||x_i - x_j|| / sqrt(C); density rho_i = exp(-mean of the squared distances to the
+    n_clusters nearest (self included)) + noise_i (official: rand * 1e-6, here given: [B, M]); delta_i =
+    distance to the nearest denser token (the largest distance when none is denser); the centres are the
+    n_clusters tokens with the largest delta * rho, in that order; every token joins its nearest centre
+    (centres join themselves) and each cluster is the mean of its members (sum / (count + 1e-6)).
+    """
+    b, m, c = x.shape
+    xf = x.float()
+    dist = torch.cdist(xf, xf) / c**0.5  # [B, M, M]
+    nearest = dist.topk(n_clusters, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(dim=-1)).exp() + noise.float()
+    denser = (density[:, None, :] > density[:, :, None]).float()  # [b, i, j]: rho_j > rho_i
+    far = dist.flatten(1).max(dim=-1).values[:, None, None]
+    delta = (dist * denser + far * (1 - denser)).min(dim=-1).values
+    centres = (delta * density).topk(n_clusters, dim=-1).indices  # [B, n_clusters]
+    to_centre = dist.gather(1, centres[..., None].expand(-1, -1, m))  # [B, n_clusters, M]
+    assign = to_centre.argmin(dim=1)  # [B, M]
+    assign.scatter_(1, centres, torch.arange(n_clusters, device=x.device).expand(b, -1))
+    counts = torch.zeros(b, n_clusters, device=x.device).scatter_add_(1, assign, torch.ones(b, m, device=x.device))
+    sums = torch.zeros(b, n_clusters, c, device=x.device).scatter_add_(1, assign[..., None].expand(-1, -1, c), xf)
+    return (sums / (counts[..., None] + 1e-6)).to(x.dtype)
+
+
+def recycle(tokens: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, generator: torch.Generator
+            ) -> torch.Tensor:
+    """v1.5 token recycling: tokens [B, N, D], scores [B, N], kept [B, k] sorted -> [B, n_clusters, D].
+
+    The dropped tokens (in sequence order) are ranked by score; the top int(0.3 * dropped) + 1 are
+    DPC-kNN clustered into int(that / 10) + 1 merged tokens (clusters in centre order)."""
+    b, n, d = tokens.shape
+    dropped_mask = torch.ones(b, n, dtype=torch.bool, device=tokens.device).scatter(1, kept, False)
+    dropped = dropped_mask.nonzero()[:, 1].view(b, -1)  # [B, n - k], ascending
+    top = int(dropped.shape[1] * 0.3) + 1
+    chosen = dropped.gather(1, scores.gather(1, dropped).topk(top, dim=-1).indices)
+    picked = tokens.gather(1, chosen[..., None].expand(-1, -1, d))
+    noise = torch.rand(b, top, generator=generator).to(tokens.device) * 1e-6
+    return dpc_knn_merge(picked, int(top / 10) + 1, noise)

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.base import Positions, ResolvedMethod, SelectContext, layer_average, n_keep_for
+from prunebench.methods.base import (
+    Insertion,
+    Positions,
+    ResolvedMethod,
+    SelectContext,
+    layer_average,
+    n_keep_for,
+)
 from prunebench.methods.sparsevlm_ops import select_raters
 from prunebench.models.base import Seams
 from prunebench.stages.attention import (
@@ -313,34 +320,57 @@ class IntraLLM:
             self.state.intra_stages.append(previous)
             self._count(stage, image_rows.shape[1])
             return None if previous is None else (args, kwargs)
+        extra = None
+        if isinstance(keep_visual, Insertion):
+            keep_visual, extra = keep_visual.index, keep_visual.extra
         kept_rows = image_rows.gather(1, keep_visual.to(image_rows.device))
         local = rows_of((~self.state.image_mask).scatter(1, kept_rows, True))
-        full_index = local if previous is None else previous.index.gather(1, local)
-        compaction = self._compaction(hidden, full, full_index)
-        self.state.intra_stages.append(compaction)
-        self.state.intra = compaction
+        index = local if previous is None else previous.index.gather(1, local)
+        inserted = None if previous is None or previous.inserted is None else previous.inserted.gather(1, local)
+        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
         self.state.image_mask = self.state.image_mask.gather(1, local)
         if self.state.attention_mask_2d is not None:
             self.state.attention_mask_2d = self.state.attention_mask_2d.gather(1, local)
-        self._count(stage, keep_visual.shape[1])
-        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+        if extra is not None and extra.shape[1]:
+            hidden, index, inserted = self._insert(hidden, index, inserted, extra)
+        compaction = self._compaction(hidden, full, index, inserted)
+        self.state.intra_stages.append(compaction)
+        self.state.intra = compaction
+        self._count(stage, keep_visual.shape[1] + (0 if extra is None else extra.shape[1]))
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
         return self._substitute(args, kwargs, compaction)
 
+    def _insert(self, hidden: torch.Tensor, index: torch.Tensor, inserted: torch.Tensor | None, extra: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Insert extra [B, m, D] visual tokens right after the last kept visual token of each row."""
+        at = rows_of(self.state.image_mask)[:, -1] + 1  # [B]
+        m = extra.shape[1]
+        if inserted is None:
+            inserted = torch.zeros_like(index, dtype=torch.bool)
+        self.state.image_mask = _insert_rows(self.state.image_mask, at, self.state.image_mask.new_ones(at.shape[0], m))
+        if self.state.attention_mask_2d is not None:
+            mask2d = self.state.attention_mask_2d
+            self.state.attention_mask_2d = _insert_rows(mask2d, at, mask2d.gather(1, (at - 1)[:, None]).expand(-1, m))
+        return (_insert_rows(hidden, at, extra.to(hidden)),
+                _insert_rows(index, at, index.gather(1, (at - 1)[:, None]).expand(-1, m)),
+                _insert_rows(inserted, at, inserted.new_ones(at.shape[0], m)))
+
     def _select(self, stage: int, image_rows: torch.Tensor, hidden: torch.Tensor, kwargs: Kwargs
-                ) -> torch.Tensor | None:
-        """[B, n_s] kept indices among the surviving visual tokens; None when a multi-layer stage keeps all."""
+                ) -> torch.Tensor | Insertion | None:
+        """[B, n_s] kept indices among the surviving visual tokens (with tokens to insert, for methods that
+        add some); None when a multi-layer stage keeps all."""
         n_now = image_rows.shape[1]
         if stage == 0:
             n_keep, clamped = n_keep_for(self.keep, n_now)
-            self.state.intra_plan = self.method.spec.intra_plan(
-                len(self.seams.decoder_layers), n_now, n_keep, self.method.params)
+            args = (len(self.seams.decoder_layers), n_now, n_keep, self.method.params)
+            self.state.intra_plan = self.method.spec.intra_plan(*args)
+            self.state.intra_selects = self.method.spec.intra_selects(*args)
             self.state.counts = TokenCounts(n_now, n_now, float(n_now), clamped or self.state.clamped)
         if self.multi:
-            n_keep = min(self.state.intra_plan[stage][1], n_now)
+            n_keep = min(self.state.intra_selects[stage], n_now)
             if n_keep >= n_now:
                 return None
         else:  # single-layer methods get the round(keep * N) budget and report what they kept (budget)
@@ -366,9 +396,10 @@ class IntraLLM:
         sizes = self.state.visual_sizes
         return grid if grid is not None and grid[0] * grid[1] == n and (sizes is None or len(sizes) <= 1) else None
 
-    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, index: torch.Tensor) -> Compaction:
+    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, index: torch.Tensor,
+                    inserted: torch.Tensor | None = None) -> Compaction:
         """index: [B, L'] the surviving rows of the sequence that entered the LLM (length L); kwargs are
-        the layer's own, i.e. that full sequence's positions, RoPE and mask."""
+        the layer's own, i.e. that full sequence's positions, RoPE and mask; inserted: [B, L'] new rows."""
         b = index.shape[0]
         cos, sin = kwargs["position_embeddings"]
         length = cos.shape[-2]
@@ -378,6 +409,8 @@ class IntraLLM:
             pos = torch.arange(length, device=hidden.device).expand(b, length)
         pos = pos.expand(*pos.shape[:-2], b, length)
         new_pos = renumber(keep, pos, index, self.positions)
+        if inserted is not None and self.positions is Positions.CONTIGUOUS:  # truncated: 0..L'-1 from the start
+            new_pos = new_pos[..., :1] + torch.arange(index.shape[1], device=new_pos.device)
         if self.positions is Positions.ORIGINAL:
             d = cos.shape[-1]
             pe = (cos.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)),
@@ -389,8 +422,12 @@ class IntraLLM:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = _gather_mask(_gather_mask(mask, index, dim=2), index, dim=3)
+            if inserted is not None:  # rows sharing a stand-in row must still be causal among themselves
+                causal = torch.ones(index.shape[1], index.shape[1], dtype=torch.bool, device=mask.device).tril()
+                mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(
+                    ~causal, torch.finfo(mask.dtype).min)
         return Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift,
-                          position_embeddings=pe, attention_mask=mask)
+                          position_embeddings=pe, attention_mask=mask, inserted=inserted)
 
     @staticmethod
     def _substitute(args: tuple, kwargs: Kwargs, c: Compaction) -> tuple[tuple, Kwargs]:
@@ -413,6 +450,11 @@ class IntraLLM:
             kwargs["position_ids"] = pos
             kwargs["position_embeddings"] = self.seams.language_model.rotary_emb(hidden, position_ids=pos)
         return args, kwargs
+
+
+def _insert_rows(x: torch.Tensor, at: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """x [B, L, ...] with new [B, m, ...] inserted before row at[b] of each batch row: [B, L+m, ...]."""
+    return torch.stack([torch.cat([x[b, :a], new[b], x[b, a:]]) for b, a in enumerate(at.tolist())])
 
 
 def _gather_mask(mask: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

@@ -25,6 +25,9 @@ class Compaction:
     shift: int
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     attention_mask: torch.Tensor | None = None
+    # [B, L'] True at rows a stage inserted (SparseVLM's recycled tokens); their `index` entry is the row
+    # they follow (the last kept visual token), which stands in for them in masks and original positions
+    inserted: torch.Tensor | None = None
 
 
 @dataclass
@@ -64,6 +67,7 @@ class CallState:
     # per intra-LLM stage: the compaction in force from its layer on (composed over earlier stages)
     intra_stages: list[Compaction | None] = field(default_factory=list)
     intra_plan: list[tuple[int, int]] = field(default_factory=list)  # documented (K_s, n_s) of this prompt
+    intra_selects: list[int] = field(default_factory=list)  # tokens each stage selects (before extra ones)
     text_tail: int = 0  # text rows after the last visual token (never pruned): the last rows of the sequence
     raters: torch.Tensor | None = None  # [B, text_tail] bool, SparseVLM raters from the LLM input embeddings
     counts: TokenCounts = field(default_factory=TokenCounts)
@@ -75,6 +79,7 @@ class CallState:
         self.intra = None
         self.intra_stages = []
         self.intra_plan = []
+        self.intra_selects = []
         self.raters = None
         self.captures.clear()
 
