@@ -320,28 +320,33 @@ class IntraLLM:
             self.state.intra_stages.append(previous)
             self._count(stage, image_rows.shape[1])
             return None if previous is None else (args, kwargs)
-        extra = None
-        if isinstance(keep_visual, Insertion):
-            keep_visual, extra = keep_visual.index, keep_visual.extra
-        kept_rows = image_rows.gather(1, keep_visual.to(image_rows.device))
-        local = rows_of((~self.state.image_mask).scatter(1, kept_rows, True))
-        index = local if previous is None else previous.index.gather(1, local)
-        inserted = None if previous is None or previous.inserted is None else previous.inserted.gather(1, local)
-        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
-        self.state.image_mask = self.state.image_mask.gather(1, local)
-        if self.state.attention_mask_2d is not None:
-            self.state.attention_mask_2d = self.state.attention_mask_2d.gather(1, local)
-        if extra is not None and extra.shape[1]:
-            hidden, index, inserted = self._insert(hidden, index, inserted, extra)
-        compaction = self._compaction(hidden, full, index, inserted)
+        hidden, compaction, n_kept = self._shorten(hidden, image_rows, keep_visual, previous, full)
         self.state.intra_stages.append(compaction)
         self.state.intra = compaction
-        self._count(stage, keep_visual.shape[1] + (0 if extra is None else extra.shape[1]))
+        self._count(stage, n_kept)
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
         return self._substitute(args, kwargs, compaction)
+
+    def _shorten(self, hidden: torch.Tensor, image_rows: torch.Tensor, decision: torch.Tensor | Insertion,
+                 previous: Compaction | None, full: Kwargs) -> tuple[torch.Tensor, Compaction, int]:
+        """Drop the visual rows the stage did not keep (and insert the ones it adds) in the current sequence;
+        compose the result with the previous stage's compaction. Returns (hidden, compaction, kept count)."""
+        keep_visual, extra = (decision.index, decision.extra) if isinstance(decision, Insertion) else (decision, None)
+        kept_rows = image_rows.gather(1, keep_visual.to(image_rows.device))
+        local = rows_of((~self.state.image_mask).scatter(1, kept_rows, True))  # rows of the current sequence
+        index = local if previous is None else previous.index.gather(1, local)  # rows of the LLM's input
+        inserted = None if previous is None or previous.inserted is None else previous.inserted.gather(1, local)
+        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.state.image_mask = self.state.image_mask.gather(1, local)
+        if self.state.attention_mask_2d is not None:
+            self.state.attention_mask_2d = self.state.attention_mask_2d.gather(1, local)
+        n_extra = 0 if extra is None else extra.shape[1]
+        if n_extra:
+            hidden, index, inserted = self._insert(hidden, index, inserted, extra)
+        return hidden, self._compaction(hidden, full, index, inserted), keep_visual.shape[1] + n_extra
 
     def _insert(self, hidden: torch.Tensor, index: torch.Tensor, inserted: torch.Tensor | None, extra: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
