@@ -10,7 +10,8 @@ Fields (schema_version 1):
   tokens           n_visual_in / n_visual_out (means per sample), layer_avg, clamped_to_one,
                    llm_prompt_len (mean tokens entering the LLM), vision_merge_schedule (merges per
                    encoder layer, vision-stage methods), n_visual_fixed (kept outside the budget,
-                   e.g. LLaVA-NeXT newlines); videos: n_frames, per_frame_in, per_frame_out
+                   e.g. LLaVA-NeXT newlines); videos: n_frames, per_frame_in, per_frame_out;
+                   intra-LLM: llm_schedule ([layer K_s, mean visual tokens from K_s on] per stage)
   timing           total_s, vision_s, method_s, prefill_s, decode_s: sums over samples;
                    median: the same per sample, medians; n_timed, warmup (samples run untimed first);
                    clock ("cuda_events" | "perf_counter")

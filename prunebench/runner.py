@@ -281,6 +281,10 @@ def _tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = {"n_visual_in": mean("n_visual_in"), "n_visual_out": mean("n_visual_out"),
               "n_visual_fixed": mean("n_visual_fixed"), "layer_avg": mean("layer_avg"),
               "llm_prompt_len": mean("llm_prompt_len"), "prompt_len": mean("prompt_len")}
+    stages = [r.get("llm_schedule") for r in rows]
+    if stages[0] and all(s and [k for k, _ in s] == [k for k, _ in stages[0]] for s in stages):
+        # multi-layer intra-LLM: [layer K_s, mean visual tokens from K_s on] per stage
+        tokens["llm_schedule"] = [[k, statistics.fmean(s[i][1] for s in stages)] for i, (k, _) in enumerate(stages[0])]
     if all(r.get("n_frames") for r in rows):  # video: frames x tokens per frame (newlines excluded)
         tokens["n_frames"] = mean("n_frames")
         tokens["per_frame_in"] = statistics.fmean((r["n_visual_in"] - r["n_visual_fixed"]) / r["n_frames"] for r in rows)

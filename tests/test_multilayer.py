@@ -441,3 +441,18 @@ def test_sparsevlm_v2_schedule_and_identity_on_every_family(fam):
     assert lengths == expected and inst.counts.schedule == plan
     assert inst.positions is Positions.ORIGINAL
     assert all(c is None or c.inserted is None for c in inst.state.intra_stages)
+
+
+def test_runner_records_the_llm_schedule(tiny_path, tmp_path):
+    """End to end: the record states each stage's visual count and the layer average they give."""
+    from test_runner import config
+
+    from prunebench import runner
+    from prunebench.record import load_record
+
+    rec = load_record(runner.run(config(tiny_path, tmp_path, "method=pyramiddrop", "keep=0.5"), quiet=True))
+    spec = METHODS.get("pyramiddrop")
+    plan = spec.intra_plan(4, 36, 18, dict(spec.defaults))
+    assert rec.tokens["llm_schedule"] == [[k, n] for k, n in plan]
+    assert rec.tokens["layer_avg"] == pytest.approx(layer_average(4, 36, plan))
+    assert rec.tokens["n_visual_out"] == plan[-1][1] and rec.method_card["positions"] == "contiguous"
