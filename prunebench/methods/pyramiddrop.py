@@ -75,7 +75,10 @@ def pdrop_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, **_: 
         "default lambda = 0.5 is keep = 0.469 at 576 tokens / 32 layers); lambda is not a parameter",
         "stage layers: the paper's [8, 16, 24] of 32 scaled to L layers as round(K*L/32) (L/4, L/2, 3L/4; "
         "[1, 2, 3] on a 4-layer model) unless `layers` is given",
-        "each stage keeps at least one visual token (floor(N*lambda^s) may be 0 in the official code)",
+        "each stage keeps at least one visual token (floor(N*lambda^s) may be 0 in the official code); a budget "
+        "below K_1*N/L (144 of 576 at the default layers of a 32-layer model) cannot be reached as a layer "
+        "average: lambda -> 0 keeps 1 token per stage and the record's layer_avg shows the real average "
+        "(move the layers to reach it, as the paper suggests)",
         "the query row is formed for the last prompt token only and softmaxed over all keys in float32 "
         "(official: the row of prompt_len + image_tokens - 1 after padding removal, the same token at batch 1)",
         "the official `self.image_tokens` count is per sample from the LLaVA prompt; here N is the number of "

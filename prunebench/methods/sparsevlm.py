@@ -77,6 +77,9 @@ def stage_extra(n_before: int, n_kept: int, version: str = "1.5", **_: object) -
         "budget: at N = 576 and a tabled budget (v1.5: 64/128/192; v2.0: 64/96/128/192) the official per-stage "
         "counts; otherwise the nearest table's fractions of 576, times one scale solved so the layer average "
         "(K_1*N + sum_s (K_{s+1}-K_s)*n_s)/L is closest to round(keep*N); counts clamped to [1, N], non-increasing",
+        "layer average: counted over the layers each stage actually runs (rating layer l prunes for layers "
+        "l+1..), e.g. the official 64 table gives (3*576 + 4*66 + 9*30 + 16*17)/32 = 79 at 32 layers, not the "
+        "~62 of the official 2/4/10/16 comment",
         "a stage keeps min(k_l, surviving) tokens (official: min(k_l, surviving - 1), which drops one even when the "
         "schedule keeps all)",
         "raters: the text tokens after the last visual token of the prompt (official: after the single image); "
