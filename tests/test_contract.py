@@ -136,6 +136,7 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     plan = None
     if method.stage is Stage.INTRA_LLM:  # the documented schedule [(K_s, n_s)]: one stage, or several
         plan = method.spec.intra_plan(len(fam.seams.decoder_layers), n_in, n_keep, method.params)
+    adaptive = method.spec.adaptive  # thresholds decide the counts: checked against what the record states
     n_keep = method.spec.kept_count(n_in - fixed, n_keep, method.params) + fixed if plan is None else plan[-1][1]
     if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(fam, n_in):
         with pytest.raises(UserError, match="at most"):
@@ -145,6 +146,12 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     with install(fam.seams, method, keep=keep, seed=0) as inst:
         lengths = layer_lengths(fam, lambda: prefill_logits(fam.model, inputs))
         tokens = generate(fam.model, inputs)
+    if adaptive:
+        assert [k for k, _ in inst.counts.schedule] == [k for k, _ in plan]
+        assert all(a >= b >= 1 for a, b in zip([n_in] + [n for _, n in inst.counts.schedule],
+                                               [n for _, n in inst.counts.schedule], strict=False))
+        plan = inst.counts.schedule
+        n_keep = plan[-1][1]
     assert inst.counts.n_visual_in == n_in and inst.counts.n_visual_out == n_keep
     assert inst.counts.n_fixed == fixed
     assert inst.counts.clamped == clamped
@@ -225,9 +232,10 @@ def _uncached_greedy(model, inputs, steps: int, inst) -> tuple[torch.Tensor, tor
 # Methods whose decision does not depend on the generated suffix (so a full recompute of the
 # longer sequence makes the same decision), under both position policies. Signals read at the last
 # token depend on it; the last VISUAL token's causal row (FastV_VIS) does not, so it stays in.
-# PyramidDrop's own-layer last row and SparseVLM's raters (the text after the image) depend on it too;
+# PyramidDrop's own-layer last row, SparseVLM's raters and the text rows (SparseVLM, MustDrop) depend on it;
 # multi-layer decode is checked with a suffix-free multi-layer method in tests/test_multilayer.py.
-SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden", "layer_last_query_attention", "raters"}
+SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden", "layer_last_query_attention", "raters",
+                  "rater_attention"}
 SUFFIX_FREE = [(n, p) for n in PRUNING if SUFFIX_SIGNALS.isdisjoint(METHODS.get(n).needs)
                for p in ("original", "contiguous")]
 

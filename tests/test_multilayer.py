@@ -456,3 +456,91 @@ def test_runner_records_the_llm_schedule(tiny_path, tmp_path):
     assert rec.tokens["llm_schedule"] == [[k, n] for k, n in plan]
     assert rec.tokens["layer_avg"] == pytest.approx(layer_average(4, 36, plan))
     assert rec.tokens["n_visual_out"] == plan[-1][1] and rec.method_card["positions"] == "contiguous"
+
+
+# -- MustDrop (LLM stages) -------------------------------------------------------------------
+
+def test_mustdrop_layers_and_thresholds():
+    from prunebench.methods.mustdrop import stage_layers, thresholds_for
+
+    assert stage_layers(32) == [3, 7, 11, 15]
+    assert stage_layers(4) == [1, 2, 3]  # [0, 1, 1, 2] without the repeat
+    assert stage_layers(28) == [3, 6, 10, 13]
+    assert thresholds_for(64 / 576, None, None) == (0.011, 0.01)
+    assert thresholds_for(0.25, None, None) == (0.0012, 0.001)  # 144 is nearest 128
+    assert thresholds_for(192 / 576, None, None) == (0.001, 0.001)
+    assert thresholds_for(1.0, 0.5, 0.5) == (0.0, 0.0)
+    assert thresholds_for(0.1, 0.2, None) == (0.2, 0.01)
+    with pytest.raises(UserError, match=r"in \[0, 1\]"):
+        thresholds_for(0.1, 2.0, None)
+
+
+def test_dual_attention_filter_matches_a_loop():
+    from prunebench.methods.mustdrop import dual_attention_keep
+
+    g = torch.Generator().manual_seed(3)
+    attention = torch.rand(3, 5, 12, generator=g) ** 4
+    for gt, it in [(0.05, 0.3), (0.1, 0.05), (0.0, 1.0), (1.0, 1.0)]:
+        got = dual_attention_keep(attention, gt, it)
+        for b in range(3):
+            s = [sum(float(attention[b, t, j]) for t in range(5)) for j in range(12)]
+            drop = [s[j] < sum(s) * gt and max(float(attention[b, t, j]) for t in range(5)) < it for j in range(12)]
+            want = [not d for d in drop]
+            if not any(want):
+                want[max(range(12), key=lambda j: s[j])] = True
+            assert got[b].tolist() == want
+
+
+def test_mustdrop_keeps_the_dual_filter_of_eager_rows(tiny, tiny_path):
+    """Stage 1: the kept set is the loop's dual filter on eager attention rows of layer K_1 - 1."""
+    from conftest import load_tiny
+
+    eager = load_tiny(tiny_path, attn="eager")
+    inputs = eager.inputs()
+    n = eager.n_visual(inputs)
+    with torch.no_grad():
+        attentions = eager.model(**inputs, output_attentions=True).attentions
+    method = resolve_method("mustdrop", {"global_thr": 1.0 / n, "individual_thr": 1.0})
+    k1 = method.spec.intra_layers(4, method.params)[0]
+    with install(tiny.seams, method, keep=0.5, seed=0) as inst, torch.no_grad():
+        tiny.model(**inputs)
+    ids = inputs["input_ids"][0]
+    image = torch.isin(ids, torch.tensor(tiny.seams.image_token_ids))
+    text = torch.arange(int(image.nonzero()[-1, 0]) + 1, ids.numel())
+    rows = attentions[k1 - 1][0][:, text][:, :, image].float().mean(0)  # [T, N]
+    s = rows.sum(0).tolist()
+    want = [j for j in range(n) if not (s[j] < sum(s) / n and float(rows[:, j].max()) < 1.0)]
+    assert 0 < len(want) < n
+    kept = torch.isin(image.nonzero()[:, 0], inst.state.intra_stages[0].index[0]).nonzero()[:, 0].tolist()
+    assert kept == want
+
+
+def test_mustdrop_prefill_schedule_and_final_cache(fam):
+    """Per-layer lengths follow the recorded schedule; after prefill the caches of layers K_1-1 and on
+    hold only the final set, layer K_1-1's kept columns being the unpruned model's; decoding runs on it."""
+    inputs = fam.inputs()
+    full, n = inputs["input_ids"].shape[1], fam.n_visual(inputs)
+    method = resolve_method("mustdrop", {"global_thr": 1.0 / n, "individual_thr": 1.0})
+    layers = method.spec.intra_layers(len(fam.seams.decoder_layers), method.params)
+    with torch.no_grad():
+        vanilla = fam.model(**inputs, use_cache=True).past_key_values
+        vanilla_keys = [layer.keys.clone() for layer in vanilla.layers]
+    with install(fam.seams, method, keep=0.5, seed=0) as inst, torch.no_grad():
+        lengths = _layer_lengths(fam.seams, lambda: fam.model(**inputs))
+        cache = fam.model(**inputs, use_cache=True).past_key_values
+        final = inst.state.intra_stages[-1]
+        first = fam.model.generate(**inputs, **GEN)
+        second = fam.model.generate(**inputs, **GEN)
+    schedule = inst.counts.schedule
+    assert [k for k, _ in schedule] == layers and schedule[0][1] < n
+    bounds = [k for k, _ in schedule] + [len(lengths)]
+    expected = [full] * bounds[0]
+    for (k, kept), end in zip(schedule, bounds[1:], strict=True):
+        expected += [full - n + kept] * (end - k)
+    assert lengths == expected
+    final_len = full - n + schedule[-1][1]
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [full] * (layers[0] - 1) + [final_len] * (
+        len(lengths) - layers[0] + 1)
+    k = layers[0] - 1
+    torch.testing.assert_close(cache.layers[k].keys, vanilla_keys[k][:, :, final.index[0]], atol=0, rtol=0)
+    assert torch.equal(first, second) and first.shape[1] == full + GEN["max_new_tokens"]

@@ -14,6 +14,7 @@ from prunebench.methods import (  # noqa: F401  (registration)
     fastv_reverse,
     fastv_vis,
     fastv_window,
+    mustdrop,
     pooling_intra,
     pooling_pre,
     pyramiddrop,

@@ -70,6 +70,7 @@ class SelectContext:
     grid: (h, w) of the visual tokens when they form a grid, else None.
     generator: seeded RNG for stochastic methods.
     signals: the signals the method declared in `needs`, by name.
+    keep: the run's keep fraction (adaptive methods map it to their thresholds).
     """
 
     tokens: torch.Tensor
@@ -77,6 +78,7 @@ class SelectContext:
     grid: tuple[int, int] | None
     generator: torch.Generator
     signals: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    keep: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,18 @@ class IntraSchedule:
 
     layers(n_layers, **params) -> [K_1 < K_2 < ...] in 1..n_layers-1: stage s prunes entering layer K_s;
     counts(n_layers, stages, n_in, n_keep, **params) -> [n_1 >= n_2 >= ...]: visual tokens kept from
-    layer K_s on, for n_in visual tokens entering the LLM and the budget n_keep = round(keep * n_in).
+    layer K_s on, for n_in visual tokens entering the LLM and the budget n_keep = round(keep * n_in);
+    None: an adaptive budget (the method decides each stage's count, e.g. MustDrop's thresholds).
+    final_cache: after prefill, the KV caches of layers K_1-1 .. K_S-1 keep only the final visual set,
+    so every decode step from layer K_1-1 on attends to it (MustDrop's decoding stage).
     """
 
     layers: Callable[..., list[int]]
-    counts: Callable[..., list[int]]
+    counts: Callable[..., list[int]] | None
     # extra(n_before, n_kept, **params) -> tokens a stage adds after its kept ones (SparseVLM v1.5's
     # recycled clusters), when it dropped some; they are visual tokens and count as kept.
     extra: Callable[..., int] | None = None
+    final_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,15 +153,23 @@ class MethodSpec:
             return [int(params["layer"])]
         return [int(k) for k in self.intra.layers(n_layers, **params)]
 
+    @property
+    def adaptive(self) -> bool:
+        """A multi-layer method whose per-stage counts follow from thresholds, not from keep."""
+        return self.intra is not None and self.intra.counts is None
+
     def intra_selects(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any]) -> list[int]:
         """Tokens each stage selects among its survivors (before any extra tokens it adds)."""
         if self.intra is None:
             return [self.kept_count(n_in, n_keep, params)]
         layers = self.intra_layers(n_layers, params)
+        if self.intra.counts is None:  # adaptive: each stage decides; n_in is an upper bound
+            return [n_in] * len(layers)
         return [int(c) for c in self.intra.counts(n_layers, layers, n_in, n_keep, **params)]
 
     def intra_plan(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any]) -> list[tuple[int, int]]:
-        """The documented schedule [(K_s, visual tokens from layer K_s on, extra tokens included), ...]."""
+        """The documented schedule [(K_s, visual tokens from layer K_s on, extra tokens included), ...]
+        (for an adaptive method: the upper bound n_in per stage)."""
         layers = self.intra_layers(n_layers, params)
         plan, current = [], n_in
         for k, select in zip(layers, self.intra_selects(n_layers, n_in, n_keep, params), strict=True):

@@ -173,12 +173,16 @@ class IntraLLM:
                             f"({n_layers} decoder layers), got {got}")
         self.k = self.layers[0]
         self.multi = method.spec.intra is not None
+        self.final_cache = self.multi and method.spec.intra.final_cache
 
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
         layers = self.seams.decoder_layers
+        first = self.k - 1 if self.final_cache else self.k  # MustDrop: decode from layer K_1-1 on is pruned too
         handles = [layers[j].register_forward_pre_hook(self._hook(j), with_kwargs=True)
-                   for j in range(self.k, len(layers))]
-        if "raters" in self.method.spec.needs:
+                   for j in range(first, len(layers))]
+        if self.final_cache:
+            handles.append(self.seams.language_model.register_forward_hook(self._final_cache, with_kwargs=True))
+        if not {"raters", "rater_attention"}.isdisjoint(self.method.spec.needs):
             handles.append(layers[0].register_forward_pre_hook(self._raters, with_kwargs=True))
         if not CAPTURED_SIGNALS.isdisjoint(self.method.spec.needs):
             # after the stage hooks: a capture layer inside a pruned span sees the substituted RoPE
@@ -186,9 +190,31 @@ class IntraLLM:
                 handles += self._register_capture(layers[k - 1])
         return handles
 
-    def _stage_of(self, j: int) -> int:
-        """Index of the stage in force at decoder layer j >= K_1."""
+    def _stage_of(self, j: int, decode: bool = False) -> int:
+        """Index of the stage in force at decoder layer j (>= K_1, or K_1-1 for a final-cache decode)."""
+        if decode and self.final_cache:
+            return len(self.layers) - 1
         return max(s for s, k in enumerate(self.layers) if k <= j)
+
+    def _final_cache(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs, output: Any) -> None:
+        """After prefill: the caches of layers K_1-1 .. K_S-1 keep only the final visual set (MustDrop
+        `LlamaDynamicvitModel.forward`, "Sparse kv cache (decoding stage)")."""
+        stages = self.state.intra_stages
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        if self.state.phase != "prefill" or cache is None or not stages or stages[-1] is None:
+            return
+        final = stages[-1]
+        for j in range(self.k - 1, self.layers[-1]):
+            held = self._in_force(self._stage_of(j)) if j >= self.k else None  # the rows layer j cached
+            if held is final:
+                continue
+            layer = cache.layers[j]
+            rows = final.index if held is None else torch.searchsorted(held.index, final.index)
+            at = rows[:, None, :, None].to(layer.keys.device)
+            layer.keys = layer.keys.gather(2, at.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
+            layer.values = layer.values.gather(2, at.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
 
     # -- signals -------------------------------------------------------------------------
     def _register_capture(self, layer: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -213,8 +239,8 @@ class IntraLLM:
         ]
 
     def _raters(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> None:
-        """Layer 0 pre-hook: SparseVLM's text raters from the LLM input embeddings (the text after the
-        last visual token, scored against the visual tokens)."""
+        """Layer 0 pre-hook: the text after the last visual token (its length), and SparseVLM's text
+        raters among it from the LLM input embeddings (scored against the visual tokens)."""
         mask = self.state.image_mask
         if self.state.phase != "prefill" or mask is None or not bool(mask.any()):
             return
@@ -226,6 +252,8 @@ class IntraLLM:
             self.state.raters = torch.ones(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
             return
         self.state.text_tail = tail
+        if "raters" not in self.method.spec.needs:
+            return
         rows = rows_of(mask)
         visual = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
         self.state.raters = select_raters(visual, hidden[:, last + 1 :])
@@ -263,8 +291,9 @@ class IntraLLM:
         tail = self.state.text_tail
         text = torch.arange(length - tail, length, device=image_rows.device).expand(b, tail)
         rows = rows_attention_per_head(caps["q"], caps["k"], cos, sin, text, **common)  # [B, H, T, L]
-        out = {"rater_attention": rows.gather(3, image_rows[:, None, None, :].expand(-1, rows.shape[1], tail, -1)),
-               "raters": self.state.raters}
+        out = {"rater_attention": rows.gather(3, image_rows[:, None, None, :].expand(-1, rows.shape[1], tail, -1))}
+        if "raters" in self.method.spec.needs:
+            out["raters"] = self.state.raters
         if "rope_prior" in self.method.spec.needs:
             out["rope_prior"] = rope_prior(cos, sin, text, image_rows, scale=common["scale"],
                                            apply_rope=self.seams.apply_rope)
@@ -291,7 +320,9 @@ class IntraLLM:
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
             if self.state.phase == "decode":
-                return self._decode(args, kwargs, self._in_force(self._stage_of(j)))
+                return self._decode(args, kwargs, self._in_force(self._stage_of(j, decode=True)))
+            if j < self.k:  # K_1-1 runs unpruned at prefill (final-cache methods hook it for decode only)
+                return None
             if stage is not None:
                 return self._prune(stage, args, kwargs)
             current = self._in_force(self._stage_of(j))
@@ -374,18 +405,22 @@ class IntraLLM:
             self.state.intra_plan = self.method.spec.intra_plan(*args)
             self.state.intra_selects = self.method.spec.intra_selects(*args)
             self.state.counts = TokenCounts(n_now, n_now, float(n_now), clamped or self.state.clamped)
+        adaptive = self.method.spec.adaptive
         if self.multi:
             n_keep = min(self.state.intra_selects[stage], n_now)
-            if n_keep >= n_now:
+            if n_keep >= n_now and not adaptive:
                 return None
         else:  # single-layer methods get the round(keep * N) budget and report what they kept (budget)
             n_keep = n_keep_for(self.keep, n_now)[0]
         ctx = SelectContext(
             tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
             n_keep=n_keep, grid=self._grid(n_now) if stage == 0 else None, generator=self.generator,
-            signals=self._signals(self.layers[stage], image_rows, hidden, kwargs),
+            signals=self._signals(self.layers[stage], image_rows, hidden, kwargs), keep=self.keep,
         )
-        return self.method.spec.fn(ctx, **self.method.params)
+        decision = self.method.spec.fn(ctx, **self.method.params)
+        if adaptive and not isinstance(decision, Insertion) and decision.shape[1] == n_now:
+            return None  # the thresholds kept every surviving token
+        return decision
 
     def _count(self, stage: int, n_kept: int) -> None:
         """Record stage `stage`'s kept count; the layer average runs over the stages so far."""
