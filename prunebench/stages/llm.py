@@ -147,12 +147,14 @@ def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2
 
 class IntraLLM:
     """Prune visual tokens inside the LLM at layer K = method.params['layer'], or at the ordered layers
-    K_1 < K_2 < ... of a multi-layer method (MethodSpec.intra: PyramidDrop, SparseVLM).
+    K_1 < K_2 < ... of a multi-layer method (MethodSpec.intra: PyramidDrop, SparseVLM, MustDrop).
 
     Stage s prunes the visual tokens that survived stage s-1, entering layer K_s. Every stage's
     `Compaction` is composed into one index over the sequence that entered the LLM, so the layers of
     stage s get that sequence's positions / RoPE / 4-D mask gathered once, and a decode step at a
     layer of stage s drops the same cache columns and shifts positions by what stage s dropped.
+    A stage may insert tokens (SparseVLM's recycled clusters: `Compaction.inserted`); a final-cache
+    method (MustDrop) has the caches of layers K_1-1 .. K_S-1 cut to the final set after prefill.
     """
 
     def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, positions: Positions, state: CallState,
