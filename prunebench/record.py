@@ -13,6 +13,7 @@ Fields (schema_version 1):
                    e.g. LLaVA-NeXT newlines); videos: n_frames, per_frame_in, per_frame_out;
                    pipelines (method=compose): stages, per stage {method, keep, n_visual_in, n_visual_out}
                    (means; optional, absent for single-stage methods)
+                   intra-LLM: llm_schedule ([layer K_s, mean visual tokens from K_s on] per stage)
   timing           total_s, vision_s, method_s, prefill_s, decode_s: sums over samples;
                    median: the same per sample, medians; n_timed, warmup (samples run untimed first);
                    clock ("cuda_events" | "perf_counter")

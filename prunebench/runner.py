@@ -71,7 +71,8 @@ class Job:
         """results/<model>/<dataset>[-nLIMIT]/<method>[-<params hash>]/keep<k>-seed<s>."""
         data = self.dataset + (f"-n{self.limit}" if self.limit else "")
         method = self.method.name
-        if dict(self.method.params) != dict(self.method.spec.defaults) or self.method.positions != self.method.spec.positions:
+        official = self.method.spec.default_positions(self.method.params)
+        if dict(self.method.params) != dict(self.method.spec.defaults) or self.method.positions != official:
             blob = json.dumps({"p": dict(self.method.params), "pos": self.method.positions.value}, sort_keys=True)
             method += "-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
         return results_dir / self.model / data / method / f"keep{self.keep:.3f}-seed{self.seed}"
@@ -311,6 +312,10 @@ def _tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:
             {"method": first["method"], "keep": first["keep"],
              **{k: statistics.fmean(r["stages"][i][k] or 0 for r in rows) for k in ("n_visual_in", "n_visual_out")}}
             for i, first in enumerate(rows[0]["stages"])]
+    stages = [r.get("llm_schedule") for r in rows]
+    if stages[0] and all(s and [k for k, _ in s] == [k for k, _ in stages[0]] for s in stages):
+        # multi-layer intra-LLM: [layer K_s, mean visual tokens from K_s on] per stage
+        tokens["llm_schedule"] = [[k, statistics.fmean(s[i][1] for s in stages)] for i, (k, _) in enumerate(stages[0])]
     if all(r.get("n_frames") for r in rows):  # video: frames x tokens per frame (newlines excluded)
         tokens["n_frames"] = mean("n_frames")
         tokens["per_frame_in"] = statistics.fmean((r["n_visual_in"] - r["n_visual_fixed"]) / r["n_frames"] for r in rows)

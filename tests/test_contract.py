@@ -137,13 +137,18 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     fixed = fixed_tokens(fam, inputs) if method.stage is Stage.PRE_LLM else 0
     n_keep, clamped = n_keep_for(keep, n_in - fixed)
     assert n_keep == max(1, round(keep * (n_in - fixed)))
-    n_keep = method.spec.kept_count(n_in - fixed, n_keep, method.params) + fixed
-    n_layers = len(fam.seams.decoder_layers)
-    k = intra_layer(method, keep, n_layers)
-    if method.spec.layer_for_keep is not None:  # VTW: an operating point, no per-token budget to clamp
-        clamped = False
-        if k == n_layers:  # nothing withdrawn
-            n_keep = n_in
+    plan = None
+    if method.stage is Stage.INTRA_LLM:  # the documented schedule [(K_s, n_s)]: one stage, several, or none
+        plan = method.spec.intra_plan(len(fam.seams.decoder_layers), n_in, n_keep, method.params, keep=keep)
+        if method.spec.layer_for_keep is not None:  # VTW: an operating point, no per-token budget to clamp
+            clamped = False
+            k = intra_layer(method, keep, len(fam.seams.decoder_layers))
+            assert plan == ([] if k == len(fam.seams.decoder_layers) else [(k, 0)])
+    adaptive = method.spec.adaptive  # thresholds decide the counts: checked against what the record states
+    if plan is None:
+        n_keep = method.spec.kept_count(n_in - fixed, n_keep, method.params) + fixed
+    else:
+        n_keep = plan[-1][1] if plan else n_in
     if method.stage is Stage.VISION and n_in - n_keep > max_vision_merges(fam, n_in):
         with pytest.raises(UserError, match="at most"):
             with install(fam.seams, method, keep=keep, seed=0):
@@ -152,13 +157,25 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
     with install(fam.seams, method, keep=keep, seed=0) as inst:
         lengths = layer_lengths(fam, lambda: prefill_logits(fam.model, inputs))
         tokens = generate(fam.model, inputs)
+    if adaptive:
+        assert [k for k, _ in inst.counts.schedule] == [k for k, _ in plan]
+        assert all(a >= b >= 1 for a, b in zip([n_in] + [n for _, n in inst.counts.schedule],
+                                               [n for _, n in inst.counts.schedule], strict=False))
+        plan = inst.counts.schedule
+        n_keep = plan[-1][1]
     assert inst.counts.n_visual_in == n_in and inst.counts.n_visual_out == n_keep
     assert inst.counts.n_fixed == fixed
     assert inst.counts.clamped == clamped
     pruned = full - n_in + n_keep
-    if method.stage is Stage.INTRA_LLM:
-        assert lengths == [full] * k + [pruned] * (len(lengths) - k)
-        assert inst.counts.layer_avg == pytest.approx((k * n_in + (n_layers - k) * n_keep) / n_layers)
+    if plan is not None:
+        bounds = [k for k, _ in plan] + [len(lengths)]
+        expected = [full] * bounds[0]
+        for (k, n), end in zip(plan, bounds[1:], strict=True):
+            expected += [full - n_in + n] * (end - k)
+        assert lengths == expected
+        assert inst.counts.schedule == plan
+        n_layers = len(lengths)
+        assert inst.counts.layer_avg == pytest.approx(sum(expected) / n_layers - (full - n_in))
     else:
         assert lengths == [pruned] * len(lengths)
     assert tokens.shape[1] == full + GEN["max_new_tokens"]
@@ -237,8 +254,11 @@ def _uncached_greedy(model, inputs, steps: int, inst) -> tuple[torch.Tensor, tor
 # longer sequence makes the same decision), under both position policies. Signals read at the last
 # token depend on it; the last VISUAL token's causal row (FastV_VIS) does not, so it stays in. The
 # prompt's text after the image does too (text-conditioned pre-LLM methods, whose deferred selection is
-# checked with a text-blind spy in tests/test_text_conditioned.py; DART's text pivots).
-SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden", "text_embeddings", "text_after_visual"}
+# checked with a text-blind spy in tests/test_text_conditioned.py; DART's text pivots). PyramidDrop's
+# own-layer last row, SparseVLM's raters and the text rows (SparseVLM, MustDrop) depend on it;
+# multi-layer decode is checked with a suffix-free multi-layer method in tests/test_multilayer.py.
+SUFFIX_SIGNALS = {"last_query_attention", "last_token_hidden", "text_embeddings", "text_after_visual",
+                  "layer_last_query_attention", "raters", "rater_attention"}
 SUFFIX_FREE = [(n, p) for n in PRUNING if SUFFIX_SIGNALS.isdisjoint(METHODS.get(n).needs)
                for p in ("original", "contiguous")]
 

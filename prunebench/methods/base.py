@@ -29,7 +29,7 @@ class Stage(str, Enum):
     NONE = "none"
     VISION = "vision"  # inside the vision encoder
     PRE_LLM = "pre_llm"  # after the projector, before the LLM
-    INTRA_LLM = "intra_llm"  # inside the LLM at layer K
+    INTRA_LLM = "intra_llm"  # inside the LLM at layer K (or at an ordered list of layers)
     PIPELINE = "pipeline"  # several of the above in order (`method=compose`, methods/compose.py)
 
 
@@ -74,6 +74,14 @@ SIGNALS = {
     "rotary embedding), ToMe's merge metric; passed to the merge step as `metric`",
     "projector_input": "(pre-LLM) run the method on the projector input, the encoder feature space, where the family's "
     "projector rows allow it (`Seams.projector_rows`); tokens it returns are then projected",
+    "layer_last_query_attention": "[B, N] head-mean softmax row of the last prompt token at LLM layer K itself: "
+    "K's input_layernorm + q/k projections of the hidden states entering K, RoPE at the current positions "
+    "(PyramidDrop's inference path; no second forward of the layer)",
+    "rater_attention": "[B, H, T, N] per-head causal softmax rows of the T text tokens after the last visual token "
+    "at LLM layer K-1, restricted to the visual columns (recomputed from that layer's post-RoPE q/k)",
+    "raters": "[B, T] bool: SparseVLM's text raters among those T tokens, chosen on the LLM input embeddings",
+    "rope_prior": "[B, T, N] RoPE-only logits (q = k = 1, rotated, scaled) between those text rows and the visual "
+    "columns at layer K-1 (SparseVLM+ normalisation)",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 
@@ -88,6 +96,7 @@ class SelectContext:
     grid: (h, w) of the visual tokens when they form a grid, else None.
     generator: seeded RNG for stochastic methods.
     signals: the signals the method declared in `needs`, by name.
+    keep: the run's keep fraction (adaptive methods map it to their thresholds).
     """
 
     tokens: torch.Tensor
@@ -95,6 +104,7 @@ class SelectContext:
     grid: tuple[int, int] | None
     generator: torch.Generator
     signals: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    keep: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,35 @@ class Selection:
 
     index: torch.Tensor
     tokens: torch.Tensor
+
+
+@dataclass(frozen=True)
+class IntraSchedule:
+    """Where a multi-layer intra-LLM method prunes and how many visual tokens each stage keeps.
+
+    layers(n_layers, **params) -> [K_1 < K_2 < ...] in 1..n_layers-1: stage s prunes entering layer K_s;
+    counts(n_layers, stages, n_in, n_keep, **params) -> [n_1 >= n_2 >= ...]: visual tokens kept from
+    layer K_s on, for n_in visual tokens entering the LLM and the budget n_keep = round(keep * n_in);
+    None: an adaptive budget (the method decides each stage's count, e.g. MustDrop's thresholds).
+    final_cache: after prefill, the KV caches of layers K_1-1 .. K_S-1 keep only the final visual set,
+    so every decode step from layer K_1-1 on attends to it (MustDrop's decoding stage).
+    """
+
+    layers: Callable[..., list[int]]
+    counts: Callable[..., list[int]] | None
+    # extra(n_before, n_kept, **params) -> tokens a stage adds after its kept ones (SparseVLM v1.5's
+    # recycled clusters), when it dropped some; they are visual tokens and count as kept.
+    extra: Callable[..., int] | None = None
+    final_cache: bool = False
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """What an intra-LLM stage returns when it also adds tokens: index [B, k] the kept visual tokens
+    (sorted) and extra [B, m, D] new visual tokens, inserted right after the last kept visual token."""
+
+    index: torch.Tensor
+    extra: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -127,9 +166,56 @@ class MethodSpec:
     # visual token): layer_for_keep(keep, n_layers, **params) -> K in 0..n_layers (K = n_layers
     # withdraws nothing). None means K = params["layer"] and a per-token budget n_keep.
     layer_for_keep: Callable[..., int] | None = None
+    # Intra-LLM methods pruning at several layers; None = one stage at params["layer"] keeping kept_count.
+    intra: IntraSchedule | None = None
+    # The official position policy when it depends on a hyper-parameter (SparseVLM v1.5 vs v2.0).
+    positions_for: Callable[..., Positions] | None = None
+
+    def default_positions(self, params: Mapping[str, Any]) -> Positions:
+        return self.positions if self.positions_for is None else self.positions_for(**params)
 
     def kept_count(self, n_in: int, n_keep: int, params: Mapping[str, Any]) -> int:
         return n_keep if self.budget is None else int(self.budget(n_in, n_keep, **params))
+
+    def intra_layers(self, n_layers: int, params: Mapping[str, Any], keep: float = 1.0) -> list[int]:
+        """The decoder layers an intra-LLM method prunes at, in order (none: a layer-from-keep method
+        whose operating point K = n_layers withdraws nothing)."""
+        if self.layer_for_keep is not None:
+            k = int(self.layer_for_keep(keep, n_layers, **params))
+            return [] if k == n_layers else [k]
+        if self.intra is None:
+            return [int(params["layer"])]
+        return [int(k) for k in self.intra.layers(n_layers, **params)]
+
+    @property
+    def adaptive(self) -> bool:
+        """A multi-layer method whose per-stage counts follow from thresholds, not from keep."""
+        return self.intra is not None and self.intra.counts is None
+
+    def intra_selects(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any],
+                      keep: float = 1.0) -> list[int]:
+        """Tokens each stage selects among its survivors (before any extra tokens it adds)."""
+        if self.intra is None:
+            return [self.kept_count(n_in, n_keep, params)] * len(self.intra_layers(n_layers, params, keep))
+        layers = self.intra_layers(n_layers, params)
+        if self.intra.counts is None:  # adaptive: each stage decides; n_in is an upper bound
+            return [n_in] * len(layers)
+        return [int(c) for c in self.intra.counts(n_layers, layers, n_in, n_keep, **params)]
+
+    def intra_plan(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any],
+                   keep: float = 1.0) -> list[tuple[int, int]]:
+        """The documented schedule [(K_s, visual tokens from layer K_s on, extra tokens included), ...]
+        (for an adaptive method: the upper bound n_in per stage; keep: for layer-from-keep methods)."""
+        layers = self.intra_layers(n_layers, params, keep)
+        plan, current = [], n_in
+        for k, select in zip(layers, self.intra_selects(n_layers, n_in, n_keep, params, keep), strict=True):
+            kept = min(select, current) if self.intra is not None else select
+            extra = self.intra.extra if self.intra is not None else None
+            if extra is not None and kept < current:
+                kept += int(extra(current, kept, **params))
+            plan.append((k, kept))
+            current = kept
+        return plan
 
     @property
     def kind(self) -> str:
@@ -154,6 +240,8 @@ def register_method(
     deviations: tuple[str, ...] = (),
     budget: Callable[..., int] | None = None,
     layer_for_keep: Callable[..., int] | None = None,
+    intra: IntraSchedule | None = None,
+    positions_for: Callable[..., Positions] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -168,7 +256,7 @@ def register_method(
             MethodSpec(
                 name=name, stage=stage, source=source, fn=fn, needs=frozenset(needs), positions=positions,
                 defaults=dict(defaults or {}), deviations=deviations, budget=budget,
-                layer_for_keep=layer_for_keep,
+                layer_for_keep=layer_for_keep, intra=intra, positions_for=positions_for,
             ),
         )
         return fn
@@ -214,12 +302,20 @@ def resolve_method(name: str, params: Mapping[str, Any] | None = None, positions
         raise UserError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; valid: {valid}")
     merged = {**spec.defaults, **params}
     try:
-        pos = Positions(positions) if positions else spec.positions
+        pos = Positions(positions) if positions else spec.default_positions(merged)
     except ValueError:
         raise UserError(
             f"position policy '{positions}' is not one of: {', '.join(p.value for p in Positions)}"
         ) from None
     return ResolvedMethod(spec=spec, params=merged, positions=pos)
+
+
+def layer_average(n_layers: int, n_in: int, plan: list[tuple[int, int]]) -> float:
+    """Visual tokens per decoder layer, averaged over the n_layers layers: layers before K_1 see n_in,
+    layers K_s..K_{s+1}-1 see n_s (METHODS.md §0.2)."""
+    bounds = [k for k, _ in plan] + [n_layers]
+    total = plan[0][0] * n_in + sum((bounds[i + 1] - k) * n for i, (k, n) in enumerate(plan))
+    return total / n_layers
 
 
 def n_keep_for(keep: float, n_in: int) -> tuple[int, bool]:

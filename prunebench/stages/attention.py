@@ -105,3 +105,54 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: in
         probs = torch.softmax((qf[:, :, start : start + chunk] @ kt) * scale, dim=-1)  # [B, H, c, T]
         total += probs.sum(dim=(1, 2))
     return total / (h * t)
+
+
+def rows_attention_per_head(
+    q_proj_out: torch.Tensor,
+    k_proj_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    head_dim: int,
+    scale: float,
+    apply_rope: RopeFn,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-head causal softmax rows of the query tokens at `rows`: [B, H, R, L] float32.
+
+    q_proj_out: [B, L, H*d], k_proj_out: [B, L, Hkv*d] (pre-RoPE); cos/sin: [B|1, L, d]; rows: [B, R] long.
+    Row r attends to keys 0..rows[b, r] (the causal mask), and not to padding (key_mask [B, L] bool).
+    Only R rows are formed, never the L x L map (SparseVLM's rater rows, METHODS.md §0.3).
+    """
+    b, length, _ = q_proj_out.shape
+    r = rows.shape[1]
+    at = rows.to(q_proj_out.device)
+    q = q_proj_out.gather(1, at[..., None].expand(b, r, q_proj_out.shape[-1]))
+    q = q.view(b, r, -1, head_dim).transpose(1, 2)  # [B, H, R, d]
+    d = cos.shape[-1]
+    q = apply_rope(q, cos.expand(b, -1, -1).gather(1, at[..., None].expand(b, r, d)),
+                   sin.expand(b, -1, -1).gather(1, at[..., None].expand(b, r, d)))
+    k = apply_rope(k_proj_out.view(b, length, -1, head_dim).transpose(1, 2), cos, sin)
+    k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), k) * scale
+    allowed = torch.arange(length, device=q.device)[None, None, :] <= at[..., None]  # [B, R, L]
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, :]
+    return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+
+
+def rope_prior(cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *, scale: float,
+               apply_rope: RopeFn) -> torch.Tensor:
+    """RoPE-only attention logits: q = k = all-ones vectors rotated at their positions, q·k * scale.
+
+    cos/sin: [B|1, L, d]; rows: [B, R], cols: [B, C] long. Returns [B, R, C] float32 (SparseVLM+ §4.2,
+    the "attention gravity" that only positions produce; the same for every head).
+    """
+    b = rows.shape[0]
+    d = cos.shape[-1]
+    ones = torch.ones(b, 1, cos.shape[-2], d, dtype=torch.float32, device=cos.device)
+    rotated = apply_rope(ones, cos.float().expand(b, -1, -1), sin.float().expand(b, -1, -1))[:, 0]  # [B, L, d]
+    q = rotated.gather(1, rows.to(cos.device)[..., None].expand(-1, -1, d))
+    k = rotated.gather(1, cols.to(cos.device)[..., None].expand(-1, -1, d))
+    return torch.einsum("brd,bcd->brc", q, k) * scale

@@ -1,5 +1,5 @@
 """LLM-side seams: the LLM entry (where pre-LLM and vision-stage decisions shorten the
-sequence) and layer K (intra-LLM methods).
+sequence) and layer K, or layers K_1 < K_2 < ... (intra-LLM methods).
 
 Both are forward pre-hooks with kwargs on the model instance; no modeling file is forked and
 attention stays SDPA/Flash. Decode steps are fixed up in the same hooks: the 2-D padding mask
@@ -14,17 +14,30 @@ from typing import Any
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.base import Positions, ResolvedMethod, SelectContext, n_keep_for
+from prunebench.methods.base import (
+    Insertion,
+    Positions,
+    ResolvedMethod,
+    SelectContext,
+    layer_average,
+    n_keep_for,
+)
+from prunebench.methods.sparsevlm_ops import select_raters
 from prunebench.models.base import Seams
-from prunebench.stages.attention import last_query_attention, position_query_attention
+from prunebench.stages.attention import (
+    last_query_attention,
+    position_query_attention,
+    query_rows_attention,
+    rope_prior,
+    rows_attention_per_head,
+)
 from prunebench.stages.state import CallState, Compaction, TokenCounts, renumber, rows_of
 from prunebench.timing import Timer
 
 Kwargs = dict[str, Any]
 
 # Signals recomputed from layer K-1's captured q/k (and rotary embeddings).
-ATTENTION_SIGNALS = frozenset({"last_query_attention", "last_visual_query_attention"})
-CAPTURE_SIGNALS = ATTENTION_SIGNALS | {"layer_keys"}
+CAPTURED_SIGNALS = frozenset({"last_query_attention", "last_visual_query_attention", "rater_attention", "layer_keys"})
 
 
 def capture_image_positions(seams: Seams, state: CallState):
@@ -138,45 +151,84 @@ def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2
 
 
 class IntraLLM:
-    """Prune visual tokens inside the LLM at layer K = method.params['layer']."""
+    """Prune visual tokens inside the LLM at layer K = method.params['layer'], or at the ordered layers
+    K_1 < K_2 < ... of a multi-layer method (MethodSpec.intra: PyramidDrop, SparseVLM, MustDrop).
+
+    Stage s prunes the visual tokens that survived stage s-1, entering layer K_s. Every stage's
+    `Compaction` is composed into one index over the sequence that entered the LLM, so the layers of
+    stage s get that sequence's positions / RoPE / 4-D mask gathered once, and a decode step at a
+    layer of stage s drops the same cache columns and shifts positions by what stage s dropped.
+    A stage may insert tokens (SparseVLM's recycled clusters: `Compaction.inserted`); a final-cache
+    method (MustDrop) has the caches of layers K_1-1 .. K_S-1 cut to the final set after prefill.
+    """
 
     def __init__(self, seams: Seams, method: ResolvedMethod, keep: float, positions: Positions, state: CallState,
                  timer: Timer, generator: torch.Generator) -> None:
         self.seams, self.method, self.keep, self.positions, self.state = seams, method, keep, positions, state
         self.timer, self.generator = timer, generator
-        self.k = self._layer(seams, method, keep)
         if "grid" in method.spec.needs and (seams.vision_grid is None or seams.always_keep is not None):
             # packed any-resolution tokens (LLaVA-NeXT / OneVision: base + tiles + newlines) or dynamic
             # resolution (Qwen, InternVL tiles) have no single h x w layout inside the LLM
             raise UserError(f"{method.name} needs the visual tokens to form a grid: not supported on the "
                             f"{seams.family} family (its visual tokens reach the LLM packed or at dynamic resolution)")
-
-    @staticmethod
-    def _layer(seams: Seams, method: ResolvedMethod, keep: float) -> int:
-        """K: the method's `layer`, or the layer its keep fraction maps to (VTW); K = n_layers (only
-        for the latter) prunes nothing."""
-        n_layers, spec = len(seams.decoder_layers), method.spec
-        if spec.layer_for_keep is None:
-            k, low, high = int(method.params["layer"]), 1, n_layers - 1
-        else:
-            k, low, high = int(spec.layer_for_keep(keep, n_layers, **method.params)), 0, n_layers
-        if not CAPTURE_SIGNALS.isdisjoint(spec.needs):
-            low = max(low, 1)  # the signals come from layer K-1
-        if not low <= k <= high:
-            raise UserError(f"{method.name}: layer must be in {low}..{high} for this model "
-                            f"({n_layers} decoder layers), got {k}")
-        return k
+        n_layers = len(seams.decoder_layers)
+        # K from keep (VTW): 0..L-1, or no layer at all when the operating point K = L withdraws nothing
+        self.layers = method.spec.intra_layers(n_layers, method.params, keep)
+        low = 0 if method.spec.layer_for_keep is not None else 1
+        if not CAPTURED_SIGNALS.isdisjoint(method.spec.needs):
+            low = 1  # the signals come from layer K-1
+        if not all(low <= k < n_layers for k in self.layers) or sorted(set(self.layers)) != self.layers:
+            what = "layer must be" if len(self.layers) == 1 else "layers must be increasing and"
+            got = self.layers[0] if len(self.layers) == 1 else self.layers
+            raise UserError(f"{method.name}: {what} in {low}..{n_layers - 1} for this model "
+                            f"({n_layers} decoder layers), got {got}")
+        self.k = self.layers[0] if self.layers else n_layers
+        self._n_entry = 0  # visual tokens entering layer K_1 in the current prompt
+        self.multi = method.spec.intra is not None
+        self.final_cache = self.multi and method.spec.intra.final_cache
 
     def register(self) -> list[torch.utils.hooks.RemovableHandle]:
         layers = self.seams.decoder_layers
-        if self.k == len(layers):  # the operating point withdraws nothing: the unpruned model
+        if not self.layers:  # the operating point prunes nothing: the unpruned model
             return []
-        handles = [layers[self.k].register_forward_pre_hook(self._at_k, with_kwargs=True)]
-        for layer in layers[self.k + 1 :]:
-            handles.append(layer.register_forward_pre_hook(self._after_k, with_kwargs=True))
-        if not CAPTURE_SIGNALS.isdisjoint(self.method.spec.needs):
-            handles += self._register_capture(layers[self.k - 1])
+        first = self.k - 1 if self.final_cache else self.k  # MustDrop: decode from layer K_1-1 on is pruned too
+        handles = [layers[j].register_forward_pre_hook(self._hook(j), with_kwargs=True)
+                   for j in range(first, len(layers))]
+        if self.final_cache:
+            handles.append(self.seams.language_model.register_forward_hook(self._final_cache, with_kwargs=True))
+        if not {"raters", "rater_attention"}.isdisjoint(self.method.spec.needs):
+            handles.append(layers[0].register_forward_pre_hook(self._raters, with_kwargs=True))
+        if not CAPTURED_SIGNALS.isdisjoint(self.method.spec.needs):
+            # after the stage hooks: a capture layer inside a pruned span sees the substituted RoPE
+            for k in self.layers:
+                handles += self._register_capture(layers[k - 1])
         return handles
+
+    def _stage_of(self, j: int, decode: bool = False) -> int:
+        """Index of the stage in force at decoder layer j (>= K_1, or K_1-1 for a final-cache decode)."""
+        if decode and self.final_cache:
+            return len(self.layers) - 1
+        return max(s for s, k in enumerate(self.layers) if k <= j)
+
+    def _final_cache(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs, output: Any) -> None:
+        """After prefill: the caches of layers K_1-1 .. K_S-1 keep only the final visual set (MustDrop
+        `LlamaDynamicvitModel.forward`, "Sparse kv cache (decoding stage)")."""
+        stages = self.state.intra_stages
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        if self.state.phase != "prefill" or cache is None or not stages or stages[-1] is None:
+            return
+        final = stages[-1]
+        for j in range(self.k - 1, self.layers[-1]):
+            held = self._in_force(self._stage_of(j)) if j >= self.k else None  # the rows layer j cached
+            if held is final:
+                continue
+            layer = cache.layers[j]
+            rows = final.index if held is None else torch.searchsorted(held.index, final.index)
+            at = rows[:, None, :, None].to(layer.keys.device)
+            layer.keys = layer.keys.gather(2, at.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1]))
+            layer.values = layer.values.gather(2, at.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
 
     # -- signals -------------------------------------------------------------------------
     def _register_capture(self, layer: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -200,32 +252,58 @@ class IntraLLM:
             attn.k_proj.register_forward_hook(keep_output("k")),
         ]
 
-    def _signals(self, image_rows: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The signals the method needs; image_rows [B, N], hidden [B, L, D] entering layer K."""
+    def _raters(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> None:
+        """Layer 0 pre-hook: the text after the last visual token (its length), and SparseVLM's text
+        raters among it from the LLM input embeddings (scored against the visual tokens)."""
+        mask = self.state.image_mask
+        if self.state.phase != "prefill" or mask is None or not bool(mask.any()):
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        last = int(mask[0].nonzero()[-1, 0])
+        tail = hidden.shape[1] - 1 - last
+        if tail == 0:  # no text after the image: the last (visual) token rates alone
+            self.state.text_tail = 1
+            self.state.raters = torch.ones(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
+            return
+        self.state.text_tail = tail
+        if "raters" not in self.method.spec.needs:
+            return
+        rows = rows_of(mask)
+        visual = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.state.raters = select_raters(visual, hidden[:, last + 1 :])
+
+    def _signals(self, k: int, image_rows: torch.Tensor, hidden: torch.Tensor, kwargs: Kwargs
+                 ) -> dict[str, torch.Tensor]:
+        """The signals the method needs at layer k; image_rows [B, N], hidden [B, L, D] entering layer k,
+        kwargs: layer k's, already substituted for the sequence it sees."""
         needs = self.method.spec.needs
         out = self._row_signals(image_rows, hidden)
-        if CAPTURE_SIGNALS.isdisjoint(needs):
+        mask = self.state.attention_mask_2d
+        key_mask = None if mask is None else mask.bool()
+        if "layer_last_query_attention" in needs:
+            out["layer_last_query_attention"] = self._own_last_row(k, hidden, kwargs, key_mask).gather(1, image_rows)
+        if CAPTURED_SIGNALS.isdisjoint(needs):
             return out
-        caps, attn = self.state.captures, self.seams.decoder_layers[self.k - 1].self_attn
+        caps, attn = self.state.captures, self.seams.decoder_layers[k - 1].self_attn
         cos, sin = caps["rope"]
         if "layer_keys" in needs:  # DART: heads concatenated, as its `any_states.permute(0, 2, 1, 3)`
             b, length, _ = caps["k"].shape
             keys = self.seams.apply_rope(caps["k"].view(b, length, -1, attn.head_dim).transpose(1, 2), cos, sin)
             out["layer_keys"] = keys.transpose(1, 2).reshape(b, length, -1)
-        mask = self.state.attention_mask_2d
-        common = dict(head_dim=attn.head_dim, scale=attn.scaling, apply_rope=self.seams.apply_rope,
-                      key_mask=None if mask is None else mask.bool())
+        common = dict(head_dim=attn.head_dim, scale=attn.scaling, apply_rope=self.seams.apply_rope, key_mask=key_mask)
         if "last_query_attention" in needs:
             row = last_query_attention(caps["q"], caps["k"], cos, sin, **common)
             out["last_query_attention"] = row.gather(1, image_rows)
         if "last_visual_query_attention" in needs:  # FastV_VIS: the row of the last visual token
             row = position_query_attention(caps["q"], caps["k"], cos, sin, image_rows[:, -1], **common)
             out["last_visual_query_attention"] = row.gather(1, image_rows)
+        if "rater_attention" in needs:
+            out.update(self._rater_signals(caps, cos, sin, image_rows, common))
         caps.clear()
         return out
 
     def _row_signals(self, image_rows: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Signals read off the hidden states entering layer K; image_rows [B, N], hidden [B, L, D]."""
+        """Signals read off the hidden states entering the layer; image_rows [B, N], hidden [B, L, D]."""
         needs, out = self.method.spec.needs, {}
         if "last_token_hidden" in needs:
             out["last_token_hidden"] = hidden[:, -1]
@@ -240,40 +318,156 @@ class IntraLLM:
             out["text_after_visual"] = after if mask is None else after & mask.bool().to(after.device)
         return out
 
+    def _rater_signals(self, caps: dict, cos: torch.Tensor, sin: torch.Tensor, image_rows: torch.Tensor,
+                       common: dict) -> dict[str, torch.Tensor]:
+        b, length = caps["k"].shape[:2]
+        tail = self.state.text_tail
+        text = torch.arange(length - tail, length, device=image_rows.device).expand(b, tail)
+        rows = rows_attention_per_head(caps["q"], caps["k"], cos, sin, text, **common)  # [B, H, T, L]
+        out = {"rater_attention": rows.gather(3, image_rows[:, None, None, :].expand(-1, rows.shape[1], tail, -1))}
+        if "raters" in self.method.spec.needs:
+            out["raters"] = self.state.raters
+        if "rope_prior" in self.method.spec.needs:
+            out["rope_prior"] = rope_prior(cos, sin, text, image_rows, scale=common["scale"],
+                                           apply_rope=self.seams.apply_rope)
+        return out
+
+    def _own_last_row(self, k: int, hidden: torch.Tensor, kwargs: Kwargs, key_mask: torch.Tensor | None
+                      ) -> torch.Tensor:
+        """PyramidDrop's row: layer k's input_layernorm + q (last token) / k projections + RoPE on the
+        hidden states entering k; head-mean softmax over all keys: [B, L]."""
+        layer = self.seams.decoder_layers[k]
+        attn = layer.self_attn
+        b, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        q = attn.q_proj(normed[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+        keys = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q = self.seams.apply_rope(q, cos[:, -1:], sin[:, -1:])
+        keys = self.seams.apply_rope(keys, cos, sin)
+        return query_rows_attention(q, keys, attn.scaling, key_mask)[:, 0]
+
     # -- hooks ---------------------------------------------------------------------------
-    def _at_k(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
-        if self.state.phase == "decode":
-            return self._decode(args, kwargs)
+    def _hook(self, j: int):
+        stage = self.layers.index(j) if j in self.layers else None
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
+            if self.state.phase == "decode":
+                return self._decode(args, kwargs, self._in_force(self._stage_of(j, decode=True)))
+            if j < self.k:  # K_1-1 runs unpruned at prefill (final-cache methods hook it for decode only)
+                return None
+            if stage is not None:
+                return self._prune(stage, args, kwargs)
+            current = self._in_force(self._stage_of(j))
+            return None if current is None else self._substitute(args, kwargs, current)
+
+        return hook
+
+    def _in_force(self, stage: int) -> Compaction | None:
+        stages = self.state.intra_stages
+        return stages[stage] if stage < len(stages) else (stages[-1] if stages else None)
+
+    def _prune(self, stage: int, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
+        """Stage `stage` at its layer: rank the surviving visual tokens, drop, compose the compaction."""
+        previous = self._in_force(stage - 1) if stage else None
+        full = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
+        if previous is not None:  # the signals see the sequence as stage s-1 left it
+            args, kwargs = self._substitute(args, kwargs, previous)
         hidden = args[0] if args else kwargs["hidden_states"]
         if self.state.image_mask is None or not bool(self.state.image_mask.any()):
-            return None
+            self.state.intra_stages.append(previous)
+            return None if previous is None else (args, kwargs)
         with self.timer.span("method"):
-            image_rows = rows_of(self.state.image_mask)  # [B, N]
-            n_in = image_rows.shape[1]
-            n_keep, clamped = n_keep_for(self.keep, n_in)
-            clamped = clamped and self.method.spec.layer_for_keep is None  # no per-token budget (VTW)
-            ctx = SelectContext(
-                tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
-                n_keep=n_keep, grid=self._grid(n_in), generator=self.generator,
-                signals=self._signals(image_rows, hidden),
-            )
-            keep_visual = self.method.spec.fn(ctx, **self.method.params)
-            n_keep = keep_visual.shape[1]  # the method's documented count (MethodSpec.budget)
-            compaction = self._compaction(hidden, kwargs, image_rows.gather(1, keep_visual.to(image_rows.device)))
+            image_rows = rows_of(self.state.image_mask)  # [B, N_s]
+            keep_visual = self._select(stage, image_rows, hidden, kwargs)
+        if keep_visual is None:  # the stage keeps every surviving token
+            self.state.intra_stages.append(previous)
+            self._count(stage, image_rows.shape[1])
+            return None if previous is None else (args, kwargs)
+        hidden, compaction, n_kept = self._shorten(hidden, image_rows, keep_visual, previous, full)
+        self.state.intra_stages.append(compaction)
         self.state.intra = compaction
-        n_layers = len(self.seams.decoder_layers)
-        # `prior`: what entered the LLM (an earlier pipeline stage may have pruned already; else n_in)
-        prior = self.state.counts
-        self.state.stage_counts["intra"] = TokenCounts(n_in, n_keep, float(n_keep), clamped)
-        self.state.counts = TokenCounts(prior.n_visual_in, n_keep,
-                                        (self.k * n_in + (n_layers - self.k) * n_keep) / n_layers,
-                                        clamped or self.state.clamped or prior.clamped, prior.n_fixed)
-        hidden = hidden.gather(1, compaction.index[..., None].expand(-1, -1, hidden.shape[-1]))
+        self._count(stage, n_kept)
         if args:
             args = (hidden, *args[1:])
         else:
             kwargs["hidden_states"] = hidden
-        return self._substitute(args, kwargs)
+        return self._substitute(args, kwargs, compaction)
+
+    def _shorten(self, hidden: torch.Tensor, image_rows: torch.Tensor, decision: torch.Tensor | Insertion,
+                 previous: Compaction | None, full: Kwargs) -> tuple[torch.Tensor, Compaction, int]:
+        """Drop the visual rows the stage did not keep (and insert the ones it adds) in the current sequence;
+        compose the result with the previous stage's compaction. Returns (hidden, compaction, kept count)."""
+        keep_visual, extra = (decision.index, decision.extra) if isinstance(decision, Insertion) else (decision, None)
+        kept_rows = image_rows.gather(1, keep_visual.to(image_rows.device))
+        local = rows_of((~self.state.image_mask).scatter(1, kept_rows, True))  # rows of the current sequence
+        index = local if previous is None else previous.index.gather(1, local)  # rows of the LLM's input
+        inserted = None if previous is None or previous.inserted is None else previous.inserted.gather(1, local)
+        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.state.image_mask = self.state.image_mask.gather(1, local)
+        if self.state.attention_mask_2d is not None:
+            self.state.attention_mask_2d = self.state.attention_mask_2d.gather(1, local)
+        n_extra = 0 if extra is None else extra.shape[1]
+        if n_extra:
+            hidden, index, inserted = self._insert(hidden, index, inserted, extra)
+        return hidden, self._compaction(hidden, full, index, inserted), keep_visual.shape[1] + n_extra
+
+    def _insert(self, hidden: torch.Tensor, index: torch.Tensor, inserted: torch.Tensor | None, extra: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Insert extra [B, m, D] visual tokens right after the last kept visual token of each row."""
+        at = rows_of(self.state.image_mask)[:, -1] + 1  # [B]
+        m = extra.shape[1]
+        if inserted is None:
+            inserted = torch.zeros_like(index, dtype=torch.bool)
+        self.state.image_mask = _insert_rows(self.state.image_mask, at, self.state.image_mask.new_ones(at.shape[0], m))
+        if self.state.attention_mask_2d is not None:
+            mask2d = self.state.attention_mask_2d
+            self.state.attention_mask_2d = _insert_rows(mask2d, at, mask2d.gather(1, (at - 1)[:, None]).expand(-1, m))
+        return (_insert_rows(hidden, at, extra.to(hidden)),
+                _insert_rows(index, at, index.gather(1, (at - 1)[:, None]).expand(-1, m)),
+                _insert_rows(inserted, at, inserted.new_ones(at.shape[0], m)))
+
+    def _select(self, stage: int, image_rows: torch.Tensor, hidden: torch.Tensor, kwargs: Kwargs
+                ) -> torch.Tensor | Insertion | None:
+        """[B, n_s] kept indices among the surviving visual tokens (with tokens to insert, for methods that
+        add some); None when a multi-layer stage keeps all."""
+        n_now = image_rows.shape[1]
+        if stage == 0:
+            n_keep, clamped = n_keep_for(self.keep, n_now)
+            clamped = clamped and self.method.spec.layer_for_keep is None  # no per-token budget (VTW)
+            args = (len(self.seams.decoder_layers), n_now, n_keep, self.method.params)
+            self.state.intra_plan = self.method.spec.intra_plan(*args, keep=self.keep)
+            self.state.intra_selects = self.method.spec.intra_selects(*args, keep=self.keep)
+            # n_visual_in: what the prompt held (an earlier pipeline stage may have pruned before the LLM)
+            prior, self._n_entry = self.state.counts, n_now
+            self.state.counts = TokenCounts(prior.n_visual_in or n_now, n_now, float(n_now),
+                                            clamped or self.state.clamped or prior.clamped, prior.n_fixed)
+        adaptive = self.method.spec.adaptive
+        if self.multi:
+            n_keep = min(self.state.intra_selects[stage], n_now)
+            if n_keep >= n_now and not adaptive:
+                return None
+        else:  # single-layer methods get the round(keep * N) budget and report what they kept (budget)
+            n_keep = n_keep_for(self.keep, n_now)[0]
+        ctx = SelectContext(
+            tokens=hidden.gather(1, image_rows[..., None].expand(-1, -1, hidden.shape[-1])),
+            n_keep=n_keep, grid=self._grid(n_now) if stage == 0 else None, generator=self.generator,
+            signals=self._signals(self.layers[stage], image_rows, hidden, kwargs), keep=self.keep,
+        )
+        decision = self.method.spec.fn(ctx, **self.method.params)
+        if adaptive and not isinstance(decision, Insertion) and decision.shape[1] == n_now:
+            return None  # the thresholds kept every surviving token
+        return decision
+
+    def _count(self, stage: int, n_kept: int) -> None:
+        """Record stage `stage`'s kept count; the layer average runs over the stages so far."""
+        counts = self.state.counts
+        schedule = [*counts.schedule[:stage], (self.layers[stage], n_kept)]
+        layer_avg = layer_average(len(self.seams.decoder_layers), self._n_entry, schedule)
+        self.state.counts = TokenCounts(counts.n_visual_in, n_kept, layer_avg, counts.clamped, counts.n_fixed,
+                                        schedule=schedule)
+        self.state.stage_counts["intra"] = TokenCounts(self._n_entry, n_kept, layer_avg, counts.clamped,
+                                                       schedule=schedule)
 
     def _grid(self, n: int) -> tuple[int, int] | None:
         """The visual tokens' grid when the prompt holds one image of the encoder's grid."""
@@ -281,18 +475,22 @@ class IntraLLM:
         sizes = self.state.visual_sizes
         return grid if grid is not None and grid[0] * grid[1] == n and (sizes is None or len(sizes) <= 1) else None
 
-    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, kept_rows: torch.Tensor) -> Compaction:
-        """kept_rows: [B, k] sequence rows of the visual tokens that stay."""
-        b, length, _ = hidden.shape
-        keep = (~self.state.image_mask).scatter(1, kept_rows, True)
-        index = rows_of(keep)
+    def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, index: torch.Tensor,
+                    inserted: torch.Tensor | None = None) -> Compaction:
+        """index: [B, L'] the surviving rows of the sequence that entered the LLM (length L); kwargs are
+        the layer's own, i.e. that full sequence's positions, RoPE and mask; inserted: [B, L'] new rows."""
+        b = index.shape[0]
+        cos, sin = kwargs["position_embeddings"]
+        length = cos.shape[-2]
+        keep = torch.zeros(b, length, dtype=torch.bool, device=index.device).scatter(1, index, True)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(length, device=hidden.device).expand(b, length)
         pos = pos.expand(*pos.shape[:-2], b, length)
         new_pos = renumber(keep, pos, index, self.positions)
+        if inserted is not None and self.positions is Positions.CONTIGUOUS:  # truncated: 0..L'-1 from the start
+            new_pos = new_pos[..., :1] + torch.arange(index.shape[1], device=new_pos.device)
         if self.positions is Positions.ORIGINAL:
-            cos, sin = kwargs["position_embeddings"]
             d = cos.shape[-1]
             pe = (cos.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)),
                   sin.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)))
@@ -303,27 +501,22 @@ class IntraLLM:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = _gather_mask(_gather_mask(mask, index, dim=2), index, dim=3)
+            if inserted is not None:  # rows sharing a stand-in row must still be causal among themselves
+                causal = torch.ones(index.shape[1], index.shape[1], dtype=torch.bool, device=mask.device).tril()
+                mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(
+                    ~causal, torch.finfo(mask.dtype).min)
         return Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift,
-                          position_embeddings=pe, attention_mask=mask)
+                          position_embeddings=pe, attention_mask=mask, inserted=inserted)
 
-    def _after_k(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
-        if self.state.intra is None:
-            return None
-        if self.state.phase == "decode":
-            return self._decode(args, kwargs)
-        return self._substitute(args, kwargs)
-
-    def _substitute(self, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs]:
-        c = self.state.intra
-        assert c is not None
+    @staticmethod
+    def _substitute(args: tuple, kwargs: Kwargs, c: Compaction) -> tuple[tuple, Kwargs]:
         kwargs["position_embeddings"] = c.position_embeddings
         kwargs["position_ids"] = c.position_ids
         if "attention_mask" in kwargs and isinstance(kwargs["attention_mask"], torch.Tensor):
             kwargs["attention_mask"] = c.attention_mask
         return args, kwargs
 
-    def _decode(self, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
-        c = self.state.intra
+    def _decode(self, args: tuple, kwargs: Kwargs, c: Compaction | None) -> tuple[tuple, Kwargs] | None:
         if c is None:
             return None
         mask = kwargs.get("attention_mask")
@@ -336,6 +529,11 @@ class IntraLLM:
             kwargs["position_ids"] = pos
             kwargs["position_embeddings"] = self.seams.language_model.rotary_emb(hidden, position_ids=pos)
         return args, kwargs
+
+
+def _insert_rows(x: torch.Tensor, at: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """x [B, L, ...] with new [B, m, ...] inserted before row at[b] of each batch row: [B, L+m, ...]."""
+    return torch.stack([torch.cat([x[b, :a], new[b], x[b, a:]]) for b, a in enumerate(at.tolist())])
 
 
 def _gather_mask(mask: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

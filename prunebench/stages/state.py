@@ -26,6 +26,9 @@ class Compaction:
     shift: int
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     attention_mask: torch.Tensor | None = None
+    # [B, L'] True at rows a stage inserted (SparseVLM's recycled tokens); their `index` entry is the row
+    # they follow (the last kept visual token), which stands in for them in masks and original positions
+    inserted: torch.Tensor | None = None
 
 
 @dataclass
@@ -37,10 +40,16 @@ class TokenCounts:
     layer_avg: float = 0.0
     clamped: bool = False  # keep*N rounded to 0 for some image: one token kept instead
     n_fixed: int = 0  # kept outside the budget (LLaVA-NeXT newlines), included in n_visual_out
+    # intra-LLM: [(K_s, visual tokens from layer K_s on), ...], one entry per pruning stage
+    schedule: list[tuple[int, int]] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, float | int | bool]:
-        return {"n_visual_in": self.n_visual_in, "n_visual_out": self.n_visual_out,
-                "layer_avg": self.layer_avg, "clamped_to_one": self.clamped, "n_visual_fixed": self.n_fixed}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_visual_in": self.n_visual_in, "n_visual_out": self.n_visual_out,
+                               "layer_avg": self.layer_avg, "clamped_to_one": self.clamped,
+                               "n_visual_fixed": self.n_fixed}
+        if self.schedule:
+            out["llm_schedule"] = [list(stage) for stage in self.schedule]
+        return out
 
 
 @dataclass
@@ -55,7 +64,13 @@ class CallState:
     clamped: bool = False
     fixed: int = 0  # tokens the visual seam keeps outside the budget, this prompt
     entry: Compaction | None = None
-    intra: Compaction | None = None
+    intra: Compaction | None = None  # the last intra-LLM compaction of this prompt
+    # per intra-LLM stage: the compaction in force from its layer on (composed over earlier stages)
+    intra_stages: list[Compaction | None] = field(default_factory=list)
+    intra_plan: list[tuple[int, int]] = field(default_factory=list)  # documented (K_s, n_s) of this prompt
+    intra_selects: list[int] = field(default_factory=list)  # tokens each stage selects (before extra ones)
+    text_tail: int = 0  # text rows after the last visual token (never pruned): the last rows of the sequence
+    raters: torch.Tensor | None = None  # [B, text_tail] bool, SparseVLM raters from the LLM input embeddings
     counts: TokenCounts = field(default_factory=TokenCounts)
     captures: dict[str, Any] = field(default_factory=dict)  # q/k/rope captured for signals
     vision: Any = None  # per-call merge state of the vision stage
@@ -67,6 +82,10 @@ class CallState:
     def new_prompt(self) -> None:
         self.entry = None
         self.intra = None
+        self.intra_stages = []
+        self.intra_plan = []
+        self.intra_selects = []
+        self.raters = None
         self.captures.clear()
         self.stage_counts.clear()
 

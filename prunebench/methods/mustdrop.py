@@ -1,0 +1,98 @@
+"""MustDrop's LLM stages (Liu et al. 2024, "Multi-stage vision token dropping: towards efficient
+multimodal large language model"; official repo liuting20/MustDrop,
+`llava/model/language_model/modelling_sparse_llama.py`: `LlamaDynamicvitModel.forward`,
+`dual_attention_filter`, and the "Sparse kv cache (decoding stage)").
+
+Prefill: after each of the layers l in [2, 6, 10, 14] (of 32), the head-mean attention of every text
+token after the image to each visual token, a_tj, is read from layer l; visual token j is dropped when
+both its global score sum_t a_tj < g * sum_j' sum_t a_tj' and its individual score max_t a_tj < i
+(dual-attention filtering); the rest stay in order and positions are truncated to contiguous.
+Here the rows are recomputed from layer l's captured q/k (only the text rows) and the drop enters
+layer l + 1. Decoding: the KV caches of layers l_1 .. l_S keep only the final visual set, so every
+decode step from layer l_1 on attends to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prunebench.errors import UserError
+from prunebench.methods.base import IntraSchedule, Positions, SelectContext, Stage, register_method
+
+PAPER_LAYERS = 32
+PAPER_RATING_LAYERS = (2, 6, 10, 14)  # self.pruning_layers
+REFERENCE_N = 576
+# README / scripts/v1_5/eval/textvqa_{192,128,64}.sh: budget -> (global_thr, individual_thr)
+THRESHOLDS: dict[int, tuple[float, float]] = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}
+
+
+def stage_layers(n_layers: int, layers: list[int] | None = None, **_: object) -> list[int]:
+    """Prune entering l + 1 for each rating layer l: given, or [2, 6, 10, 14] of 32 scaled as
+    round-half-up(l * L / 32) with repeats removed ([0, 1, 2] on a 4-layer model)."""
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(k, int) for k in layers):
+            raise UserError(f"mustdrop: layers must be null or a list of rating-layer indices, got {layers!r}")
+        return [k + 1 for k in layers]
+    scaled = [math.floor(k * n_layers / PAPER_LAYERS + 0.5) for k in PAPER_RATING_LAYERS]
+    return [k + 1 for k in dict.fromkeys(scaled)]
+
+
+def thresholds_for(keep: float, global_thr: float | None, individual_thr: float | None) -> tuple[float, float]:
+    """(g, i): the ones given, else the official pair of the budget nearest keep * 576; keep = 1 drops nothing."""
+    if keep >= 1.0:
+        return 0.0, 0.0
+    budget = min(THRESHOLDS, key=lambda b: (abs(b - keep * REFERENCE_N), b))
+    g, i = THRESHOLDS[budget]
+    g, i = (g if global_thr is None else global_thr), (i if individual_thr is None else individual_thr)
+    if not (0.0 <= g <= 1.0 and 0.0 <= i <= 1.0):
+        raise UserError(f"mustdrop: global_thr and individual_thr must be null or in [0, 1], got {g}, {i}")
+    return g, i
+
+
+def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_thr: float) -> torch.Tensor:
+    """attention [B, T, N] (head-mean rows of the text tokens, visual columns) -> [B, N] bool kept.
+
+    Dropped: sum_t a_tj < global_thr * sum_j sum_t a_tj AND max_t a_tj < individual_thr. At least the
+    token of largest global score is kept (our n_keep >= 1 convention)."""
+    total = attention.sum(dim=1)  # [B, N] global attention
+    dropped = (total < total.sum(dim=-1, keepdim=True) * global_thr) & (attention.amax(dim=1) < individual_thr)
+    keep = ~dropped
+    keep.scatter_(1, total.argmax(dim=-1, keepdim=True), True)
+    return keep
+
+
+@register_method(
+    "mustdrop",
+    stage=Stage.INTRA_LLM,
+    source="Liu et al. 2024 §3.3-3.4 (MustDrop prefill + decoding stages); liuting20/MustDrop "
+    "llava/model/language_model/modelling_sparse_llama.py (pruning_layers [2, 6, 10, 14], dual_attention_filter, "
+    "decoding-stage KV selection); thresholds from README / scripts/v1_5/eval/textvqa_*.sh",
+    needs=("rater_attention",),
+    positions=Positions.CONTIGUOUS,
+    defaults={"layers": None, "global_thr": None, "individual_thr": None},
+    intra=IntraSchedule(layers=stage_layers, counts=None, final_cache=True),
+    deviations=(
+        "LLM stages only: the vision-encoder stages (3x3 window merging after CLIP layer 0, and the key set of "
+        "top ceil(0.08*(N-1)) CLS-attention tokens at CLIP layer 23 that the LLM stages never drop) are not "
+        "implemented, so no token is protected",
+        "budget: adaptive (as official); keep selects the official threshold pair of the nearest budget "
+        "(64/128/192 of 576: (0.011, 0.01) / (0.0012, 0.001) / (0.001, 0.001)) unless global_thr / individual_thr "
+        "are given; keep = 1.0 drops nothing; the record's llm_schedule / layer_avg state what was kept",
+        "rating layers [2, 6, 10, 14] of 32 scaled as round(l*L/32) with repeats removed; the drop enters layer "
+        "l+1 with layer l's text rows recomputed from its q/k (official: the same layer's eager attention)",
+        "at least one visual token is kept per stage (the official filter may drop all)",
+        "text rows: every token after the last visual token (official: after the single image)",
+    ),
+)
+def mustdrop(ctx: SelectContext, layers: list[int] | None, global_thr: float | None,
+             individual_thr: float | None) -> torch.Tensor:
+    """signals['rater_attention']: [B, H, T, N] -> [B, k] kept indices, sorted (k adaptive, equal across B)."""
+    del layers  # consumed by the intra-LLM stage
+    g, i = thresholds_for(ctx.keep, global_thr, individual_thr)
+    keep = dual_attention_keep(ctx.signals["rater_attention"].float().mean(dim=1), g, i)
+    counts = keep.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise RuntimeError("mustdrop kept different counts across the batch; run with batch_size=1")
+    return keep.nonzero()[:, 1].view(keep.shape[0], -1)
