@@ -25,7 +25,7 @@ from prunebench.methods.base import (
     layer_average,
     n_keep_for,
 )
-from prunebench.methods.pyramiddrop import pdrop_counts, pdrop_layers, stage_counts
+from prunebench.methods.pdrop import pdrop_counts, pdrop_layers, stage_counts
 from prunebench.methods.sparsevlm_ops import (
     TABLES,
     dpc_knn_merge,
@@ -133,10 +133,10 @@ def test_later_stage_keeps_a_subset_of_the_earlier_one(tiny):
 
 def test_bad_stage_layers_are_refused(tiny):
     with pytest.raises(UserError, match="increasing"):
-        with install(tiny.seams, resolve_method("pyramiddrop", {"layers": [2, 1]}), keep=0.5):
+        with install(tiny.seams, resolve_method("pdrop", {"layers": [2, 1]}), keep=0.5):
             pass
     with pytest.raises(UserError, match="layers must be"):
-        with install(tiny.seams, resolve_method("pyramiddrop", {"layers": [1, 9]}), keep=0.5):
+        with install(tiny.seams, resolve_method("pdrop", {"layers": [1, 9]}), keep=0.5):
             pass
 
 
@@ -189,13 +189,13 @@ def test_pdrop_rows_equal_eager_attention_and_a_head_loop(tiny, tiny_path):
     inputs = eager.inputs()
     with torch.no_grad():
         attentions = eager.model(**inputs, output_attentions=True).attentions
-    method = resolve_method("pyramiddrop")
+    method = resolve_method("pdrop")
     layers = method.spec.intra_layers(4, method.params)
     seen, entering = [], {}
 
     def spy(ctx, **params):
         seen.append((ctx.signals["layer_last_query_attention"][0].clone(), ctx.n_keep))
-        return METHODS.get("pyramiddrop").fn(ctx, **params)
+        return METHODS.get("pdrop").fn(ctx, **params)
 
     def grab(i):
         def pre(module, args, kwargs):
@@ -450,8 +450,8 @@ def test_runner_records_the_llm_schedule(tiny_path, tmp_path):
     from prunebench import runner
     from prunebench.record import load_record
 
-    rec = load_record(runner.run(config(tiny_path, tmp_path, "method=pyramiddrop", "keep=0.5"), quiet=True))
-    spec = METHODS.get("pyramiddrop")
+    rec = load_record(runner.run(config(tiny_path, tmp_path, "method=pdrop", "keep=0.5"), quiet=True))
+    spec = METHODS.get("pdrop")
     plan = spec.intra_plan(4, 36, 18, dict(spec.defaults))
     assert rec.tokens["llm_schedule"] == [[k, n] for k, n in plan]
     assert rec.tokens["layer_avg"] == pytest.approx(layer_average(4, 36, plan))

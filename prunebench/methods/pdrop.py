@@ -36,7 +36,7 @@ def pdrop_layers(n_layers: int, layers: list[int] | None = None, **_: object) ->
     K * n_layers / 32, i.e. L/4, L/2, 3L/4)."""
     if layers is not None:
         if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(k, int) for k in layers):
-            raise UserError(f"pyramiddrop: layers must be null or a non-empty list of layer indices, got {layers!r}")
+            raise UserError(f"pdrop: layers must be null or a non-empty list of layer indices, got {layers!r}")
         return list(layers)
     return [max(1, math.floor(k * n_layers / PAPER_LAYERS + 0.5)) for k in PAPER_STAGE_LAYERS]
 
@@ -61,7 +61,7 @@ def pdrop_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, **_: 
 
 
 @register_method(
-    "pyramiddrop",
+    "pdrop",
     stage=Stage.INTRA_LLM,
     source="Xing et al. 2025 §3.2-3.3 (PyramidDrop); Cooperx521/PyramidDrop llava/model/modeling_llama_pdrop.py "
     "pdrop_rank_drop (inference: last instruction token as query, image_token_ratio_list [1, l, l^2, l^3])",
@@ -85,7 +85,7 @@ def pdrop_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, **_: 
         "visual placeholder tokens entering the LLM (all images of the prompt ranked together)",
     ),
 )
-def pyramiddrop(ctx: SelectContext, layers: list[int] | None) -> torch.Tensor:
+def pdrop(ctx: SelectContext, layers: list[int] | None) -> torch.Tensor:
     """signals['layer_last_query_attention']: [B, N_s] -> [B, n] top-n indices, sorted."""
     del layers  # consumed by the intra-LLM stage
     scores = ctx.signals["layer_last_query_attention"]
