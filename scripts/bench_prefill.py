@@ -1,7 +1,8 @@
-"""Benchmark (not a test): LLM-prefill time vs keep for one method on a mid-size random LLaVA.
+"""Benchmark (not a test): vision / method / LLM-prefill time vs keep on a mid-size random LLaVA.
 
     python scripts/bench_prefill.py                       # random_pre, keep 1.0 / 0.333 / 0.111, CPU, 1 thread
     python scripts/bench_prefill.py --method fastv --device cuda --runs 20
+    python scripts/bench_prefill.py --method fastv dart tome evoprune --keeps 1.0 0.111   # several methods
 
 Architecture: CLIP 12x768 (336 px, patch 14 -> 576 visual tokens), Llama 8x1024, random weights
 (shapes are what matter for time). Prints per-keep medians over --runs timed generations (after
@@ -42,7 +43,7 @@ def mid_size_llava(vocab: int, image_token_id: int, pad_id: int) -> LlavaForCond
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="random_pre")
+    ap.add_argument("--method", nargs="+", default=["random_pre"], help="one or more registered methods")
     ap.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.333, 0.111])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -60,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
     inputs = processor(images=Image.new("RGB", (336, 336), (200, 30, 30)), text=prompt, return_tensors="pt").to(device)
     print(f"device={device} threads={torch.get_num_threads()} prompt_len={inputs['input_ids'].shape[1]} "
-          f"visual_tokens={seams.n_vision_patches} method={args.method} runs={args.runs} (medians)", file=sys.stderr)
+          f"visual_tokens={seams.n_vision_patches} methods={' '.join(args.method)} runs={args.runs} (medians)",
+          file=sys.stderr)
 
     timer, rows = Timer(device), []
+    jobs = [("vanilla", 1.0)] if 1.0 in args.keeps else []
+    jobs += [(m, k) for m in args.method for k in args.keeps if k != 1.0]
     with instrument(model, seams, timer):
-        for keep in args.keeps:
-            method = resolve_method("vanilla" if keep == 1.0 else args.method)
-            with install(seams, method, keep, seed=0, timer=timer) as inst:
+        for name, keep in jobs:
+            with install(seams, resolve_method(name), keep, seed=0, timer=timer) as inst:
                 spans = []
                 for i in range(args.warmup + args.runs):
                     timer.reset()
@@ -75,13 +78,18 @@ def main(argv: list[str] | None = None) -> int:
                     if i >= args.warmup:
                         s = timer.seconds()
                         spans.append((s.get("vision", 0.0), s.get("method", 0.0), timer.spans("forward")[0]))
-            rows.append((keep, inst.counts.n_visual_out, *(statistics.median(x) for x in zip(*spans, strict=True))))
+            counts = inst.counts
+            rows.append((name, keep, counts.n_visual_out, counts.layer_avg,
+                         *(statistics.median(x) for x in zip(*spans, strict=True))))
 
-    base = next((r[4] for r in rows if r[0] == 1.0), None)
-    print(f"{'keep':>6} {'tokens':>6} {'vision ms':>10} {'method ms':>10} {'prefill ms':>11} {'prefill/keep1':>14}")
-    for keep, n, vision, method_s, prefill in rows:
-        ratio = f"{prefill / base:.3f}" if base else "-"
-        print(f"{keep:6.3f} {n:6d} {vision * 1e3:10.1f} {method_s * 1e3:10.2f} {prefill * 1e3:11.1f} {ratio:>14}")
+    base = next(((r[4], r[6]) for r in rows if r[0] == "vanilla"), None)
+    print(f"{'method':<14} {'keep':>6} {'tokens':>6} {'layer avg':>9} {'vision ms':>10} {'method ms':>10} "
+          f"{'prefill ms':>11} {'prefill/vanilla':>16} {'vision+prefill/vanilla':>23}")
+    for name, keep, n, avg, vision, method_s, prefill in rows:
+        ratio = f"{prefill / base[1]:.3f}" if base else "-"
+        both = f"{(vision + prefill) / (base[0] + base[1]):.3f}" if base else "-"
+        print(f"{name:<14} {keep:6.3f} {n:6d} {avg:9.1f} {vision * 1e3:10.1f} {method_s * 1e3:10.2f} "
+              f"{prefill * 1e3:11.1f} {ratio:>16} {both:>23}")
     return 0
 
 
