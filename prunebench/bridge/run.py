@@ -276,7 +276,7 @@ def check_video_processor(loaded: Any, name: str) -> None:
     """A video benchmark needs the family's video processor (the Qwen processors here have none)."""
     if getattr(loaded.processor, "video_processor", None) is None:
         raise UserError(f"dataset {name} is a video benchmark but the processor of model '{loaded.name}' has no "
-                        f"video processor here; valid: a family with one (llava_onevision, internvl)")
+                        f"video processor here; valid: a family with one (llava_onevision)")
 
 
 def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[dict[str, Any]],
