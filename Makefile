@@ -44,7 +44,7 @@ vlmeval-check:       ## is the VLMEvalKit backend importable from VLMEVAL_PYTHON
 	  m = why(); print(m or 'VLMEvalKit backend: importable'); sys.exit(1 if m else 0)"
 
 vlmeval-test: vlmeval-check  ## the bridge's end-to-end tests in the backend's venv
-	$(VLMEVAL_PYTHON) -m pytest -q tests/test_bridge_pure.py tests/test_bridge_vlmeval.py
+	$(VLMEVAL_PYTHON) -m pytest -q tests/test_bridge_pure.py tests/test_bridge_vlmeval.py tests/test_bridge_video.py
 
 lint: setup
 	$(BIN)/ruff check prunebench tests scripts

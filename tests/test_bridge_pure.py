@@ -251,11 +251,13 @@ def test_judge_datasets_stop_without_an_endpoint(name: str, tmp_path: Path, monk
         prepare_data(_cfg(name, tmp_path))
 
 
-def test_video_datasets_are_refused_in_one_line(tmp_path: Path) -> None:
-    from prunebench.bridge.run import prepare_data
+def test_video_dataset_without_data_stops_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """The video sets are wired (tests/test_bridge_video.py); without their data they stop before loading."""
+    from prunebench.bridge.run import run_vlmeval
 
-    with pytest.raises(UserError, match="not wired through the bridge yet"):
-        prepare_data(_cfg("Video-MME", tmp_path))
+    _no_backend(monkeypatch)
+    with pytest.raises(UserError, match=r"Video-MME\.tsv is missing; download the HF dataset lmms-lab/Video-MME"):
+        run_vlmeval(_cfg("Video-MME", tmp_path))
 
 
 def test_mme_subset_too_small_for_its_scorer(tmp_path: Path) -> None:

@@ -90,11 +90,13 @@ def vlmeval_api() -> SimpleNamespace:
             try:
                 from vlmeval import inference
                 from vlmeval.dataset import DATASET_CLASSES, build_dataset
+                from vlmeval.inference_video import infer_data_job_video
                 from vlmeval.smp import get_pred_file_path, load
                 from vlmeval.vlm.base import BaseModel
             except Exception as err:  # ImportError, or a broken torchvision raising RuntimeError
                 raise UserError(f"{INSTALL_HINT} ({type(err).__name__}: {err})") from None
         _API = SimpleNamespace(BaseModel=BaseModel, infer_data_job=inference.infer_data_job,
+                               infer_data_job_video=infer_data_job_video,
                                build_dataset=build_dataset, dataset_classes=list(DATASET_CLASSES),
                                get_pred_file_path=get_pred_file_path, load=load)
     return _API

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from prunebench.bridge.messages import Message, build_inputs
+from prunebench.bridge.messages import Message, build_inputs, build_video_inputs
 
 
 def read_answers(paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
@@ -36,26 +36,31 @@ class Session:
     """Answers VLMEvalKit messages with the loaded model under an installed pruning method."""
 
     def __init__(self, loaded: Any, inst: Any, timer: Any, seed: int, max_new_tokens: int, sink: Path,
-                 known: dict[str, dict[str, Any]], warmup: int = 1) -> None:
+                 known: dict[str, dict[str, Any]], warmup: int = 1, nframe: int = 0) -> None:
         self.loaded, self.inst, self.timer = loaded, inst, timer
         self.seed, self.max_new_tokens, self.sink = seed, max_new_tokens, sink
         self.known = known
         self.index: Any = None  # set by the dataset's build_prompt just before each generate
         self.generated = 0
         self.warmup = warmup  # untimed generations before the first timed one, as the runner does
+        self.nframe = nframe  # > 0: a video benchmark (frames of one video -> the processor's videos=)
 
     def answer(self, message: Message) -> str:
         key = str(self.index)
         if key in self.known:  # answered before a kill: never generate it twice
             return str(self.known[key]["prediction"])
-        inputs = build_inputs(self.loaded.processor, message).to(self.loaded.device)
+        processor = self.loaded.processor
+        video = self.nframe > 0
+        inputs = (build_video_inputs(processor, message, self.nframe) if video
+                  else build_inputs(processor, message)).to(self.loaded.device)
         from prunebench.runner import generate_timed
 
         for _ in range(self.warmup):
             generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens)
         self.warmup = 0
         extra = generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens)
-        row = {"index": self.index, "prediction": extra.pop("text"), "error": None, "n_frames": 0, **extra}
+        frames = _n_frames(inputs) if video else 0
+        row = {"index": self.index, "prediction": extra.pop("text"), "error": None, "n_frames": frames, **extra}
         with self.sink.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -72,12 +77,22 @@ class Session:
         return self.seed * 1_000_003 + number
 
 
-def make_vlm(api: Any, session: Session) -> Any:
-    """A `vlmeval.vlm.base.BaseModel` instance answering through `session`."""
+def _n_frames(inputs: Any) -> int:
+    """Frames of the one video in the processor's output (`pixel_values_videos` [1, T, C, H, W])."""
+    return int(inputs["pixel_values_videos"].shape[1]) if "pixel_values_videos" in inputs else 0
+
+
+def make_vlm(api: Any, session: Session, video_llm: bool = False) -> Any:
+    """A `vlmeval.vlm.base.BaseModel` instance answering through `session`.
+
+    `VIDEO_LLM` tells VLMEvalKit's video datasets what to send: False (default) the frames they
+    sample and write as images, True the video file (decoded here, `session.nframe` frames).
+    """
 
     class PrunebenchVLM(api.BaseModel):
         INTERLEAVE = True
-        allowed_types = ["text", "image"]
+        VIDEO_LLM = video_llm
+        allowed_types = ["text", "image", "video"]
 
         def __init__(self) -> None:
             super().__init__()
@@ -92,9 +107,9 @@ def track_index(dataset: Any, session: Session) -> None:
     """Tell the session which index VLMEvalKit asks about: it builds each prompt right before generate."""
     build = dataset.build_prompt
 
-    def build_prompt(line: Any) -> Any:
+    def build_prompt(line: Any, *args: Any, **kwargs: Any) -> Any:  # video sets also pass video_llm
         index = dataset.data.iloc[line]["index"] if isinstance(line, int) else line["index"]
         session.index = index.item() if hasattr(index, "item") else index  # numpy -> JSON-able
-        return build(line)
+        return build(line, *args, **kwargs)
 
     dataset.build_prompt = build_prompt

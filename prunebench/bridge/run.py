@@ -36,6 +36,10 @@ class BridgeData:
     scorer: str  # "vlmeval" | "shapes"
     judge: dict[str, Any] | None
     max_new_tokens: int
+    modality: str = "image"  # "video": Video-MME / MVBench / LongVideoBench (bridge.video)
+    nframe: int = 0  # video: frames sampled per video by VLMEvalKit (or fps > 0 instead)
+    fps: float = -1.0
+    video_llm: bool = False  # video: VLMEvalKit sends the video file (decoded here) instead of frames
 
 
 def _limit(cfg: Mapping[str, Any]) -> int | None:
@@ -59,9 +63,11 @@ def judge_kwargs(dcfg: Mapping[str, Any]) -> dict[str, Any] | None:
 def prepare_data(cfg: Mapping[str, Any]) -> BridgeData:
     """Data location, MD5, judge, subset TSV: every check that can fail, before anything loads."""
     dcfg = cfg["dataset"]
+    if dcfg.get("modality", "image") == "video":
+        return prepare_video_data(cfg)
     if dcfg.get("modality", "image") != "image":
-        raise UserError(f"dataset {dcfg['name']}: {dcfg['modality']} benchmarks are not wired through the "
-                        f"bridge yet; valid: the image datasets")
+        raise UserError(f"dataset {dcfg['name']}: modality {dcfg['modality']} is not wired through the "
+                        f"bridge; valid: image, video")
     judge = judge_kwargs(dcfg)
     root = tsv.data_root(dcfg.get("data_dir"))
     name, limit = str(dcfg["name"]), _limit(cfg)
@@ -83,8 +89,34 @@ def prepare_data(cfg: Mapping[str, Any]) -> BridgeData:
                       judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)))
 
 
-def build_vlmeval_dataset(api: Any, data: BridgeData) -> Any:
+def prepare_video_data(cfg: Mapping[str, Any]) -> BridgeData:
+    """The video sets: folder, TSV + MD5, every video file, frame policy, subset; before anything loads."""
+    from prunebench.bridge import video
+
+    dcfg = cfg["dataset"]
+    base, name, limit = str(dcfg.get("base") or dcfg["name"]), str(dcfg["name"]), _limit(cfg)
+    spec = video.video_set(base)
+    nframe, fps = video.frame_policy(dcfg)
+    judge = judge_kwargs(dcfg)
+    folder = Path(dcfg["data_dir"]).expanduser() if dcfg.get("data_dir") else video.default_folder(spec.repo_id)
+    video.check_video_data(folder, name, base, dcfg.get("md5"))
+    assert folder is not None  # check_video_data refused a missing one
+    if limit:
+        name, _ = tsv.write_subset(folder, name, limit, int(dcfg.get("subset_seed", 0)), dcfg.get("group_by"),
+                                   dcfg.get("stratify", "task_type"))
+    scores.check_mapping(dcfg["score"])
+    return BridgeData(name=name, base=base, root=folder, limit=limit, score=dict(dcfg["score"]), scorer="vlmeval",
+                      judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)), modality="video",
+                      nframe=nframe, fps=fps, video_llm=bool(dcfg.get("video_llm", False)))
+
+
+def build_vlmeval_dataset(api: Any, data: BridgeData, work: Path | None = None) -> Any:
     """Build `data.name`; a custom name is registered on its base's class so it routes to that scorer."""
+    if data.modality == "video":
+        from prunebench.bridge import video
+
+        assert data.base is not None and work is not None
+        return video.build_video_dataset(api, data.base, data.name, data.root, work, data.nframe, data.fps)
     if data.base is not None and data.name != data.base:
         owner = next((c for c in api.dataset_classes if data.base in c.supported_datasets()), None)
         if owner is None:
@@ -203,6 +235,8 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     if device.type == "cpu" and cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg["cpu_threads"]))
     loaded = load_model(cfg["model"], device)
+    if data.modality == "video":
+        check_video_processor(loaded, data.name)
     record = _new_record(job, cfg, loaded)
     if rank == 0:
         save_record(out, record)
@@ -213,13 +247,16 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     table, pred_rows = None, []
     timer = Timer(loaded.device)
     with contained(), _lmudata(data.root):
-        dataset = build_vlmeval_dataset(api, data)
+        dataset = build_vlmeval_dataset(api, data, work)
         with instrument(loaded.model, loaded.seams, timer), \
                 install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer) as inst:
             session = Session(loaded, inst, timer, job.seed, data.max_new_tokens, sink,
-                              read_answers(_prediction_files(out)), warmup=int(cfg.get("warmup", 1)))
+                              read_answers(_prediction_files(out)), warmup=int(cfg.get("warmup", 1)),
+                              nframe=data.nframe if data.modality == "video" else 0)
             track_index(dataset, session)
-            api.infer_data_job(make_vlm(api, session), work_dir=str(work), model_name=name, dataset=dataset)
+            vlm = make_vlm(api, session, video_llm=data.video_llm)
+            infer = api.infer_data_job_video if data.modality == "video" else api.infer_data_job
+            infer(vlm, work_dir=str(work), model_name=name, dataset=dataset)
         record.positions = inst.positions.value
         record.method_card["positions"] = inst.positions.value
         record.notes += inst.notes
@@ -233,6 +270,13 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     rows_by_rank = {r: [rows[str(p["index"])] for p in pred_rows[r::world] if str(p["index"]) in rows]
                     for r in range(world)} if rank == 0 else {}
     return record, table, pred_rows, rows_by_rank
+
+
+def check_video_processor(loaded: Any, name: str) -> None:
+    """A video benchmark needs the family's video processor (the Qwen processors here have none)."""
+    if getattr(loaded.processor, "video_processor", None) is None:
+        raise UserError(f"dataset {name} is a video benchmark but the processor of model '{loaded.name}' has no "
+                        f"video processor here; valid: a family with one (llava_onevision)")
 
 
 def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[dict[str, Any]],
@@ -259,7 +303,9 @@ def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[d
     record.benchmark = {"backend": "vlmeval", "vlmeval_dataset": data.name, "scored_as": data.base,
                         "model_name": model_name_for(job), "score_mapping": data.score,
                         "judge": (data.judge or {}).get("model", "exact_matching"),
-                        "world_size": len(rows_by_rank), "data_root": str(data.root)}
+                        "world_size": len(rows_by_rank), "data_root": str(data.root),
+                        **({"nframe": data.nframe, "fps": data.fps, "video_llm": data.video_llm}
+                           if data.modality == "video" else {})}
     record.status = "complete"
     record.finished_at = now()
 

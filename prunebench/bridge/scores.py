@@ -1,7 +1,9 @@
 """VLMEvalKit's score table -> the record's main score (0-100), as each dataset YAML states it.
 
-`dataset.evaluate` returns a dict (MME via d2df, OCRBench) or a DataFrame (POPE, MMBench: one row per
-split). `flatten` makes either a flat `{"<split>|<column>": value}` dict (kept whole in the record);
+`dataset.evaluate` returns a dict (MME via d2df, OCRBench; Video-MME / LongVideoBench nested dicts of
+"0.375"-style strings; MVBench `{task: [correct, total, "37.50%"]}`) or a DataFrame (POPE, MMBench:
+one row per split); list entries are keyed by position, "37.50%" reads as 37.5, NaN (the mean of a
+category absent from the set or subset) is left out. `flatten` makes either a flat `{"<split>|<column>": value}` dict (kept whole in the record);
 `main_score` applies the YAML's `score:` mapping:
 
   key: Overall | sum: [perception, reasoning]   which entries (a key may omit its "<split>|" prefix
@@ -24,11 +26,13 @@ MAPPING_KEYS = ("key", "sum", "max", "per_sample", "scale")
 
 
 def _number(value: Any) -> float | None:
+    if isinstance(value, str) and value.strip().endswith("%"):  # MVBench's "37.50%"
+        value = value.strip()[:-1]
     try:
         out = float(value)
     except (TypeError, ValueError):
         return None
-    return out
+    return None if math.isnan(out) else out  # Video-MME's "nan": a category absent from the set
 
 
 def flatten(table: Any) -> dict[str, float]:
@@ -49,6 +53,8 @@ def flatten(table: Any) -> dict[str, float]:
         for key, value in table.items():
             if isinstance(value, Mapping) or hasattr(value, "columns"):
                 out.update({f"{key}|{k}": v for k, v in flatten(value).items()})
+            elif isinstance(value, (list, tuple)):  # MVBench: [correct, total, "percent%"]
+                out.update({f"{key}|{i}": num for i, v in enumerate(value) if (num := _number(v)) is not None})
             elif (num := _number(value)) is not None:
                 out[str(key)] = num
         return out
