@@ -448,7 +448,8 @@ class IntraLLM:
         n_now = image_rows.shape[1]
         if stage == 0:
             n_keep, clamped = n_keep_for(self.keep, n_now)
-            clamped = clamped and self.method.spec.layer_for_keep is None  # no per-token budget (VTW)
+            # no per-token budget: an operating point (VTW) or thresholds (MustDrop) decide the counts
+            clamped = clamped and self.method.spec.layer_for_keep is None and not self.method.spec.adaptive
             args = (len(self.seams.decoder_layers), n_now, n_keep, self.method.params)
             self.state.intra_plan = self.method.spec.intra_plan(*args, keep=self.keep)
             self.state.intra_selects = self.method.spec.intra_selects(*args, keep=self.keep)
