@@ -198,3 +198,21 @@ def test_compose_refuses_a_second_stage_with_the_vision_stages(tiny):
     with pytest.raises(UserError, match="own vision-encoder stages"):
         with install(tiny.seams, method, keep=0.25, seed=0):
             pass
+
+
+def test_runner_records_the_merged_entry_and_schedule(tiny_path, tmp_path):
+    """End to end from configs/method/mustdrop.yaml: the record's LLM input is the merged image (every
+    3x3 window of the tiny grid merges at merge_thr=-1: 4 tokens), layer_avg and llm_schedule start there."""
+    from test_runner import config
+
+    from prunebench import runner
+    from prunebench.methods.base import layer_average
+    from prunebench.record import load_record
+
+    rec = load_record(runner.run(config(tiny_path, tmp_path, "method=mustdrop", "keep=0.111",
+                                        "method.params.merge_thr=-1.0"), quiet=True))
+    assert rec.tokens["n_visual_in"] == 36 and rec.tokens["llm_prompt_len"] == rec.tokens["prompt_len"] - 32
+    schedule = [(k, n) for k, n in rec.tokens["llm_schedule"]]
+    assert all(n <= 4 for _, n in schedule) and rec.tokens["n_visual_out"] == schedule[-1][1]
+    assert rec.tokens["layer_avg"] == pytest.approx(layer_average(4, 4, schedule))
+    assert rec.method_card["params"]["vision_stages"] is True and rec.method_card["positions"] == "contiguous"
