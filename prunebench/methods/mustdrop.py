@@ -116,7 +116,10 @@ def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_t
         "keep = 1.0 runs none of the stages (official: the vision stages always run); keep < 1 runs the vision "
         "stages at the official fixed thresholds (merge_thr 0.8, 3x3, key_ratio 0.08): the tokens entering the LLM "
         "are adaptive, the record's layer_avg and llm_schedule start from them",
-        "batch: the number of merged windows is the batch minimum (official `.min()`), each image its top windows",
+        "batch (as official `.min()`): the number of merged windows is the batch minimum, each image its top windows",
+        "record: n_visual_in = the prompt's patch tokens, n_visual_out = the final LLM set; the merged count entering "
+        "the LLM shows as llm_prompt_len and as the layer average's value before the first rating layer",
+        "compose: with its vision stages on, mustdrop must be the pipeline's only stage (vision_stages=false otherwise)",
         "budget: adaptive (as official); keep selects the official threshold pair of the nearest budget "
         "(64/128/192 of 576: (0.011, 0.01) / (0.0012, 0.001) / (0.001, 0.001)) unless global_thr / individual_thr "
         "are given; keep = 1.0 drops nothing; the record's llm_schedule / layer_avg state what was kept",
