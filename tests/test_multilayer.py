@@ -500,7 +500,8 @@ def test_mustdrop_keeps_the_dual_filter_of_eager_rows(tiny, tiny_path):
     n = eager.n_visual(inputs)
     with torch.no_grad():
         attentions = eager.model(**inputs, output_attentions=True).attentions
-    method = resolve_method("mustdrop", {"global_thr": 1.0 / n, "individual_thr": 1.0})
+    # the LLM stages alone (the vision stages and their key set: tests/test_mustdrop.py)
+    method = resolve_method("mustdrop", {"global_thr": 1.0 / n, "individual_thr": 1.0, "vision_stages": False})
     k1 = method.spec.intra_layers(4, method.params)[0]
     with install(tiny.seams, method, keep=0.5, seed=0) as inst, torch.no_grad():
         tiny.model(**inputs)
@@ -520,7 +521,8 @@ def test_mustdrop_prefill_schedule_and_final_cache(fam):
     hold only the final set, layer K_1-1's kept columns being the unpruned model's; decoding runs on it."""
     inputs = fam.inputs()
     full, n = inputs["input_ids"].shape[1], fam.n_visual(inputs)
-    method = resolve_method("mustdrop", {"global_thr": 1.0 / n, "individual_thr": 1.0})
+    # the LLM stages alone (the vision stages and their key set: tests/test_mustdrop.py)
+    method = resolve_method("mustdrop", {"global_thr": 1.0 / n, "individual_thr": 1.0, "vision_stages": False})
     layers = method.spec.intra_layers(len(fam.seams.decoder_layers), method.params)
     with torch.no_grad():
         vanilla = fam.model(**inputs, use_cache=True).past_key_values

@@ -82,6 +82,9 @@ SIGNALS = {
     "raters": "[B, T] bool: SparseVLM's text raters among those T tokens, chosen on the LLM input embeddings",
     "rope_prior": "[B, T, N] RoPE-only logits (q = k = 1, rotated, scaled) between those text rows and the visual "
     "columns at layer K-1 (SparseVLM+ normalisation)",
+"key_set": "[B, N] bool: the surviving visual tokens a vision-encoder stage of the method protects from "
+    "dropping (MustDrop's key set: top ceil(0.08 M) of the M patches by last-layer [CLS] attention, after its "
+    "window merge); all False when that stage did not run",
     "grid": "the visual tokens form an h x w grid (ctx.grid); families whose tokens are packed refuse the method",
 }
 
@@ -170,6 +173,16 @@ class MethodSpec:
     intra: IntraSchedule | None = None
     # The official position policy when it depends on a hyper-parameter (SparseVLM v1.5 vs v2.0).
     positions_for: Callable[..., Positions] | None = None
+    # An intra-LLM method's own vision-encoder stage, installed with it (MustDrop's window merge and key set):
+    # the name of a handler in `prunebench.stages.VISION_STAGES`; vision_stage_on(keep, **params) says whether
+    # it acts in this run (None: whenever keep < 1).
+    vision_stage: str | None = None
+    vision_stage_on: Callable[..., bool] | None = None
+
+    def runs_vision_stage(self, keep: float, params: Mapping[str, Any]) -> bool:
+        if self.vision_stage is None:
+            return False
+        return keep < 1.0 if self.vision_stage_on is None else bool(self.vision_stage_on(keep, **params))
 
     def default_positions(self, params: Mapping[str, Any]) -> Positions:
         return self.positions if self.positions_for is None else self.positions_for(**params)
@@ -242,6 +255,8 @@ def register_method(
     layer_for_keep: Callable[..., int] | None = None,
     intra: IntraSchedule | None = None,
     positions_for: Callable[..., Positions] | None = None,
+    vision_stage: str | None = None,
+    vision_stage_on: Callable[..., bool] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -257,6 +272,7 @@ def register_method(
                 name=name, stage=stage, source=source, fn=fn, needs=frozenset(needs), positions=positions,
                 defaults=dict(defaults or {}), deviations=deviations, budget=budget,
                 layer_for_keep=layer_for_keep, intra=intra, positions_for=positions_for,
+                vision_stage=vision_stage, vision_stage_on=vision_stage_on,
             ),
         )
         return fn

@@ -1,12 +1,27 @@
-"""MustDrop's LLM stages (Liu et al. 2024, "Multi-stage vision token dropping: towards efficient
-multimodal large language model"; official repo liuting20/MustDrop,
-`llava/model/language_model/modelling_sparse_llama.py`: `LlamaDynamicvitModel.forward`,
+"""MustDrop (Liu et al. 2024, "Multi-stage vision token dropping: towards efficient multimodal large
+language model", §3.2-3.4; official repo liuting20/MustDrop): all three stages.
+
+Vision encoder (§3.2; `llava/model/multimodal_encoder/clip_encoder.py` `CLIPVisionModelAcc.custom_forward`,
+`local_merge.py` `conditional_pooling` / `merge_wavg`): after CLIP layer 0, each 3x3 window of the
+24x24 patch grid whose mean off-diagonal cosine similarity is >= 0.8 becomes one token (size-weighted
+mean); at the last CLIP layer (idx 23) the key set = the top ceil(0.08 * M) of the M patch tokens by
+head-mean [CLS] attention. The math is in `mustdrop_ops.py`, the hooks in `stages/vision_mustdrop.py`.
+
+Design: one intra-LLM method whose install also adds its vision handler (`vision_stage="mustdrop"`,
+`stages.VISION_STAGES`), not a `compose` pipeline: the key set is not a pruning decision of its own
+but state the LLM stages read, and the three stages share one hyper-parameter set and one record.
+The merge bookkeeping is `VisionMerge`'s (survivors sorted by representative), so merged tokens take
+their representative's slot in the LLM sequence; the key set reaches the LLM entry as a bool per
+surviving visual token and is carried through every LLM stage as protected rows (`key_set` signal).
+
+LLM stages (`llava/model/language_model/modelling_sparse_llama.py`: `LlamaDynamicvitModel.forward`,
 `dual_attention_filter`, and the "Sparse kv cache (decoding stage)").
 
 Prefill: after each of the layers l in [2, 6, 10, 14] (of 32), the head-mean attention of every text
 token after the image to each visual token, a_tj, is read from layer l; visual token j is dropped when
 both its global score sum_t a_tj < g * sum_j' sum_t a_tj' and its individual score max_t a_tj < i
-(dual-attention filtering); the rest stay in order and positions are truncated to contiguous.
+(dual-attention filtering) unless it is in the key set (official: `torch.unique(cat(kept, key_set))`);
+the rest stay in order and positions are truncated to contiguous.
 Here the rows are recomputed from layer l's captured q/k (only the text rows) and the drop enters
 layer l + 1. Decoding: the KV caches of layers l_1 .. l_S keep only the final visual set, so every
 decode step from layer l_1 on attends to it.
@@ -51,6 +66,20 @@ def thresholds_for(keep: float, global_thr: float | None, individual_thr: float 
     return g, i
 
 
+def vision_stage_on(keep: float, vision_stages: bool, merge_thr: float, window: int, key_ratio: float,
+                    **_: object) -> bool:
+    """Check the vision-stage hyper-parameters; the stages act when keep < 1 and vision_stages is on."""
+    if not isinstance(vision_stages, bool):
+        raise UserError(f"mustdrop: vision_stages must be true or false, got {vision_stages!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise UserError(f"mustdrop: window must be an integer >= 2 (official 3), got {window!r}")
+    if not isinstance(merge_thr, (int, float)) or not -1.0 <= merge_thr <= 1.0:
+        raise UserError(f"mustdrop: merge_thr must be a cosine in [-1, 1] (official 0.8), got {merge_thr!r}")
+    if not isinstance(key_ratio, (int, float)) or not 0.0 <= key_ratio <= 1.0:
+        raise UserError(f"mustdrop: key_ratio must be in [0, 1] (official 0.08), got {key_ratio!r}")
+    return vision_stages and keep < 1.0
+
+
 def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_thr: float) -> torch.Tensor:
     """attention [B, T, N] (head-mean rows of the text tokens, visual columns) -> [B, N] bool kept.
 
@@ -69,14 +98,28 @@ def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_t
     source="Liu et al. 2024 §3.3-3.4 (MustDrop prefill + decoding stages); liuting20/MustDrop "
     "llava/model/language_model/modelling_sparse_llama.py (pruning_layers [2, 6, 10, 14], dual_attention_filter, "
     "decoding-stage KV selection); thresholds from README / scripts/v1_5/eval/textvqa_*.sh",
-    needs=("rater_attention",),
+    needs=("rater_attention", "key_set"),
     positions=Positions.CONTIGUOUS,
-    defaults={"layers": None, "global_thr": None, "individual_thr": None},
+    defaults={"layers": None, "global_thr": None, "individual_thr": None, "vision_stages": True,
+              "merge_thr": 0.8, "window": 3, "key_ratio": 0.08},
     intra=IntraSchedule(layers=stage_layers, counts=None, final_cache=True),
+    vision_stage="mustdrop",
+    vision_stage_on=vision_stage_on,
     deviations=(
-        "LLM stages only: the vision-encoder stages (3x3 window merging after CLIP layer 0, and the key set of "
-        "top ceil(0.08*(N-1)) CLS-attention tokens at CLIP layer 23 that the LLM stages never drop) are not "
-        "implemented, so no token is protected",
+        "vision stages on LLaVA-1.5 only (one fixed CLIP grid behind [CLS]); other families refuse them at install "
+        "and run the LLM stages with vision_stages=false (then nothing is protected)",
+        "window merge: merged tokens stand at their bottom-right member's (the official dst) raster slot and the "
+        "survivors stay in raster order of that slot (official: [merged windows by score, unmerged] order), so the "
+        "LLM sequence order and positions of the image differ; the mean is computed in float32",
+        "key set: head-mean [CLS] row of the last CLIP layer recomputed from its own q/k under SDPA (official: "
+        "eager attentions); top-k ties go to the earlier token; ceil(key_ratio * M), M = patch tokens after the merge",
+        "keep = 1.0 runs none of the stages (official: the vision stages always run); keep < 1 runs the vision "
+        "stages at the official fixed thresholds (merge_thr 0.8, 3x3, key_ratio 0.08): the tokens entering the LLM "
+        "are adaptive, the record's layer_avg and llm_schedule start from them",
+        "batch (as official `.min()`): the number of merged windows is the batch minimum, each image its top windows",
+        "record: n_visual_in = the prompt's patch tokens, n_visual_out = the final LLM set; the merged count entering "
+        "the LLM shows as llm_prompt_len and as the layer average's value before the first rating layer",
+        "compose: with its vision stages on, mustdrop must be the pipeline's only stage (vision_stages=false otherwise)",
         "budget: adaptive (as official); keep selects the official threshold pair of the nearest budget "
         "(64/128/192 of 576: (0.011, 0.01) / (0.0012, 0.001) / (0.001, 0.001)) unless global_thr / individual_thr "
         "are given; keep = 1.0 drops nothing; the record's llm_schedule / layer_avg state what was kept",
@@ -87,11 +130,14 @@ def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_t
     ),
 )
 def mustdrop(ctx: SelectContext, layers: list[int] | None, global_thr: float | None,
-             individual_thr: float | None) -> torch.Tensor:
-    """signals['rater_attention']: [B, H, T, N] -> [B, k] kept indices, sorted (k adaptive, equal across B)."""
-    del layers  # consumed by the intra-LLM stage
+             individual_thr: float | None, **vision: object) -> torch.Tensor:
+    """signals['rater_attention']: [B, H, T, N], signals['key_set']: [B, N] bool -> [B, k] kept indices,
+    sorted (k adaptive, equal across B); key-set tokens are always kept."""
+    del layers, vision  # consumed by the intra-LLM and vision stages
     g, i = thresholds_for(ctx.keep, global_thr, individual_thr)
     keep = dual_attention_keep(ctx.signals["rater_attention"].float().mean(dim=1), g, i)
+    if "key_set" in ctx.signals:
+        keep |= ctx.signals["key_set"].to(keep.device)
     counts = keep.sum(dim=1)
     if not bool((counts == counts[0]).all()):
         raise RuntimeError("mustdrop kept different counts across the batch; run with batch_size=1")

@@ -17,14 +17,19 @@ from typing import Any
 
 import torch
 
+from prunebench.errors import UserError
 from prunebench.methods.base import Positions, ResolvedMethod, Stage, n_keep_for
 from prunebench.methods.compose import PlannedStage, plan_stages
 from prunebench.models.base import Seams
 from prunebench.stages.llm import IntraLLM, capture_image_positions, llm_entry
 from prunebench.stages.state import CallState, TokenCounts
 from prunebench.stages.vision import PreLLMSelect, VisionMerge
+from prunebench.stages.vision_mustdrop import MustDropVision
 from prunebench.stages.vision_preproj import PROJECTOR_INPUT, PreProjectorSelect
 from prunebench.timing import NullTimer, Timer
+
+# Vision-encoder stages an intra-LLM method installs with its own LLM stages (`MethodSpec.vision_stage`).
+VISION_STAGES = {"mustdrop": MustDropVision}
 
 
 @dataclass
@@ -129,12 +134,27 @@ def _install_stage(seams: Seams, stage: PlannedStage, positions: Positions, inst
     if method.stage is Stage.PRE_LLM:
         return _pre_llm(seams, method, keep, inst, timer).register()
     if method.stage is Stage.INTRA_LLM:
+        handles = _own_vision_stage(seams, stage, inst, timer, merges)
         intra = IntraLLM(seams, method, keep, positions, state, timer, inst.generator)
         if method.spec.layer_for_keep is not None:  # the record says which operating point ran
             inst.notes.append(f"{method.name}: layer K={intra.k} of {len(seams.decoder_layers)} for keep={keep}")
-        return intra.register()
+        return handles + intra.register()
     merge = (seams.vision_driver or VisionMerge)(seams, method, keep, state, timer)
     merges.append(merge)
     inst.schedule = merge.schedule
     inst.notes += getattr(merge, "notes", [])
     return merge.register()
+
+
+def _own_vision_stage(seams: Seams, stage: PlannedStage, inst: Installation, timer: Timer,
+                      merges: list[Any]) -> list[Any]:
+    """An intra-LLM method's own vision-encoder stage (MustDrop), when it acts in this run."""
+    method = stage.method
+    if not method.spec.runs_vision_stage(stage.keep, method.params):
+        return []
+    if len(inst.stages) > 1:  # a pipeline's other stage would hand on visual tokens too
+        raise UserError(f"compose: {method.name} brings its own vision-encoder stages and cannot follow another "
+                        f"stage; set its params.vision_stages=false, or run it alone")
+    handler = VISION_STAGES[method.spec.vision_stage](seams, method, stage.keep, inst.state, timer)
+    merges.append(handler)
+    return handler.register()

@@ -103,6 +103,12 @@ def _compact_entry(
     keep.view(-1)[torch.cat(kept)] = True
     embeds = _with_new_values(embeds, kept, state.visual_values)
     index = rows_of(keep)
+    if state.visual_protect is not None:  # the vision stage's protected tokens, as rows of the compacted sequence
+        protected = torch.zeros_like(keep).view(-1)
+        for rows, p in zip(kept, state.visual_protect, strict=True):
+            protected[rows[p.to(rows.device)]] = True
+        state.protected = protected.view_as(keep).gather(1, index)
+        state.visual_protect = None
     n_out = int(keep[0].sum() - (~state.image_mask[0]).sum())
     state.counts = TokenCounts(int(state.image_mask[0].sum()), n_out, float(n_out), state.clamped, state.fixed)
     state.stage_counts["entry"] = state.counts
@@ -311,6 +317,10 @@ class IntraLLM:
             out["normed_hidden"] = self.seams.language_model.norm(hidden)
         if "visual_rows" in needs:
             out["visual_rows"] = image_rows
+        if "key_set" in needs:  # rows a vision stage protects (none: keep=1.0, or no vision stage ran)
+            protected = self.state.protected
+            out["key_set"] = torch.zeros_like(image_rows, dtype=torch.bool) if protected is None \
+                else protected.gather(1, image_rows)
         if "text_after_visual" in needs:
             rows = torch.arange(hidden.shape[1], device=hidden.device)[None]
             after = rows > image_rows[:, -1:]
@@ -405,6 +415,8 @@ class IntraLLM:
         inserted = None if previous is None or previous.inserted is None else previous.inserted.gather(1, local)
         hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
         self.state.image_mask = self.state.image_mask.gather(1, local)
+        if self.state.protected is not None:
+            self.state.protected = self.state.protected.gather(1, local)
         if self.state.attention_mask_2d is not None:
             self.state.attention_mask_2d = self.state.attention_mask_2d.gather(1, local)
         n_extra = 0 if extra is None else extra.shape[1]
@@ -420,6 +432,8 @@ class IntraLLM:
         if inserted is None:
             inserted = torch.zeros_like(index, dtype=torch.bool)
         self.state.image_mask = _insert_rows(self.state.image_mask, at, self.state.image_mask.new_ones(at.shape[0], m))
+        if self.state.protected is not None:  # inserted tokens are not protected
+            self.state.protected = _insert_rows(self.state.protected, at, self.state.protected.new_zeros(at.shape[0], m))
         if self.state.attention_mask_2d is not None:
             mask2d = self.state.attention_mask_2d
             self.state.attention_mask_2d = _insert_rows(mask2d, at, mask2d.gather(1, (at - 1)[:, None]).expand(-1, m))
@@ -434,7 +448,8 @@ class IntraLLM:
         n_now = image_rows.shape[1]
         if stage == 0:
             n_keep, clamped = n_keep_for(self.keep, n_now)
-            clamped = clamped and self.method.spec.layer_for_keep is None  # no per-token budget (VTW)
+            # no per-token budget: an operating point (VTW) or thresholds (MustDrop) decide the counts
+            clamped = clamped and self.method.spec.layer_for_keep is None and not self.method.spec.adaptive
             args = (len(self.seams.decoder_layers), n_now, n_keep, self.method.params)
             self.state.intra_plan = self.method.spec.intra_plan(*args, keep=self.keep)
             self.state.intra_selects = self.method.spec.intra_selects(*args, keep=self.keep)

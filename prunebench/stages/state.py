@@ -61,6 +61,9 @@ class CallState:
     visual_sizes: list[int] | None = None  # tokens per image, in scatter order (from the visual seam)
     visual_keep: list[torch.Tensor] | None = None  # per image: kept indices, pending from vision / pre-LLM
     visual_values: list[torch.Tensor | None] | None = None  # per image: new values of the kept tokens, or None
+    # per image: bool per kept token, protected from the LLM stages (MustDrop's key set), pending like visual_keep
+    visual_protect: list[torch.Tensor] | None = None
+    protected: torch.Tensor | None = None  # [B, L] bool rows of the current sequence that no LLM stage drops
     clamped: bool = False
     fixed: int = 0  # tokens the visual seam keeps outside the budget, this prompt
     entry: Compaction | None = None
@@ -86,6 +89,7 @@ class CallState:
         self.intra_plan = []
         self.intra_selects = []
         self.raters = None
+        self.protected = None
         self.captures.clear()
         self.stage_counts.clear()
 
