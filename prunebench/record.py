@@ -145,3 +145,15 @@ def versions() -> dict[str, Any]:
         "prunebench": prunebench.__version__,
         "git_sha": git_sha(),
     }
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (none if it is missing); a torn line (killed mid-write) is skipped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

@@ -31,6 +31,7 @@ from prunebench.record import (
     RunRecord,
     load_record,
     now,
+    read_jsonl,
     save_record,
     versions,
 )
@@ -168,15 +169,7 @@ def _cpu_name() -> str:
 
 def _read_rows(path: Path) -> dict[int, dict[str, Any]]:
     """Last row per index; a torn last line (crash mid-write) is ignored."""
-    rows: dict[int, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[int(row["index"])] = row
-    return rows
+    return {int(row["index"]): row for row in read_jsonl(path)}
 
 
 def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item], path: Path,

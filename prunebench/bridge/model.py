@@ -15,21 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from prunebench.bridge.messages import Message, build_inputs, build_video_inputs
+from prunebench.record import read_jsonl
 
 
 def read_answers(paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
     """Rows by str(index) from JSON-lines files; a torn last line (killed mid-write) is ignored."""
-    rows: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[str(row["index"])] = row
-    return rows
+    return {str(row["index"]): row for path in paths for row in read_jsonl(path)}
 
 
 class Session:
