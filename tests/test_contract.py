@@ -39,8 +39,8 @@ def supported(fam, name: str) -> bool:
     seams = fam.seams
     if needs_intra_grid(name):
         return fam.family in INTRA_GRID_FAMILIES
-    if VISION_SIGNALS & METHODS.get(name).needs:  # per-view encoder signals: not mapped onto packed tokens
-        return seams.always_keep is None
+    if VISION_SIGNALS & METHODS.get(name).needs:  # per-view encoder signals: every family (packed ones mapped)
+        return True
     if "grid" in METHODS.get(name).needs:  # pre-LLM: per-image grids, but not packed tokens
         return seams.always_keep is None
     return (METHODS.get(name).stage is not Stage.VISION or seams.merge_layer_class is not None
