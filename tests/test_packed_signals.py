@@ -186,3 +186,46 @@ def test_packed_budget_counts_candidates_only(packed, name):
     k = n_keep_for(0.25, candidates)[0]
     extra = 1 if name.startswith("prumerge") else 0
     assert lengths[0] - lengths[1] == n_visual - (newlines + k + extra)
+
+
+# --- PruMerge(+) adaptive mode: the pure functions against a brute-force reading of the official code ---
+
+
+def brute_outliers(row: list[float]) -> list[int]:
+    """Indices above Q3 + 1.5 IQR, percentiles by linear interpolation written out (numpy's default)."""
+    s = sorted(row)
+
+    def pct(p: float) -> float:
+        pos = p * (len(s) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    upper = pct(0.75) + 1.5 * (pct(0.75) - pct(0.25))
+    return [i for i, v in enumerate(row) if v > upper]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adaptive_selection_matches_brute_force(seed):
+    from prunebench.methods.prumerge_ops import adaptive_count, prumerge_plus_adaptive_select
+
+    g = torch.Generator().manual_seed(seed)
+    n = [576, 144, 100, 64, 37, 576][seed]
+    attn = torch.rand(1, n, generator=g, dtype=torch.float64) ** 8  # heavy tail: a few outliers
+    outliers = brute_outliers(attn[0].tolist())
+    assert adaptive_count(attn) == max(1, len(outliers))
+    top = sorted(range(n), key=lambda i: -attn[0, i].item())[: max(1, len(outliers))]
+    step = max(1, int(int(1 / (len(top) / n)) / 3))  # official int(1 / ratio) / 3, ratio = c / N
+    want = sorted(set(top) | {i for i in range(0, n - 1, step)})
+    assert prumerge_plus_adaptive_select(attn)[0].tolist() == want
+
+
+def test_adaptive_must_be_a_bool():
+    from prunebench.errors import UserError
+    from prunebench.methods.base import SelectContext
+
+    method = resolve_method("prumerge", {"adaptive": "yes"})
+    ctx = SelectContext(tokens=torch.zeros(1, 8, 4), n_keep=2, grid=None, generator=torch.Generator(),
+                        signals={"cls_attention_full": torch.rand(1, 8), "cls_keys_full": torch.rand(1, 8, 4)})
+    with pytest.raises(UserError, match="adaptive must be true"):
+        method.spec.fn(ctx, **method.params)
