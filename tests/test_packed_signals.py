@@ -28,11 +28,12 @@ def packed(request, tmp_path_factory):
     return load_tiny(path, family=request.param), load_tiny(path, attn="eager", family=request.param)
 
 
-def wide_inputs(tiny):
-    """A 96x48 image: base view + a crop grid, unpadded (not square) -> newlines at row ends."""
+def wide_inputs(tiny, size: tuple[int, int] = (96, 40)):
+    """A 96x40 image: base view + a crop grid, unpadded (not square) -> newlines at row ends.
+    288x288 on OneVision: 6x6 crops, downscaled by the model's anyres_max_9 bilinear interpolation."""
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     prompt = tiny.processor.apply_chat_template(conv, add_generation_prompt=True)
-    image = Image.new("RGB", (96, 40), (200, 40, 40))
+    image = Image.new("RGB", size, (200, 40, 40))
     image.paste((20, 20, 200), (10, 5, 50, 30))
     return tiny.processor(images=image, text=prompt, return_tensors="pt")
 
@@ -160,14 +161,15 @@ def test_onevision_video_frame_signal_is_the_mean_of_its_source_patches(tmp_path
         torch.testing.assert_close(got["cls_attention"], torch.stack(want), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("size", [(96, 40), (288, 288)])
 @pytest.mark.parametrize("name", ["fastervlm", "vispruner", "holov", "visionzip", "prumerge", "prumerge_plus"])
-def test_packed_budget_counts_candidates_only(packed, name):
-    """keep=0.25 on a wide image: the LLM receives the newlines plus round(keep * candidates) (+1 for
-    PruMerge's aggregate token)."""
+def test_packed_budget_counts_candidates_only(packed, name, size):
+    """keep=0.25 on a wide / a large image: the LLM receives the newlines plus round(keep * candidates)
+    (+1 for PruMerge's aggregate token)."""
     from prunebench.methods.base import n_keep_for
 
     tiny, eager = packed
-    inputs = wide_inputs(tiny)
+    inputs = wide_inputs(tiny, size)
     rows, args, kwargs = eager_views(eager, inputs)
     candidates = marker_sources(tiny.model.model, *rows.shape, args, kwargs)[0].numel()
     lengths: list[int] = []
@@ -229,3 +231,21 @@ def test_adaptive_must_be_a_bool():
                         signals={"cls_attention_full": torch.rand(1, 8), "cls_keys_full": torch.rand(1, 8, 4)})
     with pytest.raises(UserError, match="adaptive must be true"):
         method.spec.fn(ctx, **method.params)
+
+
+@pytest.mark.parametrize("name", ["fastervlm", "vispruner", "holov", "visionzip", "prumerge", "prumerge_plus"])
+def test_onevision_video_keep_one_is_vanilla_and_budget_is_per_frame(tmp_path_factory, name):
+    from conftest import load_tiny, tiny_checkpoint
+    from test_video import video_inputs
+
+    tiny = load_tiny(tiny_checkpoint("llava_onevision", tmp_path_factory), family="llava_onevision")
+    inputs = video_inputs(tiny)
+    with torch.no_grad():
+        ref = tiny.model(**inputs).logits
+        with install(tiny.seams, resolve_method(name), keep=1.0):
+            assert torch.equal(tiny.model(**inputs).logits, ref)
+        with install(tiny.seams, resolve_method(name), keep=0.34) as inst:
+            tiny.model(**inputs)
+    assert inst.counts.n_visual_in == 6 * 9 + 1  # 6 frames of 3x3 pooled tokens + one newline
+    per_frame = 3 + (1 if name.startswith("prumerge") else 0)  # round(0.34 * 9) (+ the aggregate token)
+    assert inst.counts.n_visual_out == 6 * per_frame + 1 and inst.counts.n_fixed == 1
