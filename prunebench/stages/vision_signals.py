@@ -252,23 +252,26 @@ class VisionSignals:
         """After the model packs its images: pack the views' signals with the same call."""
         features = kwargs.get("image_features", args[0] if args else None)
         views = [f.shape[0] for f in features]
-        stacked, layout = stack_channels(self._take_views(sum(views)))
         rest = {k: v for k, v in kwargs.items() if k not in ("image_features", "image_newline")}
-        packed, _ = type(owner).pack_image_features(
-            owner, list(stacked.split(views)), *args[1:], image_newline=stacked.new_zeros(stacked.shape[-1]), **rest)
-        self.queue.extend(unstack_channels(p, layout) for p in packed)
+        with torch.no_grad(), self.timer.span("method"):
+            stacked, layout = stack_channels(self._take_views(sum(views)))
+            packed, _ = type(owner).pack_image_features(
+                owner, list(stacked.split(views)), *args[1:], image_newline=stacked.new_zeros(stacked.shape[-1]),
+                **rest)
+            self.queue.extend(unstack_channels(p, layout) for p in packed)
 
     def _pool_videos(self, owner: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         """After the model encodes videos: per frame, the signals pooled by the model's own
         `apply_pooling`, then the video's closing newline (zeros), as `_video_frames` splits them."""
         pixels = kwargs.get("pixel_values_videos", args[0] if args else None)
         videos, frames = pixels.shape[:2]
-        stacked, layout = stack_channels(self._take_views(videos * frames))
-        pooled = type(owner).apply_pooling(owner, stacked)  # [videos * frames, pooled, C]
-        newline = unstack_channels(stacked.new_zeros(1, stacked.shape[-1]), layout)
-        for video in pooled.split(frames):
-            self.queue.extend(unstack_channels(frame, layout) for frame in video)
-            self.queue.append(newline)
+        with torch.no_grad(), self.timer.span("method"):
+            stacked, layout = stack_channels(self._take_views(videos * frames))
+            pooled = type(owner).apply_pooling(owner, stacked)  # [videos * frames, pooled, C]
+            newline = unstack_channels(stacked.new_zeros(1, stacked.shape[-1]), layout)
+            for video in pooled.split(frames):
+                self.queue.extend(unstack_channels(frame, layout) for frame in video)
+                self.queue.append(newline)
 
     def _internvl_groups(self, row: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch signals [B, N], [B, N, d] -> pixel-shuffle group means [B, U], [B, U, d]."""
