@@ -44,8 +44,8 @@ def supported(fam, name: str) -> bool:
         return fam.family in INTRA_GRID_FAMILIES
     if METHODS.get(name).vision_stage is not None:
         return fam.family in OWN_VISION_STAGE_FAMILIES
-    if VISION_SIGNALS & METHODS.get(name).needs:  # per-view encoder signals: not mapped onto packed tokens
-        return seams.always_keep is None
+    if VISION_SIGNALS & METHODS.get(name).needs:  # per-view encoder signals: every family (packed ones mapped)
+        return True
     if "grid" in METHODS.get(name).needs:  # pre-LLM: per-image grids, but not packed tokens
         return seams.always_keep is None
     return (METHODS.get(name).stage is not Stage.VISION or seams.merge_layer_class is not None
@@ -318,3 +318,49 @@ def test_fastv_row_equals_eager_attention(fam, fam_path):
     kept_image_rows = inst.state.intra.index[0]
     image_rows = image.nonzero()[:, 0]
     assert torch.equal(kept_image_rows[torch.isin(kept_image_rows, image_rows)], image_rows[top])
+
+
+# PruMerge(+) adaptive: the count per image follows from the data (IQR outliers), not from keep.
+ADAPTIVE_PRUMERGE = ["prumerge", "prumerge_plus"]
+
+
+def official_adaptive_kept(row: torch.Tensor, plus: bool) -> int:
+    """Patches PruMerge(+) keeps adaptively for one image's [CLS] row, counted independently: numpy
+    percentiles as the official `outlier_dectection`, at least 1; PruMerge+ adds the official grid
+    arange(0, N - 1, int(int(1 / ratio) / 3)) minus the outliers already kept."""
+    import numpy as np
+
+    a = row.double().numpy()
+    q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+    top = np.argsort(-a, kind="stable")[: max(1, int((a > q3 + 1.5 * (q3 - q1)).sum()))]
+    if not plus:
+        return top.size
+    grid = np.arange(0, a.size - 1, max(1, int(int(1 / (top.size / a.size)) / 3)))
+    return top.size + int(np.isin(grid, top, invert=True).sum())
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_PRUMERGE)
+def test_adaptive_prumerge_count_is_what_the_record_states(fam, name):
+    """adaptive=true: keep=1.0 is the unpruned model; keep<1 keeps, per image, the independent IQR
+    count (+ PruMerge+'s grid) + 1 aggregate token, which is what the record states and what every
+    decoder layer sees."""
+    method = resolve_method(name, {"adaptive": True})
+    inputs = fam.inputs()
+    ref_logits, ref_tokens = prefill_logits(fam.model, inputs), generate(fam.model, inputs)
+    with install(fam.seams, method, keep=1.0, seed=0):
+        assert torch.equal(prefill_logits(fam.model, inputs), ref_logits)
+        assert torch.equal(generate(fam.model, inputs), ref_tokens)
+    rows: list[torch.Tensor] = []
+
+    def spy(ctx, **kw):
+        rows.append(ctx.signals["cls_attention_full"][0].clone())
+        return method.spec.fn(ctx, **kw)
+
+    spied = dataclasses.replace(method, spec=dataclasses.replace(method.spec, fn=spy))
+    full, n_in, fixed = inputs["input_ids"].shape[1], fam.n_visual(inputs), fixed_tokens(fam, inputs)
+    with install(fam.seams, spied, keep=0.5, seed=0) as inst:
+        lengths = layer_lengths(fam, lambda: prefill_logits(fam.model, inputs))
+    expected = fixed + sum(official_adaptive_kept(r, name == "prumerge_plus") + 1 for r in rows)
+    assert rows and inst.counts.n_visual_in == n_in and inst.counts.n_fixed == fixed
+    assert inst.counts.n_visual_out == expected <= n_in
+    assert lengths == [full - n_in + expected] * len(lengths)

@@ -13,6 +13,12 @@ CLS_DEVIATIONS = (
     "merge unit (METHODS.md §0.4, as EffiVLM-VisionZip / HoloV-Qwen)",
     "vision_layer=null reads the layer whose output the family selects (LLaVA-1.5: CLIP layer L-2, the official "
     "attentions[-2]; InternVL / Qwen: the last layer)",
-    "LLaVA-NeXT / LLaVA-OneVision (packed views with newlines) are refused",
+    "LLaVA-NeXT / LLaVA-OneVision: each view's (base image, crops) patch signals are packed onto the image's LLM "
+    "tokens by the model's own pack_image_features (videos: its own bilinear apply_pooling per frame, so a pooled "
+    "token gets the bilinear mean of its source patches' signals); OneVision's SigLIP has no [CLS]: the "
+    "received-attention substitute per view (as for Qwen)",
+    "LLaVA-NeXT / LLaVA-OneVision budget: k = round(keep * candidates) per packed image (base view + unpadded crops, "
+    "row newlines always kept and outside the budget), per frame for videos; the official LLaVA-NeXT budgets are "
+    "per crop (FasterVLM / VisPruner: k per view, VisionZip 27+5 per view)",
 )
 

@@ -1,6 +1,7 @@
 """LLaVA-PruMerge and PruMerge+ (Shang et al. 2024 §3.1-3.3; official 42Shawn/LLaVA-PruMerge
 `llava/model/multimodal_encoder/clip_encoder.py` `token_prune_merge_advanced` (PruMerge) and
-`token_prune_merge_advanced_plus` (PruMerge+)), fixed-budget mode.
+`token_prune_merge_advanced_plus` (PruMerge+)), fixed-budget mode (default) or the paper's
+adaptive mode (`adaptive: true`: the per-image count is the IQR outlier count, keep is ignored).
 
 Per image, from the LAST CLIP layer's q/k (official hooks on `layers[23].self_attn.{q,k}_proj`,
 one head over the full width, scale width^-1/2) and the selected features (CLIP layer -2, [CLS] dropped):
@@ -10,7 +11,10 @@ one head over the full width, scale width^-1/2) and the selected features (CLIP 
 2. each kept patch i <- x_i + sum of a_j x_j over its 32 most key-similar other tokens (kept or
    pruned), a_j the unnormalised [CLS] attention (the official per-token Python loop, vectorised);
 3. one extra token sum_{pruned} a_j x_j: k + 1 tokens reach the LLM (`MethodSpec.budget`).
-keep=1.0 keeps every patch untouched (no merge, no extra token).
+keep=1.0 keeps every patch untouched (no merge, no extra token), in both modes.
+Adaptive (`adaptive: true`, official `if_adaptive=True`, the paper's §3.2): any keep < 1 switches
+pruning on and is otherwise ignored; per image c = max(1, IQR outliers of the [CLS] row) patches
+(PruMerge+: those plus the official spatial grid), then steps 2-3; the record counts what was kept.
 """
 
 from __future__ import annotations
@@ -24,14 +28,25 @@ from prunebench.methods.base import Positions, SelectContext, Selection, Stage, 
 from prunebench.methods.cls_signal import CLS_DEVIATIONS
 from prunebench.methods.prumerge_ops import (
     N_NEIGHBOURS,
+    adaptive_count,
     extra_slot,
     prumerge_merge,
+    prumerge_plus_adaptive_select,
     prumerge_plus_select,
     prumerge_select,
 )
 
 NEEDS = ("cls_attention_full", "cls_keys_full", "projector_input")
-DEFAULTS = {"n_neighbours": N_NEIGHBOURS, "vision_layer": -1}
+DEFAULTS = {"n_neighbours": N_NEIGHBOURS, "vision_layer": -1, "adaptive": False}
+ADAPTIVE_DEVIATIONS = (
+    "adaptive: keep=1.0 is the unpruned model (no merge, no aggregate token); any keep < 1 runs the adaptive "
+    "count and keep's value is ignored (the record states the counts: n_visual_out is what was kept)",
+    "adaptive: the count is the number of IQR outliers (official int(N * outliers / N), the same up to float "
+    "rounding), at least 1 (the official code would keep none and pass the aggregate token only); percentiles "
+    "per image (official: over the flattened batch, the same for one image)",
+    "adaptive on LLaVA-NeXT / OneVision: the IQR count runs over the packed image's candidates (base + crops), "
+    "per frame for videos (official LLaVA-1.5 only: one 576-patch view)",
+)
 DEVIATIONS = (
     "k = round-half-up(keep * N) (n_keep_for, as every method here); the official fixed mode keeps "
     "int(N * reduction_ratio) (floor)",
@@ -43,8 +58,9 @@ DEVIATIONS = (
     "PruMerge+, then the aggregate token)",
     "the merge's neighbour search is vectorised (one [k, N] cosine matrix, self excluded) instead of the "
     "official per-token loop; ties among equal cosines may pick different neighbours",
-    "families whose projector input is not row-aligned with its output (Qwen2/2.5-VL merger) merge after the "
-    "projector, in LLM space (noted in the record); there the attention is the head-mean received-attention "
+    "families whose projector input is not row-aligned with its output (Qwen2/2.5-VL merger; LLaVA-NeXT / "
+    "OneVision, whose projector runs per view before unpadding and packing) merge after the projector, in LLM "
+    "space, on the packed tokens (noted in the record); on Qwen / OneVision the attention is the head-mean received-attention "
     "substitute and the keys the head-mean keys per unit (no single-head reading)",
     "InternVL: merged on the pixel-shuffled projector input (a token = a 2x2 group's concatenated features); "
     "vision_layer=-1 is also InternVL's selected layer",
@@ -53,20 +69,25 @@ DEVIATIONS = (
 )
 
 
-def _budget(n_in: int, n_keep: int, **params: object) -> int:
-    """k kept patches + 1 aggregate token; keep=1.0 (k = n_in) adds nothing."""
-    return n_in if n_keep >= n_in else n_keep + 1
+def _budget(n_in: int, n_keep: int, adaptive: bool = False, **params: object) -> int:
+    """k kept patches + 1 aggregate token; keep=1.0 (k = n_in) adds nothing. Adaptive: the count is
+    data-dependent (the record states it); n_in is its upper bound."""
+    return n_in if n_keep >= n_in or adaptive else n_keep + 1
 
 
-def _run(select: Callable[[torch.Tensor, int], torch.Tensor], ctx: SelectContext, n_neighbours: int
-         ) -> torch.Tensor | Selection:
+def _run(select: Callable[[torch.Tensor, int], torch.Tensor], adaptive_select: Callable[[torch.Tensor], torch.Tensor],
+         ctx: SelectContext, n_neighbours: int, adaptive: bool) -> torch.Tensor | Selection:
     if not isinstance(n_neighbours, int) or isinstance(n_neighbours, bool) or n_neighbours < 1:
         raise UserError(f"prumerge: n_neighbours must be a positive integer (official 32), got {n_neighbours!r}")
+    if not isinstance(adaptive, bool):
+        raise UserError(f"prumerge: adaptive must be true (IQR outlier count) or false (fixed budget), got {adaptive!r}")
     x, n = ctx.tokens, ctx.tokens.shape[1]
-    if ctx.n_keep >= n:  # keep=1.0: the unpruned model
+    if ctx.n_keep >= n:  # keep=1.0: the unpruned model (adaptive too)
         return torch.arange(n, device=x.device)[None]
     attn, keys = ctx.signals["cls_attention_full"], ctx.signals["cls_keys_full"]
-    kept = select(attn, ctx.n_keep)
+    kept = adaptive_select(attn) if adaptive else select(attn, ctx.n_keep)
+    if kept.shape[1] >= n:  # adaptive on a tiny view: nothing left to prune
+        return torch.arange(n, device=x.device)[None]
     merged, extra = prumerge_merge(x, attn, keys, kept, n_neighbours)
     index = torch.cat([kept, extra_slot(kept, n)[:, None]], dim=1)
     order = index.argsort(dim=1)
@@ -82,12 +103,15 @@ def _run(select: Callable[[torch.Tensor, int], torch.Tensor], ctx: SelectContext
     positions=Positions.CONTIGUOUS,  # official: rebuilt sequence in prepare_inputs_labels_for_multimodal
     defaults=DEFAULTS,
     deviations=("fixed budget (official if_adaptive=False, reduction_ratio = keep): the top-k patches by [CLS] "
-                "attention; the paper's adaptive IQR count (a per-image, data-dependent count) is not offered",) + DEVIATIONS,
+                "attention; adaptive=true: the paper's IQR outlier count",) + DEVIATIONS + ADAPTIVE_DEVIATIONS,
     budget=_budget,
 )
-def prumerge(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer: int = -1) -> torch.Tensor | Selection:
-    """[1, N, D] + cls_attention_full [1, N] + cls_keys_full [1, N, d] -> Selection of k + 1 tokens."""
-    return _run(prumerge_select, ctx, n_neighbours)
+def prumerge(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer: int = -1, adaptive: bool = False
+             ) -> torch.Tensor | Selection:
+    """[1, N, D] + cls_attention_full [1, N] + cls_keys_full [1, N, d] -> Selection of k + 1 tokens
+    (adaptive: k = the IQR outlier count)."""
+    return _run(prumerge_select, lambda attn: prumerge_select(attn, adaptive_count(attn)), ctx, n_neighbours,
+                adaptive)
 
 
 @register_method(
@@ -101,10 +125,12 @@ def prumerge(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer:
     deviations=("fixed budget (EffiVLM-Bench's reading): the top min(IQR outliers, k) patches by [CLS] attention, "
                 "filled to k with the free patches at positions floor((j + 1/2) F / m) of the F free patches in "
                 "raster order; the official adaptive branch adds arange(0, 575, int(1/ratio) // 3) (about 4x the "
-                "outliers), its training branch top-k + arange(step/2, 575, step) with duplicates",) + DEVIATIONS,
+                "outliers), its training branch top-k + arange(step/2, 575, step) with duplicates; adaptive=true: "
+                "the official adaptive branch, outliers + arange(0, N - 1, (N // c) // 3) not already kept",)
+    + DEVIATIONS + ADAPTIVE_DEVIATIONS,
     budget=_budget,
 )
-def prumerge_plus(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer: int = -1
-                  ) -> torch.Tensor | Selection:
+def prumerge_plus(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer: int = -1,
+                  adaptive: bool = False) -> torch.Tensor | Selection:
     """As `prumerge`, with PruMerge+'s outliers + uniform spatial fill as the kept set."""
-    return _run(prumerge_plus_select, ctx, n_neighbours)
+    return _run(prumerge_plus_select, prumerge_plus_adaptive_select, ctx, n_neighbours, adaptive)

@@ -29,6 +29,25 @@ def prumerge_select(attn: torch.Tensor, k: int) -> torch.Tensor:
     return attn.topk(k, dim=1).indices.sort(dim=1).values
 
 
+def adaptive_count(attn: torch.Tensor) -> int:
+    """attn [1, N] -> the adaptive number of kept patches: the IQR outliers (official
+    `token_prune_merge_advanced(if_adaptive=True)`: topk(int(N * ratio)), ratio = outliers / N),
+    at least 1 (an image with no outlier would otherwise reach the LLM as the aggregate token only)."""
+    return max(1, int(iqr_outlier_count(attn)[0]))
+
+
+def prumerge_plus_adaptive_select(attn: torch.Tensor) -> torch.Tensor:
+    """PruMerge+, adaptive (official `token_prune_merge_advanced_plus(if_adaptive=True)`): the c IQR
+    outliers by [CLS] attention plus the grid arange(0, N - 1, (N // c) // 3) of patches not already
+    kept (official arange(0, 575, int(int(1 / ratio) / 3)) with N = 576, ratio = c / N).
+    attn [1, N] -> [1, m] sorted, m data-dependent."""
+    n, c = attn.shape[1], adaptive_count(attn)
+    top = attn[0].topk(c).indices
+    grid = torch.arange(0, n - 1, max(1, (n // c) // 3), device=attn.device)
+    grid = grid[~torch.isin(grid, top)]
+    return torch.cat([top, grid]).sort().values[None]
+
+
 def uniform_fill(taken: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """m slots spread uniformly over the n - |taken| free slots of one image, in raster order:
     the free slots at positions floor((j + 1/2) * F / m), j < m. taken [t] -> [m]."""

@@ -39,8 +39,9 @@ from prunebench.methods.visionzip_ops import CONTEXTUAL_SHARE, visionzip_merge, 
         "token order: every output token sits at a patch slot in raster order (a contextual token at its target's "
         "slot); the official sequence is [CLS, dominant patches in raster order, contextual tokens in target order]",
         "[CLS] attention is the head-mean row (official: head-sum; same ranking)",
-        "families whose projector input is not row-aligned with its output (Qwen2/2.5-VL merger) merge after the "
-        "projector, in LLM space (noted in the record)",
+        "families whose projector input is not row-aligned with its output (Qwen2/2.5-VL merger; LLaVA-NeXT / "
+        "OneVision, whose projector runs per view before unpadding and packing) merge after the projector, in LLM "
+        "space, on the packed tokens (noted in the record)",
         "InternVL: merged on the pixel-shuffled projector input (a token = a 2x2 group's concatenated features)",
     ) + CLS_DEVIATIONS,
 )

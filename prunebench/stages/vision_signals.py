@@ -18,6 +18,15 @@ Per family, aligned with the post-projector visual tokens the pre-LLM method rec
   RECEIVES at that block (over queries and heads, within the attention segment the block uses:
   its window, or the whole image / temporal slice for full-attention blocks), averaged per 2x2
   merge unit (= LLM token), in raster order; keys: the head-mean pre-RoPE keys, averaged per unit.
+- LLaVA-NeXT (CLIP, [CLS] per view) and LLaVA-OneVision (SigLIP, no [CLS]: the received-attention
+  substitute per view, as for Qwen): each view's (base image, crops) patch signals are packed into
+  the image's LLM tokens by the model's OWN `pack_image_features` (videos: its own `apply_pooling`
+  per frame), all signals stacked as channels of one [views, P, C] tensor. Packing is
+  permute / unpad / concat, so a packed token carries exactly the signal of the view and patch it
+  comes from (tests/test_packed_signals.py checks it with a view*P + patch marker); where the model
+  itself blends patches (OneVision's bilinear video pooling, anyres_max_9 downscaling) the token
+  gets the same bilinear mean of its source patches' signals. Newline rows get zeros (never
+  candidates: `PreLLMSelect` always keeps them).
 
 The layer: `vision_layer` method parameter, None = the layer whose output the family selects as
 its visual feature (LLaVA-1.5 `vision_feature_layer=-2` -> CLIP layer L-2, which is what the
@@ -61,6 +70,22 @@ def full_width_cls_row(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, 
     return row[:, 1:], k[:, 1:].float()
 
 
+def stack_channels(entries: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    """Per-view signals ({name: [P] or [P, d]}) -> one float32 [views, P, C] tensor and its layout
+    (name, width) in channel order, so that the model's own packing moves all signals at once."""
+    layout = [(name, 1 if v.dim() == 1 else v.shape[-1]) for name, v in entries[0].items()]
+    stacked = torch.stack([torch.cat([e[name].float().reshape(e[name].shape[0], -1) for name, _ in layout], dim=-1)
+                           for e in entries])
+    return stacked, layout
+
+
+def unstack_channels(x: torch.Tensor, layout: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    """[T, C] packed channels -> {name: [T] or [T, d]} (the inverse of `stack_channels` per token)."""
+    parts = x.split([width for _, width in layout], dim=-1)
+    return {name: part[:, 0] if name in ("cls_attention", "cls_attention_full") else part
+            for (name, _), part in zip(layout, parts, strict=True)}
+
+
 def encoder_layers(seams: Seams) -> list[nn.Module]:
     """Every layer of the family's vision encoder (the feeding layers may be fewer)."""
     tower = seams.vision_tower
@@ -92,9 +117,6 @@ class VisionSignals:
     unit (image / tile / temporal slice), in the order the pre-LLM seam splits the tokens."""
 
     def __init__(self, seams: Seams, method: ResolvedMethod, timer: Timer | None = None) -> None:
-        if seams.always_keep is not None:
-            raise UserError(f"{method.name} needs per-view vision-encoder signals: not supported on the "
-                            f"{seams.family} family (packed views and newlines are not mapped yet)")
         self.seams, self.method, self.timer = seams, method, timer or NullTimer()
         self.index = layer_index(seams, method)
         self.layer = encoder_layers(seams)[self.index]
@@ -104,7 +126,9 @@ class VisionSignals:
         self._captured: dict[str, object] = {}
         self._grid: torch.Tensor | None = None  # Qwen: grid_thw of the current tower call
         self.qwen = seams.family in ("qwen2_5_vl", "qwen2_vl")
-        if not self.qwen and seams.family not in ("llava", "internvl"):
+        self.packed = seams.always_keep is not None  # LLaVA-NeXT / OneVision: per view, then packed
+        self.views: deque[dict[str, torch.Tensor]] = deque()  # packed families: per-view signals
+        if not self.qwen and seams.family not in ("llava", "internvl", "llava_next", "llava_onevision"):
             raise UserError(f"{method.name} needs vision-encoder signals: not supported on the {seams.family} family")
 
     def register(self) -> list:
@@ -123,6 +147,13 @@ class VisionSignals:
         if self.want_features:
             where = self.seams.vision_tower.merger if self.qwen else self.seams.visual_output
             handles.append(where.register_forward_pre_hook(self._store_features))
+        if self.packed:
+            from prunebench.stages.vision import MethodWrap
+
+            inner = self.seams.multimodal
+            handles.append(MethodWrap(inner, "pack_image_features", after=self._pack_images))
+            if hasattr(inner, "get_video_features"):
+                handles.append(MethodWrap(inner, "get_video_features", after=self._pool_videos))
         return handles
 
     def take(self, n: int) -> list[dict[str, torch.Tensor]]:
@@ -131,7 +162,7 @@ class VisionSignals:
             raise RuntimeError(f"prunebench: {n} visual units reached the pre-LLM seam but the vision "
                                f"encoder gave signals for {len(self.queue)}")
         out = [self.queue.popleft() for _ in range(n)]
-        if self.want_features:
+        if self.want_features and not self.packed:  # packed: features travel inside the entries
             if len(self.features) < n:
                 raise RuntimeError("prunebench: the projector input was not captured for every visual unit")
             for entry in out:
@@ -154,6 +185,10 @@ class VisionSignals:
         """The projector's input: LLaVA [B, N, C] selected CLIP features; InternVL [tiles, U, 4C]
         pixel-shuffled groups; Qwen the merger input [S, C] in window order -> [U, 4C] per unit, raster."""
         x = args[0]
+        if self.packed:  # per view, joined with the view's attention signals when packed
+            for entry, feats in zip(list(self.views)[len(self.views) - x.shape[0]:], x, strict=True):
+                entry["vision_features"] = feats
+            return
         if not self.qwen:
             self.features.extend(x)
             return
@@ -169,7 +204,10 @@ class VisionSignals:
 
     def _done(self, module: nn.Module, args: tuple, output: object) -> None:
         with torch.no_grad(), self.timer.span("method"):  # the signal is the method's cost (eager in official code)
-            self.queue.extend(self._qwen() if self.qwen else self._cls())
+            if self.packed:
+                self.views.extend(self._cls() if self.seams.vision_prefix else self._received())
+            else:
+                self.queue.extend(self._qwen() if self.qwen else self._cls())
         self._captured.clear()
 
     # -- families --------------------------------------------------------------------------------
@@ -190,6 +228,50 @@ class VisionSignals:
             for entry, r, kk in zip(out, row, keys, strict=True):
                 entry.update(cls_attention_full=r, cls_keys_full=kk)
         return out
+
+    def _received(self) -> list[dict[str, torch.Tensor]]:
+        """No [CLS] (SigLIP): per view, the mean attention each patch receives and the head-mean keys;
+        the full-width names get the same substitute (as for Qwen)."""
+        attn = self.layer.self_attn
+        q_out, k_out = self._captured["q"], self._captured["k"]
+        b, t, _ = q_out.shape
+        q = q_out.view(b, t, -1, attn.head_dim).transpose(1, 2)
+        k = k_out.view(b, t, -1, attn.head_dim).transpose(1, 2)
+        row, keys = received_attention(q, k, attn.scale), k.float().mean(dim=1)
+        return [{"cls_attention": r, "cls_keys": kk, "cls_attention_full": r, "cls_keys_full": kk}
+                for r, kk in zip(row, keys, strict=True)]
+
+    # -- packed families: per-view signals -> the image's packed tokens ------------------------------
+    def _take_views(self, n: int) -> list[dict[str, torch.Tensor]]:
+        if len(self.views) < n:
+            raise RuntimeError(f"prunebench: {n} views were packed but the vision encoder gave signals for "
+                               f"{len(self.views)}")
+        return [self.views.popleft() for _ in range(n)]
+
+    def _pack_images(self, owner: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+        """After the model packs its images: pack the views' signals with the same call."""
+        features = kwargs.get("image_features", args[0] if args else None)
+        views = [f.shape[0] for f in features]
+        rest = {k: v for k, v in kwargs.items() if k not in ("image_features", "image_newline")}
+        with torch.no_grad(), self.timer.span("method"):
+            stacked, layout = stack_channels(self._take_views(sum(views)))
+            packed, _ = type(owner).pack_image_features(
+                owner, list(stacked.split(views)), *args[1:], image_newline=stacked.new_zeros(stacked.shape[-1]),
+                **rest)
+            self.queue.extend(unstack_channels(p, layout) for p in packed)
+
+    def _pool_videos(self, owner: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        """After the model encodes videos: per frame, the signals pooled by the model's own
+        `apply_pooling`, then the video's closing newline (zeros), as `_video_frames` splits them."""
+        pixels = kwargs.get("pixel_values_videos", args[0] if args else None)
+        videos, frames = pixels.shape[:2]
+        with torch.no_grad(), self.timer.span("method"):
+            stacked, layout = stack_channels(self._take_views(videos * frames))
+            pooled = type(owner).apply_pooling(owner, stacked)  # [videos * frames, pooled, C]
+            newline = unstack_channels(stacked.new_zeros(1, stacked.shape[-1]), layout)
+            for video in pooled.split(frames):
+                self.queue.extend(unstack_channels(frame, layout) for frame in video)
+                self.queue.append(newline)
 
     def _internvl_groups(self, row: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch signals [B, N], [B, N, d] -> pixel-shuffle group means [B, U], [B, U, d]."""
