@@ -50,4 +50,5 @@ lint: setup
 	$(BIN)/ruff check prunebench tests scripts
 
 clean:
-	rm -rf results/*/ checkpoints/ .pytest_cache .ruff_cache
+	rm -rf results/*/ .pytest_cache .ruff_cache
+	find checkpoints -mindepth 1 -maxdepth 1 ! -name probe_llava -exec rm -rf {} + 2>/dev/null || true  # the trained probe is committed
