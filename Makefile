@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,plot]"
 	touch $(STAMP)
 
-demo: setup          ## default job (tiny LLaVA, EvoPrune keep 0.111, built-in shapes set) + report
+demo: setup          ## default job (trained probe LLaVA, DivPrune keep 0.111, probe suite) + report
 	$(BIN)/python -m prunebench $(ARGS)
 	$(BIN)/python -m prunebench.report results
 

@@ -1,13 +1,14 @@
 """Train the tiny LLaVA probe on the generated probe suite (`prunebench/data/probe.py`), CPU or GPU.
 
-    python scripts/train_probe.py --out runs/probe_llava [--seed 0] [--steps-a 400 --steps-b 1000 --steps-c 1200]
+    python scripts/train_probe.py --out runs/probe_llava [--seed 0] [--steps-a 300 --steps-b 800 --steps-c 800]
 
 Staged recipe (the plateau breaker of issue 6 is dense supervision of the vision encoder):
   A. vision encoder alone on dense per-patch labels (object kind, colour, digit, background colour;
      object patches up-weighted), with a curriculum: at most 2 shapes per scene first, then up to 4;
   B. projector + language model on the questions, vision encoder frozen (the alignment stage: a
      random projector/LLM must not wreck the encoder's features with its first gradients);
-  C. everything on the questions, the dense loss kept as an auxiliary term (weight --aux).
+  C. everything on the questions, the dense loss kept as an auxiliary term (weight --aux);
+  D. (optional, --steps-d) as C, with 3/4 of each batch drawn from the --focus families.
 Data is a pure function of (seed, step), so a rerun with the same arguments resumes from the last
 saved state (`<out>/state/`, safetensors) and reproduces the same run. Held-out accuracy per family
 (first answer token, greedy) is logged every --eval-every steps on the `test` split; the blind floor
@@ -50,19 +51,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--text-hidden", type=int, default=192)
-    p.add_argument("--steps-a", type=int, default=400, help="stage A: dense vision steps")
-    p.add_argument("--steps-b", type=int, default=1000, help="stage B: questions, vision frozen")
-    p.add_argument("--steps-c", type=int, default=1200, help="stage C: questions, everything trained")
+    p.add_argument("--text-hidden", type=int, default=128)
+    p.add_argument("--steps-a", type=int, default=300, help="stage A: dense vision steps")
+    p.add_argument("--steps-b", type=int, default=800, help="stage B: questions, vision frozen")
+    p.add_argument("--steps-c", type=int, default=800, help="stage C: questions, everything trained")
+    p.add_argument("--steps-d", type=int, default=0, help="stage D: like C, 3/4 of each batch from --focus")
+    p.add_argument("--focus", default="existence,attribute,spatial,reading",
+                   help="stage D: the families still at chance after C (comma-separated)")
     p.add_argument("--batch-a", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--aux", type=float, default=0.3, help="weight of the dense loss in stage C")
     p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--eval-n", type=int, default=60, help="held-out questions per family per evaluation")
+    p.add_argument("--eval-n", type=int, default=40, help="held-out questions per family per evaluation")
     p.add_argument("--final-eval-n", type=int, default=500, help="held-out questions per family at the end")
     p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -149,12 +153,15 @@ def batch_tensors(prompts: Prompts, qa: list[tuple[str, str]], blind: bool = Fal
 # ---------------------------------------------------------------------------------------- data
 
 
-def train_items(seed: int, step: int, n: int, max_count: int | None = None):
+def train_items(seed: int, step: int, n: int, max_count: int | None = None, focus: list[str] | None = None):
     """(family, scene, question, answer) for the step's batch; a pure function of (seed, step)."""
     out = []
     for j in range(n):
         index = step * n + j
-        family, scene, q, a = probe.make_scene_qa(index, seed=seed, split="train")
+        if focus and j % 4:  # stage D: three in four items from the focus families
+            family, scene, q, a = probe.make_scene_qa(index, seed=seed, split="train-focus", families=focus)
+        else:
+            family, scene, q, a = probe.make_scene_qa(index, seed=seed, split="train")
         if max_count is not None and family not in ("spatial", "reading"):  # curriculum: fewer shapes
             scene = probe.random_scene(random.Random(f"curriculum:{seed}:{index}"), max_count=max_count)
             family, q, a = "dense-only", "", ""
@@ -259,13 +266,20 @@ def load_state(out: Path, model, heads, opt) -> tuple[int, list[dict]]:
 def stage_of(step: int, args: argparse.Namespace) -> str:
     if step < args.steps_a:
         return "A"
-    return "B" if step < args.steps_a + args.steps_b else "C"
+    if step < args.steps_a + args.steps_b:
+        return "B"
+    return "C" if step < args.steps_a + args.steps_b + args.steps_c else "D"
+
+
+def total_steps(args: argparse.Namespace) -> int:
+    return args.steps_a + args.steps_b + args.steps_c + args.steps_d
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Per stage: 50-step linear warm-up, cosine decay to 10 %."""
     bounds = {"A": (0, args.steps_a), "B": (args.steps_a, args.steps_a + args.steps_b),
-              "C": (args.steps_a + args.steps_b, args.steps_a + args.steps_b + args.steps_c)}
+              "C": (args.steps_a + args.steps_b, args.steps_a + args.steps_b + args.steps_c),
+              "D": (args.steps_a + args.steps_b + args.steps_c, total_steps(args))}
     lo, hi = bounds[stage_of(step, args)]
     t, span = step - lo, max(1, hi - lo)
     warm = min(1.0, (t + 1) / 50)
@@ -284,13 +298,14 @@ def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: i
         loss = dense_loss(heads, tap.feats, dense_targets([s for _, s, _, _ in items], grid))
         parts = {"dense": loss.item()}
     else:
-        items = train_items(args.seed, step, args.batch)
+        focus = [f for f in args.focus.split(",") if f] if stage == "D" else None
+        items = train_items(args.seed, step, args.batch, focus=focus)
         ids, mask, lab, _ = batch_tensors(prompts, [(q, a) for _, _, q, a in items])
         px = pixels([probe.render(s) for _, s, _, _ in items]).to(device)
-        vision.requires_grad_(stage == "C")
+        vision.requires_grad_(stage in ("C", "D"))
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=px, labels=lab.to(device))
         loss, parts = out.loss, {"qa": out.loss.item()}
-        if stage == "C" and args.aux > 0:
+        if stage in ("C", "D") and args.aux > 0:
             aux = dense_loss(heads, tap.feats, dense_targets([s for _, s, _, _ in items], grid))
             loss, parts["dense"] = loss + args.aux * aux, aux.item()
     opt.zero_grad(set_to_none=True)
@@ -317,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     step, log = load_state(args.out, model, heads, opt)
     tap = FeatureTap(model)
-    total = args.steps_a + args.steps_b + args.steps_c
+    total = total_steps(args)
     wall0 = time.time() - sum(e.get("seconds", 0.0) for e in log[-1:])
     print(f"[train_probe] {sum(p.numel() for p in model.parameters()):,} params, device {device}, "
           f"resuming at step {step}/{total}", flush=True)
@@ -368,12 +383,19 @@ def finish(args, model, processor, prompts, device, log: list[dict]) -> None:
     print(f"[train_probe] wrote {final}", flush=True)
 
 
+def d_recipe(args) -> str:
+    if not args.steps_d:
+        return ""
+    return f"; D) {args.steps_d} steps as C with 3/4 of each batch from {args.focus}"
+
+
 def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list[str], log: list[dict],
          device) -> str:
     wall = log[-1]["seconds"] if log else 0.0
-    steps = args.steps_a + args.steps_b + args.steps_c
+    steps = total_steps(args)
     command = (f"python scripts/train_probe.py --out {args.out} --seed {args.seed} --steps-a {args.steps_a} "
-               f"--steps-b {args.steps_b} --steps-c {args.steps_c}")
+               f"--steps-b {args.steps_b} --steps-c {args.steps_c}"
+               + (f" --steps-d {args.steps_d} --focus {args.focus}" if args.steps_d else ""))
     rows = "\n".join(
         f"| {f} | {acc[f]:.1f} | {blind[f]:.1f} | {acc[f] - blind[f]:+.1f} | "
         f"{'kept' if f in kept else 'DROPPED (not taught)'}{'' if acc[f] >= TARGET or f not in kept else ', below 90'} |"
@@ -397,12 +419,12 @@ suite (`prunebench/data/probe.py`, `dataset=probe`). Loads with `from_pretrained
 remote code). Nothing was downloaded.
 
 - command: `{command}` (deterministic given the seed; resumes from `<out>/state/`)
-- seed {args.seed}, {steps} steps, device {device} ({torch.get_num_threads()} threads), wall time {wall / 60:.1f} min
+- seed {args.seed}, {steps} steps, device {device} ({torch.get_num_threads()} thread(s), shared CPU), wall time {wall / 60:.1f} min
 - recipe: A) {args.steps_a} steps of the vision encoder alone on dense per-patch labels (object kind,
   colour, digit, background; object patches x4), batch {args.batch_a}, at most two shapes per scene in
   the first half (curriculum); B) {args.steps_b} steps of projector + LLM on the questions, encoder frozen,
   batch {args.batch}; C) {args.steps_c} steps of everything on the questions with the dense loss as an
-  auxiliary term (weight {args.aux}). AdamW, lr {args.lr}, per-stage 50-step warm-up and cosine to 10 %.
+  auxiliary term (weight {args.aux}){d_recipe(args)}. AdamW, lr {args.lr}, per-stage 50-step warm-up and cosine to 10 %.
 
 ## Held-out accuracy per family (test split, first {args.final_eval_n} items per family)
 

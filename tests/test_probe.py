@@ -6,6 +6,7 @@ import base64
 import io
 import re
 from collections import Counter, deque
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -236,3 +237,45 @@ def test_report_prints_the_floor_beside_vanilla(tmp_path) -> None:
     assert "| 30.0 " in table[3]
     assert "| probe     | background | 100.0     | 15.0          | +85.0    | yes" in text
     assert "no (< 25 above blind)" in text  # count: 60 vs 45
+
+
+# ------------------------------------------------------------------ the committed, trained checkpoint
+
+PROBE_CFG = Path(__file__).resolve().parents[1] / "configs" / "model" / "probe_llava.yaml"
+
+
+@pytest.fixture(scope="module")
+def probe_model():
+    import yaml
+
+    from prunebench.models.loader import load_model
+
+    cfg = yaml.safe_load(PROBE_CFG.read_text())
+    if not (PROBE_CFG.parents[2] / cfg["path"] / "config.json").is_file():
+        pytest.skip("the trained probe checkpoint is not in this checkout")
+    import torch
+
+    return cfg, load_model(cfg, torch.device("cpu"))
+
+
+def test_trained_probe_loads_as_meaningful_and_beats_its_floor(probe_model) -> None:
+    """Through the normal from_pretrained path; the coarse control is answered from the image, far
+    above the shipped blind floor (a model that ignored the image could not)."""
+    import json
+
+    import torch
+
+    cfg, loaded = probe_model
+    assert loaded.accuracy_meaningful and loaded.weights == "pretrained"
+    floor = json.loads((PROBE_CFG.parents[2] / cfg["blind_floor"]).read_text())
+    ds = build_dataset({"kind": "probe", "name": "probe", "n": 16, "families": ["background"]})
+    hits = 0
+    for it in ds.items():
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
+        prompt = loaded.processor.apply_chat_template(conv, add_generation_prompt=True)
+        inputs = loaded.processor(text=prompt, images=it.image, return_tensors="pt")
+        with torch.inference_mode():
+            out = loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        hits += ds.is_correct(loaded.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
+                                                                skip_special_tokens=True), it)
+    assert 100.0 * hits / 16 >= floor["metrics"]["background"] + 25
