@@ -11,6 +11,7 @@ coarse control stays within 5 points of vanilla.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--per-family", type=int, default=500)
     p.add_argument("--keeps", default="0.333,0.222,0.111")
-    p.add_argument("--results", type=Path, default=ROOT / "results" / "probe-measure")
+    p.add_argument("--results", type=Path, default=None,
+                   help="default results/probe-measure/<weights hash>: new weights never reuse old records")
     p.add_argument("--card", type=Path, default=ROOT / "checkpoints" / "probe_llava" / "README.md")
     p.add_argument("--model", default="probe_llava")
     return p.parse_args(argv)
@@ -84,6 +86,10 @@ def write_card(card: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.results is None:
+        weights = args.card.parent / "model.safetensors"
+        digest = hashlib.sha1(weights.read_bytes()).hexdigest()[:10]
+        args.results = ROOT / "results" / "probe-measure" / digest
     fams = families()
     n = args.per_family * len(fams)
     run_jobs(args, n)

@@ -279,3 +279,58 @@ def test_trained_probe_loads_as_meaningful_and_beats_its_floor(probe_model) -> N
         hits += ds.is_correct(loaded.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
                                                                 skip_special_tokens=True), it)
     assert 100.0 * hits / 16 >= floor["metrics"]["background"] + 25
+
+
+# ------------------------------------------------------------------ training script: inputs and resume
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_probe.py"
+    spec = importlib.util.spec_from_file_location("train_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_inputs_equal_the_inference_path(trainer) -> None:
+    """What the model is trained on is what the runner feeds it: same ids, same pixels."""
+    import torch
+
+    args = trainer.parse(["--vision-layers", "2", "--text-layers", "2"])
+    _, processor = trainer.build(args)
+    prompts = trainer.Prompts(processor, 144)
+    for it in probe.build_probe(6):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
+        inputs = processor(text=processor.apply_chat_template(conv, add_generation_prompt=True), images=it.image,
+                           return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == prompts.prompt(it.question)
+        assert torch.equal(inputs["pixel_values"], trainer.pixels([it.image]))
+        assert len(prompts.answer(it.answer)) == 2  # one answer token, then EOS
+        assert prompts.image_id not in prompts.prompt(it.question, blind=True)
+
+
+def test_training_state_resumes_exactly(trainer, tmp_path) -> None:
+    import torch
+
+    args = trainer.parse(["--vision-layers", "2", "--text-layers", "2", "--batch-a", "4", "--batch", "4",
+                          "--steps-a", "2", "--steps-b", "1", "--steps-c", "1"])
+    model, processor = trainer.build(args)
+    heads = trainer.DenseHeads(args.vision_hidden)
+    opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}], lr=1e-3)
+    tap, prompts = trainer.FeatureTap(model), trainer.Prompts(processor, 144)
+    for step in range(3):
+        trainer.train_step(step, args, model, heads, tap, prompts, opt, torch.device("cpu"), 12)
+    trainer.save_state(tmp_path, 3, model, heads, opt, [{"step": 3, "seconds": 1.0}])
+    model2, _ = trainer.build(args)
+    heads2 = trainer.DenseHeads(args.vision_hidden)
+    opt2 = torch.optim.AdamW([{"params": list(model2.parameters()) + list(heads2.parameters())}], lr=1e-3)
+    step, log = trainer.load_state(tmp_path, model2, heads2, opt2)
+    assert step == 3 and log[-1]["step"] == 3
+    tap2 = trainer.FeatureTap(model2)
+    trainer.train_step(3, args, model, heads, tap, prompts, opt, torch.device("cpu"), 12)
+    trainer.train_step(3, args, model2, heads2, tap2, prompts, opt2, torch.device("cpu"), 12)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
