@@ -146,12 +146,14 @@ def _new_record(job: Job, cfg: Mapping[str, Any], loaded: LoadedModel) -> RunRec
 
 def blind_floor(model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any], dataset: Dataset) -> dict[str, Any]:
     """The model's shipped blind floor (`model.blind_floor`: a JSON file beside its checkpoint) for this
-    dataset, restricted to the dataset's categories; {} when the model has none or it was measured on
-    another dataset (kind, seed and image size must match)."""
+    dataset, restricted to the dataset's categories; {} when the model has none, when the weights are not
+    the ones it was measured with (weights=random, or model.path pointing elsewhere), or when it was
+    measured on another dataset (kind, seed and image size must match)."""
     from prunebench.models.loader import _local_path
 
     path = _local_path(model_cfg.get("blind_floor"))
-    if path is None or not path.is_file():
+    if path is None or not path.is_file() or model_cfg.get("weights") == "random" \
+            or path.parent != _local_path(model_cfg.get("path")):
         return {}
     data = json.loads(path.read_text())
     same = {k: dataset_cfg.get(k) for k in ("kind", "seed", "image_size")} == data.get("dataset", {})

@@ -209,12 +209,14 @@ def test_blind_floor_is_attached_only_for_its_dataset(tmp_path) -> None:
     path = tmp_path / "blind_floor.json"
     path.write_text(json.dumps({"dataset": {"kind": "probe", "seed": 0, "image_size": 96},
                                 "metrics": {"background": 10.0, "count": 30.0, "reading": 20.0}}))
-    model = {"blind_floor": str(path)}
+    model = {"blind_floor": str(path), "path": str(tmp_path)}
     dcfg = {"kind": "probe", "name": "probe", "n": 4, "seed": 0, "image_size": 96, "families": ["count", "reading"]}
     floor = blind_floor(model, dcfg, build_dataset(dcfg))
     assert floor["metrics"] == {"count": 30.0, "reading": 20.0} and floor["score"] == 25.0
     assert blind_floor(model, {**dcfg, "seed": 1}, build_dataset({**dcfg, "seed": 1})) == {}
     assert blind_floor({}, dcfg, build_dataset(dcfg)) == {}
+    assert blind_floor({**model, "path": str(tmp_path / "other")}, dcfg, build_dataset(dcfg)) == {}
+    assert blind_floor({**model, "weights": "random"}, dcfg, build_dataset(dcfg)) == {}
 
 
 def test_report_prints_the_floor_beside_vanilla(tmp_path) -> None:
@@ -334,3 +336,18 @@ def test_training_state_resumes_exactly(trainer, tmp_path) -> None:
     trainer.train_step(3, args, model2, heads2, tap2, prompts, opt2, torch.device("cpu"), 12)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_bridge_writes_the_probe_tsv_on_demand(tmp_path) -> None:
+    """dataset=probe_vlmeval: the bridge exports the suite before anything loads (no VLMEvalKit needed)."""
+    import yaml
+
+    from prunebench.bridge.run import prepare_data
+    from prunebench.cli import CONFIG_DIR
+
+    d = yaml.safe_load((CONFIG_DIR / "dataset" / "probe_vlmeval.yaml").read_text())
+    d.update(data_dir=str(tmp_path), export_args={"n": 12, "seed": 0, "image_size": 96, "families": ["reading"]})
+    data = prepare_data({"dataset": d, "limit": None, "results_dir": str(tmp_path / "results")})
+    _, rows = tsv.read_tsv(data.root / f"{data.name}.tsv")
+    assert data.scorer == "shapes" and len(rows) == 12 and {r["category"] for r in rows} == {"reading"}
+    assert [r["answer"] for r in rows] == [it.answer for it in probe.build_probe(12, families=["reading"])]
