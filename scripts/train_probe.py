@@ -58,6 +58,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-d", type=int, default=0, help="stage D: like C, 3/4 of each batch from --focus")
     p.add_argument("--focus", default="existence,attribute,spatial,reading",
                    help="stage D: the families still at chance after C (comma-separated)")
+    p.add_argument("--lr-d", type=float, default=None, help="stage D peak learning rate (default --lr)")
     p.add_argument("--batch-a", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -283,7 +284,8 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     lo, hi = bounds[stage_of(step, args)]
     t, span = step - lo, max(1, hi - lo)
     warm = min(1.0, (t + 1) / 50)
-    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / span)))
+    peak = args.lr_d if stage_of(step, args) == "D" and args.lr_d is not None else args.lr
+    return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / span)))
 
 
 def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: int) -> dict[str, float]:
@@ -386,7 +388,7 @@ def finish(args, model, processor, prompts, device, log: list[dict]) -> None:
 def d_recipe(args) -> str:
     if not args.steps_d:
         return ""
-    return f"; D) {args.steps_d} steps as C with 3/4 of each batch from {args.focus}"
+    return f"; D) {args.steps_d} steps as C with 3/4 of each batch from {args.focus}, peak lr {args.lr_d or args.lr}"
 
 
 def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list[str], log: list[dict],
@@ -395,7 +397,8 @@ def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list
     steps = total_steps(args)
     command = (f"python scripts/train_probe.py --out {args.out} --seed {args.seed} --steps-a {args.steps_a} "
                f"--steps-b {args.steps_b} --steps-c {args.steps_c}"
-               + (f" --steps-d {args.steps_d} --focus {args.focus}" if args.steps_d else ""))
+               + (f" --steps-d {args.steps_d} --focus {args.focus} --lr-d {args.lr_d or args.lr}"
+                  if args.steps_d else ""))
     rows = "\n".join(
         f"| {f} | {acc[f]:.1f} | {blind[f]:.1f} | {acc[f] - blind[f]:+.1f} | "
         f"{'kept' if f in kept else 'DROPPED (not taught)'}{'' if acc[f] >= TARGET or f not in kept else ', below 90'} |"
