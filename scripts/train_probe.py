@@ -1,6 +1,6 @@
 """Train the tiny LLaVA probe on the generated probe suite (`prunebench/data/probe.py`), CPU or GPU.
 
-    python scripts/train_probe.py --out runs/probe_llava [--seed 0] [--steps-a 300 --steps-b 800 --steps-c 800]
+    python scripts/train_probe.py --out runs/probe_llava [--seed 0] [--steps-a 300 --steps-b 800 --steps-c 800 --steps-d 800 --focus reading --lr-d 3e-4]
 
 Staged recipe (the plateau breaker of issue 6 is dense supervision of the vision encoder):
   A. vision encoder alone on dense per-patch labels (object kind, colour, digit, background colour;
@@ -55,10 +55,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-a", type=int, default=300, help="stage A: dense vision steps")
     p.add_argument("--steps-b", type=int, default=800, help="stage B: questions, vision frozen")
     p.add_argument("--steps-c", type=int, default=800, help="stage C: questions, everything trained")
-    p.add_argument("--steps-d", type=int, default=0, help="stage D: like C, 3/4 of each batch from --focus")
-    p.add_argument("--focus", default="existence,attribute,spatial,reading",
-                   help="stage D: the families still at chance after C (comma-separated)")
-    p.add_argument("--lr-d", type=float, default=None, help="stage D peak learning rate (default --lr)")
+    p.add_argument("--steps-d", type=int, default=800, help="stage D: like C, 3/4 of each batch from --focus")
+    p.add_argument("--focus", default="reading",
+                   help="stage D: the families to push after C (comma-separated)")
+    p.add_argument("--lr-d", type=float, default=3e-4, help="stage D peak learning rate (below --lr: a restart at --lr undoes count)")
     p.add_argument("--batch-a", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
