@@ -8,7 +8,7 @@ ARGS   ?=
 METHODS ?= random_pre,random_intra,fastv,divprune,evoprune
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test
+.PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test probe
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,plot]"
 	touch $(STAMP)
 
-demo: setup          ## default job (tiny LLaVA, EvoPrune keep 0.111, built-in shapes set) + report
+demo: setup          ## default job (trained probe LLaVA, DivPrune keep 0.111, probe suite) + report
 	$(BIN)/python -m prunebench $(ARGS)
 	$(BIN)/python -m prunebench.report results
 
@@ -36,6 +36,11 @@ report: setup
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)
 
+probe: setup         ## retrain the probe LLaVA (issue 6; ~30 min on 1 CPU thread), install it, measure pruning per family
+	$(BIN)/python scripts/train_probe.py --out runs/probe_llava $(ARGS)
+	rm -rf checkpoints/probe_llava && cp -r runs/probe_llava/final checkpoints/probe_llava
+	$(BIN)/python scripts/measure_probe.py
+
 # Optional VLMEvalKit backend (README: "VLMEvalKit backend"): its own venv, VLMEVAL_PYTHON=<venv>/bin/python
 VLMEVAL_PYTHON ?= $(BIN)/python
 
@@ -50,4 +55,5 @@ lint: setup
 	$(BIN)/ruff check prunebench tests scripts
 
 clean:
-	rm -rf results/*/ checkpoints/ .pytest_cache .ruff_cache
+	rm -rf results/*/ .pytest_cache .ruff_cache
+	find checkpoints -mindepth 1 -maxdepth 1 ! -name probe_llava -exec rm -rf {} + 2>/dev/null || true  # the trained probe is committed

@@ -24,6 +24,9 @@ Fields (schema_version 1):
   benchmark        VLMEvalKit runs only: backend, vlmeval_dataset (a subset's custom name), scored_as,
                    model_name, score_mapping (dataset YAML), judge, world_size; `metrics` then holds
                    VLMEvalKit's whole score table flattened to {"<split>|<column>": value}
+  floor            the model's blind floor on this dataset, where the model ships one (model.blind_floor):
+                   {score, metrics (per category), source}: accuracy with zero visual tokens, so a
+                   category counts as measured only when vanilla is far above it; {} otherwise
   device, versions (python, torch, transformers, prunebench, git_sha), config (resolved)
   started_at, finished_at
 """
@@ -72,6 +75,7 @@ class RunRecord:
     predictions: str = PREDICTIONS_NAME
     method_card: dict[str, Any] = field(default_factory=dict)
     benchmark: dict[str, Any] = field(default_factory=dict)
+    floor: dict[str, Any] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)

@@ -235,10 +235,53 @@ def relative_table(records: list[RunRecord], model: str, fmt: str = "github") ->
     for _, method, params in grid:
         variants[method].add(params)
     rows = [_table_row(key, by_ds, base, datasets, len(variants[key[1]])) for key, by_ds in grid.items()]
+    floor = _floor_row(base, datasets)
+    if floor is not None:  # beside vanilla: the scores a model gets without looking
+        at = sum(1 for key in grid if key[1] == "vanilla" and key[0] >= 1.0)
+        rows.insert(at, floor)
     headers = ["keep", "method", "stage", *datasets, "Avg", "prefill ×", "tokens"]
     table = tabulate(rows, headers=headers, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
     notes = _notes_under(grid, model, _base_scores(base), rows)
     return "\n\n".join([table, *(["\n".join(notes)] if notes else [])])
+
+
+def _floors(recs: list[RunRecord]) -> list[dict]:
+    return [r.floor for r in recs if getattr(r, "floor", None)]
+
+
+def _floor_row(base: dict[str, list[RunRecord]], datasets: list[str]) -> list[str] | None:
+    """`blind floor` row: the vanilla records' shipped floor (zero visual tokens) per dataset."""
+    cells = []
+    for ds in datasets:
+        values = [float(f["score"]) for f in _floors(base.get(ds, []))]
+        cells.append(f"{_mean(values):.1f}" if values else DASH)
+    if all(c == DASH for c in cells):
+        return None
+    return [DASH, "blind floor (no visual tokens)", DASH, *cells, DASH, DASH, "0"]
+
+
+MEASURED_MARGIN = 25.0  # points above the blind floor for a category to count as measured (issue 6)
+
+
+def floor_table(records: list[RunRecord], model: str, fmt: str = "github") -> str | None:
+    """Per category: vanilla beside the blind floor, and whether the category is measured at all."""
+    base = _vanilla(_grid(_latest_per_seed(_complete(records)), model))
+    rows = []
+    for ds in sorted(base):
+        floors = _floors(base[ds])
+        if not floors:
+            continue
+        for cat, low in floors[-1]["metrics"].items():
+            van = _mean([float(r.metrics[cat]) for r in base[ds] if cat in r.metrics])
+            if van is None:
+                continue
+            ok = van - float(low) >= MEASURED_MARGIN
+            rows.append([ds, cat, f"{van:.1f}", f"{float(low):.1f}", f"{van - float(low):+.1f}",
+                         "yes" if ok else f"no (< {MEASURED_MARGIN:.0f} above blind)"])
+    if not rows:
+        return None
+    headers = ["dataset", "category", "vanilla", "blind floor", "margin", "measured"]
+    return tabulate(rows, headers=headers, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
 
 
 def _ms(record: RunRecord, name: str) -> str:
@@ -274,7 +317,9 @@ def _noise_lines(records: list[RunRecord], model: str) -> list[str]:
 
 def _model_section(records: list[RunRecord], model: str, fmt: str) -> str:
     head = "\n".join([f"## {model}", *_noise_lines(records, model)])
-    return "\n\n".join([head, relative_table(records, model, fmt),
+    floors = floor_table(records, model, fmt)
+    extra = [f"### {model}: vanilla vs blind floor per category", floors] if floors else []
+    return "\n\n".join([head, relative_table(records, model, fmt), *extra,
                         f"### {model}: per-sample median times (ms)", timing_table(records, model, fmt)])
 
 

@@ -107,6 +107,7 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     loaded = load_model(cfg["model"], device)
     items = dataset.items()[: job.limit] if job.limit else dataset.items()
     record = _new_record(job, cfg, loaded)
+    record.floor = blind_floor(cfg["model"], cfg["dataset"], dataset)
     save_record(out, record)
     rows, inst = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)
     _finish(record, rows, dataset, loaded)
@@ -143,6 +144,28 @@ def _new_record(job: Job, cfg: Mapping[str, Any], loaded: LoadedModel) -> RunRec
     elif loaded.untrained:
         record.notes.append(f"model '{loaded.name}' is untrained (random initialisation): accuracy is noise")
     return record
+
+
+def blind_floor(model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any], dataset: Dataset) -> dict[str, Any]:
+    """The model's shipped blind floor (`model.blind_floor`: a JSON file beside its checkpoint) for this
+    dataset, restricted to the dataset's categories; {} when the model has none, when the weights are not
+    the ones it was measured with (weights=random, or model.path pointing elsewhere), or when it was
+    measured on another dataset (kind, seed and image size must match)."""
+    from prunebench.models.loader import _local_path
+
+    path = _local_path(model_cfg.get("blind_floor"))
+    if path is None or not path.is_file() or model_cfg.get("weights") == "random" \
+            or path.parent != _local_path(model_cfg.get("path")):
+        return {}
+    data = json.loads(path.read_text())
+    same = {k: dataset_cfg.get(k) for k in ("kind", "seed", "image_size")} == data.get("dataset", {})
+    per = data.get("metrics", {})
+    wanted = [c for c in (getattr(dataset, "families", None) or per) if c in per]
+    if not same or not wanted:
+        return {}
+    metrics = {c: float(per[c]) for c in wanted}
+    return {"score": statistics.fmean(metrics.values()), "metrics": metrics,
+            "source": f"{path.name}: {data.get('how', 'zero visual tokens')}"}
 
 
 def _device_info(device: torch.device) -> dict[str, Any]:

@@ -230,7 +230,7 @@ def test_torchrun_two_ranks_give_the_same_predictions(tiny_path, tmp_path) -> No
     root.mkdir()
     write_pope(root, "POPE_pbtiny")
     args = ["dataset=POPE", "dataset.name=POPE_pbtiny", "+dataset.base=POPE", "dataset.md5=null",
-            f"dataset.data_dir={root}", "dataset.max_new_tokens=3", f"model.path={tiny_path}", "method=fastv",
+            f"dataset.data_dir={root}", "dataset.max_new_tokens=3", "model=tiny_llava", f"model.path={tiny_path}", "method=fastv",
             "keep=0.5", "device=cpu", "baseline=false", "report=false"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "prunebench"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

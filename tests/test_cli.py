@@ -52,7 +52,7 @@ def test_user_mistakes_are_one_line(args, message, tmp_path):
 
 
 def test_multirun_baseline_and_report(tiny_path, tmp_path):
-    out = cli("-m", "method=random_pre,fastv", "keep=0.5,0.25", f"model.path={tiny_path}", "limit=2",
+    out = cli("-m", "method=random_pre,fastv", "keep=0.5,0.25", "model=tiny_llava", "dataset=shapes", f"model.path={tiny_path}", "limit=2",
               f"results_dir={tmp_path}", "dataset.image_size=48")
     assert out.returncode == 0, out.stderr
     records = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("record.json"))
@@ -61,7 +61,7 @@ def test_multirun_baseline_and_report(tiny_path, tmp_path):
                                     ("random_pre", "0.500"), ("vanilla", "1.000")]]
     assert "vanilla (upper bound)" in out.stdout and "> accuracy is noise" in out.stdout
     assert "| 0.25 " in out.stdout and "shapes[:2]" in out.stdout
-    again = cli("method=fastv", "keep=0.5", f"model.path={tiny_path}", "limit=2", f"results_dir={tmp_path}",
+    again = cli("method=fastv", "keep=0.5", "model=tiny_llava", "dataset=shapes", f"model.path={tiny_path}", "limit=2", f"results_dir={tmp_path}",
                 "dataset.image_size=48")
     assert again.returncode == 0 and again.stderr.count("complete, skipped") == 2
 
@@ -74,7 +74,7 @@ def test_multirun_sweeps_methods_with_a_shared_param(tiny_path, tmp_path):
     assert force_method_params(["method=fastv", "method.params.layer=1"]) == ["method=fastv", "method.params.layer=1"]
     assert force_method_params(["-m", "method=a,b", "method.params.layer=1", "keep=0.5"]) == [
         "-m", "method=a,b", "++method.params.layer=1", "keep=0.5"]
-    out = cli("-m", "method=random_intra,fastv", "method.params.layer=1", f"model.path={tiny_path}", "limit=1",
+    out = cli("-m", "method=random_intra,fastv", "method.params.layer=1", "model=tiny_llava", "dataset=shapes", f"model.path={tiny_path}", "limit=1",
               f"results_dir={tmp_path}", "dataset.image_size=48", "baseline=false", "report=false")
     assert out.returncode == 0, out.stderr
     records = sorted(p.parent.parent.name for p in tmp_path.rglob("record.json"))

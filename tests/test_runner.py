@@ -19,7 +19,7 @@ from prunebench.record import SCHEMA_VERSION, TIMED_FIELDS, load_record
 
 def config(tiny_path: Path, results: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"model.path={tiny_path}", f"results_dir={results}", "limit=4",
+        return compose("config", overrides=["model=tiny_llava", "dataset=shapes", f"model.path={tiny_path}", f"results_dir={results}", "limit=4",
                                              "device=cpu", "dataset.image_size=48", *overrides])
 
 

@@ -75,6 +75,10 @@ def prepare_data(cfg: Mapping[str, Any]) -> BridgeData:
         e = dcfg.get("export_args") or {}
         tsv.export_shapes(root, name, n=int(e.get("n", 100)), seed=int(e.get("seed", 0)),
                           image_size=int(e.get("image_size", 96)))
+    elif dcfg.get("export") == "probe":  # the probe suite (data/probe.py), also written on demand
+        e = dict(dcfg.get("export_args") or {})
+        tsv.export_probe(root, name, n=int(e.get("n", 600)), seed=int(e.get("seed", 0)),
+                         image_size=int(e.get("image_size", 96)), families=e.get("families"))
     else:
         tsv.check_data(root, name, dcfg.get("md5"), dcfg.get("url"))
     if limit and limit < int(dcfg.get("min_limit") or 1):

@@ -149,3 +149,19 @@ def export_shapes(root: Path, name: str = "prunebench_shapes", n: int = 100, see
              "answer": it.answer, "category": it.category}
             for it in build_shapes(n, seed=seed, image_size=image_size)]
     return write_tsv(root / f"{name}.tsv", ["index", "image", "question", "answer", "category"], rows)
+
+
+PROBE_COLUMNS = ("index", "image", "question", "answer", "A", "B", "C", "D", "category")
+
+
+def export_probe(root: Path, name: str = "prunebench_probe", n: int = 600, seed: int = 0, image_size: int = 96,
+                 families: Sequence[str] | None = None) -> Path:
+    """The probe suite as a VLMEvalKit TSV: index, image (base64 PNG), question (as asked, options
+    included), answer, the MCQ options in columns A-D (attribute family only), category (= family)."""
+    from prunebench.data.probe import build_probe, mcq_options
+
+    rows = []
+    for it in build_probe(n, seed=seed, image_size=image_size, families=families):
+        rows.append({"index": it.index, "image": encode_png(it.image), "question": it.question,
+                     "answer": it.answer, "category": it.category, **mcq_options(it.question)})
+    return write_tsv(root / f"{name}.tsv", PROBE_COLUMNS, rows)

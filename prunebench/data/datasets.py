@@ -92,9 +92,30 @@ class ShapesVideo(Shapes):
                                   source_frames=self.source_frames, num_frames=self.num_frames)
 
 
+class Probe(Shapes):
+    """The probe suite (`data/probe.py`): six question families, exact-match scoring per family.
+
+    `families` (default all) picks the families built; items are round-robin over them, so they
+    are balanced. The record's `metrics` carry accuracy per family.
+    """
+
+    def __init__(self, name: str, n: int = 600, seed: int = 0, image_size: int = 96, max_new_tokens: int = 4,
+                 families: list[str] | None = None, **_: Any) -> None:
+        from prunebench.data.probe import check_families
+
+        super().__init__(name, n=n, seed=seed, image_size=image_size, max_new_tokens=max_new_tokens)
+        self.families = check_families(list(families) if families is not None else None)
+
+    def items(self) -> list[Item]:
+        from prunebench.data.probe import build_probe
+
+        return build_probe(self.n, seed=self.seed, image_size=self.image_size, families=self.families)
+
+
 DATASET_KINDS: Registry[Callable[..., Dataset]] = Registry("dataset kind")
 DATASET_KINDS.add("shapes", Shapes)
 DATASET_KINDS.add("shapes_video", ShapesVideo)
+DATASET_KINDS.add("probe", Probe)
 
 
 def build_dataset(cfg: Mapping[str, Any]) -> Dataset:

@@ -83,8 +83,9 @@ def tokenizer_corpus() -> list[str]:
     return corpus
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on :func:`tokenizer_corpus`; ``<image>``/``<pad>`` appended like llava-hf."""
+def build_tokenizer(corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``corpus`` (default :func:`tokenizer_corpus`); ``<image>``/``<pad>``
+    appended like llava-hf."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -95,7 +96,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(tokenizer_corpus(), trainer)
+    backend.train_from_iterator(corpus if corpus is not None else tokenizer_corpus(), trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,

@@ -1,0 +1,456 @@
+"""Train the tiny LLaVA probe on the generated probe suite (`prunebench/data/probe.py`), CPU or GPU.
+
+    python scripts/train_probe.py --out runs/probe_llava [--seed 0] [--steps-a 300 --steps-b 800 --steps-c 800 --steps-d 800 --focus reading --lr-d 3e-4]
+
+Staged recipe (the plateau breaker of issue 6 is dense supervision of the vision encoder):
+  A. vision encoder alone on dense per-patch labels (object kind, colour, digit, background colour;
+     object patches up-weighted), with a curriculum: at most 2 shapes per scene first, then up to 4;
+  B. projector + language model on the questions, vision encoder frozen (the alignment stage: a
+     random projector/LLM must not wreck the encoder's features with its first gradients);
+  C. everything on the questions, the dense loss kept as an auxiliary term (weight --aux);
+  D. (optional, --steps-d) as C, with 3/4 of each batch drawn from the --focus families.
+Data is a pure function of (seed, step), so a rerun with the same arguments resumes from the last
+saved state (`<out>/state/`, safetensors) and reproduces the same run. Held-out accuracy per family
+(first answer token, greedy) is logged every --eval-every steps on the `test` split; the blind floor
+is the same measurement with zero visual tokens (the image placeholder removed from the prompt).
+The final checkpoint (`<out>/final/`: safetensors, tokenizer, processor, README.md card) loads with
+`LlavaForConditionalGeneration.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prunebench.data import probe  # noqa: E402
+from prunebench.models import tiny  # noqa: E402
+
+CLIP_MEAN = torch.tensor(tiny.OPENAI_CLIP_MEAN).view(3, 1, 1)
+CLIP_STD = torch.tensor(tiny.OPENAI_CLIP_STD).view(3, 1, 1)
+DENSE_HEADS = {"kind": len(probe.KINDS), "color": len(probe.COLORS), "digit": 11, "background": len(probe.COLORS)}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("runs/probe_llava"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--vision-layers", type=int, default=4)
+    p.add_argument("--vision-hidden", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--text-hidden", type=int, default=128)
+    p.add_argument("--steps-a", type=int, default=300, help="stage A: dense vision steps")
+    p.add_argument("--steps-b", type=int, default=800, help="stage B: questions, vision frozen")
+    p.add_argument("--steps-c", type=int, default=800, help="stage C: questions, everything trained")
+    p.add_argument("--steps-d", type=int, default=800, help="stage D: like C, 3/4 of each batch from --focus")
+    p.add_argument("--focus", default="reading",
+                   help="stage D: the families to push after C (comma-separated)")
+    p.add_argument("--lr-d", type=float, default=3e-4, help="stage D peak learning rate (below --lr: a restart at --lr undoes count)")
+    p.add_argument("--batch-a", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--aux", type=float, default=0.3, help="weight of the dense loss in stage C")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-n", type=int, default=40, help="held-out questions per family per evaluation")
+    p.add_argument("--final-eval-n", type=int, default=500, help="held-out questions per family at the end")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- model and tokens
+
+
+def tokenizer_corpus() -> list[str]:
+    corpus = probe.all_questions() + probe.all_answers() + ["USER:", "ASSISTANT:"]
+    corpus += [f"USER: \n{q} ASSISTANT:" for q in probe.all_questions()]
+    return corpus + [f"ASSISTANT: {a}" for a in probe.all_answers()]
+
+
+def build(args: argparse.Namespace):
+    tokenizer = tiny.build_tokenizer(tokenizer_corpus())
+    config = tiny.build_config(
+        tokenizer, image_size=args.image_size, patch_size=args.patch_size, vision_layers=args.vision_layers,
+        vision_hidden=args.vision_hidden, vision_heads=4, text_layers=args.text_layers,
+        text_hidden=args.text_hidden, text_heads=4, text_kv_heads=None, intermediate_mult=4)
+    model = tiny.build_model(config, args.seed)
+    processor = tiny.build_processor(args.image_size, args.patch_size, tokenizer)
+    return model, processor
+
+
+class DenseHeads(nn.Module):
+    """Per-patch linear classifiers on the features the projector sees (training only, not saved)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in DENSE_HEADS.items()})
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm(feats)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+def pixels(images: list) -> torch.Tensor:
+    """CLIP preprocessing of images already at the model size (resize/crop are then identities)."""
+    arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
+    x = arr.permute(0, 3, 1, 2).float() / 255.0
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+class Prompts:
+    """Token ids of prompts and answers, cached per string (the template set is small)."""
+
+    def __init__(self, processor, n_image: int) -> None:
+        self.tok = processor.tokenizer
+        self.image_id = self.tok.convert_tokens_to_ids(tiny.IMAGE_TOKEN)
+        self.n_image = n_image
+        self.cache: dict[tuple[str, bool], list[int]] = {}
+
+    def prompt(self, question: str, blind: bool = False) -> list[int]:
+        key = (question, blind)
+        if key not in self.cache:
+            ids = self.tok(tiny.llava15_prompt(question))["input_ids"]
+            at = ids.index(self.image_id)
+            fill = [] if blind else [self.image_id] * self.n_image
+            self.cache[key] = ids[:at] + fill + ids[at + 1:]
+        return self.cache[key]
+
+    def answer(self, answer: str) -> list[int]:
+        return self.tok(" " + answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+
+
+def batch_tensors(prompts: Prompts, qa: list[tuple[str, str]], blind: bool = False, with_answer: bool = True):
+    """Right-padded input_ids, attention_mask, labels (-100 outside the answer), last prompt position."""
+    seqs, labels, last = [], [], []
+    for question, answer in qa:
+        p = prompts.prompt(question, blind)
+        a = prompts.answer(answer) if with_answer else []
+        seqs.append(p + a)
+        labels.append([-100] * len(p) + a)
+        last.append(len(p) - 1)
+    width = max(map(len, seqs))
+    pad = prompts.tok.pad_token_id
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    lab = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+    return ids, mask, lab, torch.tensor(last)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def train_items(seed: int, step: int, n: int, max_count: int | None = None, focus: list[str] | None = None):
+    """(family, scene, question, answer) for the step's batch; a pure function of (seed, step)."""
+    out = []
+    for j in range(n):
+        index = step * n + j
+        if focus and j % 4:  # stage D: three in four items from the focus families
+            family, scene, q, a = probe.make_scene_qa(index, seed=seed, split="train-focus", families=focus)
+        else:
+            family, scene, q, a = probe.make_scene_qa(index, seed=seed, split="train")
+        if max_count is not None and family not in ("spatial", "reading"):  # curriculum: fewer shapes
+            scene = probe.random_scene(random.Random(f"curriculum:{seed}:{index}"), max_count=max_count)
+            family, q, a = "dense-only", "", ""
+        out.append((family, scene, q, a))
+    return out
+
+
+def dense_targets(scenes: list, grid: int) -> dict[str, torch.Tensor]:
+    labels = [probe.patch_labels(s, grid) for s in scenes]
+    return {k: torch.tensor([lab[k] for lab in labels]) for k in DENSE_HEADS}
+
+
+def dense_loss(heads: DenseHeads, feats: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy per patch, object patches x4 (they are the minority and carry the detail)."""
+    logits = heads(feats)
+    weight = 1.0 + 3.0 * (targets["kind"] > 0).float()
+    total = feats.new_zeros(())
+    for k, y in targets.items():
+        ce = nn.functional.cross_entropy(logits[k].flatten(0, 1), y.flatten().to(feats.device), reduction="none")
+        total = total + (ce * weight.flatten().to(feats.device)).sum() / weight.sum()
+    return total
+
+
+class FeatureTap:
+    """Captures the output of the vision layer whose features the projector reads (layer -2)."""
+
+    def __init__(self, model) -> None:
+        layer = model.model.vision_tower.encoder.layers[model.config.vision_feature_layer]
+        self.feats: torch.Tensor | None = None
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self.feats = out[:, 1:]  # drop CLS, as the "default" feature strategy does
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, prompts: Prompts, n_per_family: int, device, blind: bool = False, bs: int = 64,
+             seed: int = 0) -> dict[str, float]:
+    """Held-out first-token accuracy per family (test split, the same items as dataset=probe)."""
+    model.eval()
+    n = n_per_family * len(probe.FAMILIES)
+    hits: dict[str, list[bool]] = {f: [] for f in probe.FAMILIES}
+    for start in range(0, n, bs):
+        items = [probe.make_scene_qa(i, seed=seed, split="test") for i in range(start, min(n, start + bs))]
+        ids, mask, _, last = batch_tensors(prompts, [(q, a) for _, _, q, a in items], blind, with_answer=False)
+        kwargs = {} if blind else {"pixel_values": pixels([probe.render(s) for _, s, _, _ in items]).to(device)}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+        pred = logits[torch.arange(len(items)), last.to(device)].argmax(-1).cpu()
+        for (family, _, _, answer), p in zip(items, pred, strict=True):
+            hits[family].append(int(p) == prompts.answer(answer)[0])
+    model.train()
+    return {f: 100.0 * sum(h) / len(h) for f, h in hits.items()}
+
+
+# ------------------------------------------------------------------------------------ state files
+
+
+def save_state(out: Path, step: int, model, heads, opt, log: list[dict]) -> None:
+    """Model, heads and AdamW moments as safetensors (no pickle), step and log as JSON; atomic."""
+    state = out / "state"
+    tmp = out / "state.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file(heads.state_dict(), tmp / "heads.safetensors")
+    moments = {}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        st = opt.state.get(p)
+        if st:
+            moments[f"{i}.exp_avg"], moments[f"{i}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
+            moments[f"{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
+    save_file(moments, tmp / "adam.safetensors")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "log": log}, indent=1))
+    if state.exists():
+        for f in state.iterdir():
+            f.unlink()
+        state.rmdir()
+    tmp.rename(state)
+
+
+def load_state(out: Path, model, heads, opt) -> tuple[int, list[dict]]:
+    state = out / "state"
+    if not (state / "progress.json").is_file():
+        return 0, []
+    model.load_state_dict(load_file(state / "model.safetensors"))
+    heads.load_state_dict(load_file(state / "heads.safetensors"))
+    moments = load_file(state / "adam.safetensors")
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        if f"{i}.exp_avg" in moments:
+            opt.state[p] = {"exp_avg": moments[f"{i}.exp_avg"], "exp_avg_sq": moments[f"{i}.exp_avg_sq"],
+                            "step": moments[f"{i}.step"].reshape(()).float()}
+    progress = json.loads((state / "progress.json").read_text())
+    return int(progress["step"]), list(progress["log"])
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def stage_of(step: int, args: argparse.Namespace) -> str:
+    if step < args.steps_a:
+        return "A"
+    if step < args.steps_a + args.steps_b:
+        return "B"
+    return "C" if step < args.steps_a + args.steps_b + args.steps_c else "D"
+
+
+def total_steps(args: argparse.Namespace) -> int:
+    return args.steps_a + args.steps_b + args.steps_c + args.steps_d
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Per stage: 50-step linear warm-up, cosine decay to 10 %."""
+    bounds = {"A": (0, args.steps_a), "B": (args.steps_a, args.steps_a + args.steps_b),
+              "C": (args.steps_a + args.steps_b, args.steps_a + args.steps_b + args.steps_c),
+              "D": (args.steps_a + args.steps_b + args.steps_c, total_steps(args))}
+    lo, hi = bounds[stage_of(step, args)]
+    t, span = step - lo, max(1, hi - lo)
+    warm = min(1.0, (t + 1) / 50)
+    peak = args.lr_d if stage_of(step, args) == "D" and args.lr_d is not None else args.lr
+    return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / span)))
+
+
+def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: int) -> dict[str, float]:
+    stage = stage_of(step, args)
+    vision = model.model.vision_tower
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args) * group.get("scale", 1.0)
+    if stage == "A":
+        ramp = 2 if step < args.steps_a // 2 else None  # curriculum: two shapes at most, first half
+        items = train_items(args.seed, step, args.batch_a, max_count=ramp or probe.MAX_COUNT)
+        vision(pixels([probe.render(s) for _, s, _, _ in items]).to(device))
+        loss = dense_loss(heads, tap.feats, dense_targets([s for _, s, _, _ in items], grid))
+        parts = {"dense": loss.item()}
+    else:
+        focus = [f for f in args.focus.split(",") if f] if stage == "D" else None
+        items = train_items(args.seed, step, args.batch, focus=focus)
+        ids, mask, lab, _ = batch_tensors(prompts, [(q, a) for _, _, q, a in items])
+        px = pixels([probe.render(s) for _, s, _, _ in items]).to(device)
+        vision.requires_grad_(stage in ("C", "D"))
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=px, labels=lab.to(device))
+        loss, parts = out.loss, {"qa": out.loss.item()}
+        if stage in ("C", "D") and args.aux > 0:
+            aux = dense_loss(heads, tap.feats, dense_targets([s for _, s, _, _ in items], grid))
+            loss, parts["dense"] = loss + args.aux * aux, aux.item()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    return parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, processor = build(args)
+    model.to(device).train()
+    heads = DenseHeads(args.vision_hidden).to(device)
+    grid = args.image_size // args.patch_size
+    prompts = Prompts(processor, grid * grid)
+    opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}],
+                            lr=args.lr, weight_decay=0.0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    step, log = load_state(args.out, model, heads, opt)
+    tap = FeatureTap(model)
+    total = total_steps(args)
+    wall0 = time.time() - sum(e.get("seconds", 0.0) for e in log[-1:])
+    print(f"[train_probe] {sum(p.numel() for p in model.parameters()):,} params, device {device}, "
+          f"resuming at step {step}/{total}", flush=True)
+    t_last = time.time()
+    while step < total:
+        parts = train_step(step, args, model, heads, tap, prompts, opt, device, grid)
+        step += 1
+        if step % 20 == 0:
+            rate = 20 / (time.time() - t_last)
+            t_last = time.time()
+            print(f"step {step}/{total} stage {stage_of(step - 1, args)} lr {lr_at(step - 1, args):.2e} "
+                  + " ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f" ({rate:.2f} it/s)", flush=True)
+        evaluate_now = step % args.eval_every == 0 and step > args.steps_a
+        if evaluate_now:
+            acc = evaluate(model, prompts, args.eval_n, device)
+            print(f"[eval] step {step} " + " ".join(f"{f} {a:.1f}" for f, a in acc.items()), flush=True)
+            log.append({"step": step, "seconds": time.time() - wall0, "accuracy": acc})
+        if step % args.save_every == 0 or step == total or evaluate_now:
+            if not log or log[-1]["step"] != step:
+                log.append({"step": step, "seconds": time.time() - wall0})
+            save_state(args.out, step, model, heads, opt, log)
+    tap.handle.remove()
+    finish(args, model, processor, prompts, device, log)
+    return 0
+
+
+MARGIN = 25.0  # points above the blind floor for a family to be kept in the default suite
+TARGET = 90.0  # issue 6's bar for a kept family
+
+
+def finish(args, model, processor, prompts, device, log: list[dict]) -> None:
+    """Final held-out accuracy and blind floor; the HF checkpoint, blind_floor.json and the card in <out>/final."""
+    acc = evaluate(model, prompts, args.final_eval_n, device)
+    blind = evaluate(model, prompts, args.final_eval_n, device, blind=True)
+    print("[final] " + " ".join(f"{f} {acc[f]:.1f} (blind {blind[f]:.1f})" for f in probe.FAMILIES), flush=True)
+    final = args.out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    model.eval().to("cpu")
+    model.save_pretrained(final, safe_serialization=True)
+    processor.save_pretrained(final)
+    kept = [f for f in probe.FAMILIES if acc[f] - blind[f] >= MARGIN]
+    floor = {"dataset": {"kind": "probe", "seed": 0, "image_size": args.image_size}, "metrics": blind,
+             "how": f"zero visual tokens (the <image> placeholder removed), greedy first answer token, "
+                    f"first {args.final_eval_n} items per family of the test split",
+             "vanilla_first_token": acc, "kept": kept}
+    (final / "blind_floor.json").write_text(json.dumps(floor, indent=1) + "\n")
+    (final / "README.md").write_text(card(args, model, acc, blind, kept, log, device), encoding="utf-8")
+    print(f"[train_probe] wrote {final}", flush=True)
+
+
+def d_recipe(args) -> str:
+    if not args.steps_d:
+        return ""
+    return f"; D) {args.steps_d} steps as C with 3/4 of each batch from {args.focus}, peak lr {args.lr_d or args.lr}"
+
+
+def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list[str], log: list[dict],
+         device) -> str:
+    wall = log[-1]["seconds"] if log else 0.0
+    steps = total_steps(args)
+    command = (f"python scripts/train_probe.py --out {args.out} --seed {args.seed} --steps-a {args.steps_a} "
+               f"--steps-b {args.steps_b} --steps-c {args.steps_c}"
+               + (f" --steps-d {args.steps_d} --focus {args.focus} --lr-d {args.lr_d or args.lr}"
+                  if args.steps_d else ""))
+    rows = "\n".join(
+        f"| {f} | {acc[f]:.1f} | {blind[f]:.1f} | {acc[f] - blind[f]:+.1f} | "
+        f"{'kept' if f in kept else 'DROPPED (not taught)'}{'' if acc[f] >= TARGET or f not in kept else ', below 90'} |"
+        for f in probe.FAMILIES)
+    curve = "\n".join(f"| {e['step']} | {e['seconds'] / 60:.1f} | "
+                       + " | ".join(f"{e['accuracy'][f]:.0f}" for f in probe.FAMILIES) + " |"
+                       for e in log if "accuracy" in e)
+    dropped = [f for f in probe.FAMILIES if f not in kept]
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [prunebench, llava, probe, synthetic]
+---
+# prunebench probe-llava (trained)
+
+A {sum(p.numel() for p in model.parameters()):,}-parameter model of the LLaVA-1.5 architecture
+(`LlavaForConditionalGeneration`: CLIP {args.vision_layers}x{args.vision_hidden}, patch {args.patch_size},
+{args.image_size} px -> {(args.image_size // args.patch_size) ** 2} visual tokens; 2-layer GELU projector;
+Llama {args.text_layers}x{args.text_hidden}), trained from scratch by prunebench on its generated probe
+suite (`prunebench/data/probe.py`, `dataset=probe`). Loads with `from_pretrained` (safetensors, no
+remote code). Nothing was downloaded.
+
+- command: `{command}` (deterministic given the seed; resumes from `<out>/state/`)
+- seed {args.seed}, {steps} steps, device {device} ({torch.get_num_threads()} thread(s), shared CPU), wall time {wall / 60:.1f} min
+- recipe: A) {args.steps_a} steps of the vision encoder alone on dense per-patch labels (object kind,
+  colour, digit, background; object patches x4), batch {args.batch_a}, at most two shapes per scene in
+  the first half (curriculum); B) {args.steps_b} steps of projector + LLM on the questions, encoder frozen,
+  batch {args.batch}; C) {args.steps_c} steps of everything on the questions with the dense loss as an
+  auxiliary term (weight {args.aux}){d_recipe(args)}. AdamW, lr {args.lr}, per-stage 50-step warm-up and cosine to 10 %.
+
+## Held-out accuracy per family (test split, first {args.final_eval_n} items per family)
+
+Greedy first answer token (the answers are one token). Blind floor: the same model and questions
+with zero visual tokens. A family is kept in the default suite when it is >= {MARGIN:.0f} points above
+its blind floor; issue 6 asks for >= {TARGET:.0f} % as well.
+
+| family | vanilla | blind floor | margin | default suite |
+|---|---|---|---|---|
+{rows}
+
+Dropped from the default suite: {", ".join(dropped) if dropped else "none"}.
+
+## Learning curve (held-out, {args.eval_n} per family)
+
+| step | minutes | {" | ".join(probe.FAMILIES)} |
+|---|---|{"---|" * len(probe.FAMILIES)}
+{curve}
+
+<!-- pruning:start -->
+<!-- pruning:end -->
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""The probe suite (issue 6): deterministic, answers right for the pictures drawn, TSV round-trip."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from collections import Counter, deque
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from prunebench.bridge import tsv
+from prunebench.data import probe
+from prunebench.data.datasets import build_dataset
+from prunebench.errors import UserError
+
+N = 120  # 20 per family
+
+
+def _same(a, b) -> bool:
+    return (a.index, a.question, a.answer, a.category) == (b.index, b.question, b.answer, b.category) \
+        and a.image.tobytes() == b.image.tobytes()
+
+
+def test_deterministic_and_prefix() -> None:
+    first, again, longer = probe.build_probe(N), probe.build_probe(N), probe.build_probe(N + 30)
+    assert all(_same(a, b) for a, b in zip(first, again, strict=True))
+    assert all(_same(a, b) for a, b in zip(first, longer, strict=False))
+    other = probe.build_probe(N, seed=1)
+    assert sum(a.image.tobytes() != b.image.tobytes() for a, b in zip(first, other, strict=True)) > N // 2
+
+
+def test_splits_differ_and_families_balanced() -> None:
+    test = [probe.make_scene_qa(i, split="test")[1] for i in range(60)]
+    train = [probe.make_scene_qa(i, split="train")[1] for i in range(60)]
+    assert sum(a != b for a, b in zip(test, train, strict=True)) > 50
+    counts = Counter(it.category for it in probe.build_probe(N))
+    assert counts == {f: N // len(probe.FAMILIES) for f in probe.FAMILIES}
+
+
+def test_answers_are_balanced_within_families() -> None:
+    by = {f: Counter() for f in probe.FAMILIES}
+    for it in probe.build_probe(6 * 40):
+        by[it.category][it.answer] += 1
+    assert by["existence"] == {"yes": 20, "no": 20}
+    assert by["attribute"] == {L: 10 for L in "ABCD"}
+    assert by["count"] == {str(k): 10 for k in range(1, 5)}
+    assert by["reading"] == {str(d): 4 for d in range(10)}
+    assert min(by["spatial"].values()) >= 10
+
+
+# ------------------------------------------------------------------ answers checked on the pixels
+
+
+def _color_of(rgb: tuple[int, int, int]) -> str:
+    return next(name for name, value in probe.COLORS.items() if value == rgb)
+
+
+def _components(image: Image.Image) -> list[list[tuple[int, int]]]:
+    """4-connected regions of non-background pixels (brute force flood fill)."""
+    w, h = image.size
+    px = image.load()
+    bg = px[0, 0] if all(px[0, 0] == px[x, y] for x, y in [(0, h - 1), (w - 1, 0), (w - 1, h - 1)]) else None
+    background = bg if bg is not None else Counter(image.getdata()).most_common(1)[0][0]
+    seen, regions = set(), []
+    for y in range(h):
+        for x in range(w):
+            if (x, y) in seen or px[x, y] == background:
+                continue
+            queue, region = deque([(x, y)]), []
+            seen.add((x, y))
+            while queue:
+                cx, cy = queue.popleft()
+                region.append((cx, cy))
+                for nx, ny in ((cx + 1, cy), (cx - 1, cy), (cx, cy + 1), (cx, cy - 1)):
+                    if 0 <= nx < w and 0 <= ny < h and (nx, ny) not in seen and px[nx, ny] != background:
+                        seen.add((nx, ny))
+                        queue.append((nx, ny))
+            regions.append(region)
+    return regions
+
+
+def _background(image: Image.Image) -> str:
+    return _color_of(Counter(image.getdata()).most_common(1)[0][0])
+
+
+def _objects(image: Image.Image) -> list[dict]:
+    """Objects seen on the pixels: colour, cell, and a shape guess from fill ratio and profile."""
+    cell = image.size[0] / probe.GRID
+    out = []
+    for region in _components(image):
+        xs, ys = [p[0] for p in region], [p[1] for p in region]
+        w, h = max(xs) - min(xs) + 1, max(ys) - min(ys) + 1
+        fill = len(region) / (w * h)
+        top_row = sum(1 for p in region if p[1] == min(ys))
+        kind = "square" if fill > 0.97 else ("triangle" if top_row <= 3 else "circle")
+        color = _color_of(image.getpixel(region[0]))
+        out.append({"kind": kind, "color": color, "col": int((min(xs) + max(xs)) / 2 // cell),
+                    "row": int((min(ys) + max(ys)) / 2 // cell), "fill": fill})
+    return out
+
+
+def _read_digit(image: Image.Image) -> str | None:
+    """Decode the seven-segment digit from the pixels: the one tall component (shapes have square
+    bounding boxes), then which of its cell's seven segment centres are lit."""
+    cell = image.size[0] / probe.GRID
+    bg = probe.COLORS[_background(image)]
+    tall = [r for r in _components(image)
+            if (max(p[1] for p in r) - min(p[1] for p in r)) > 1.2 * (max(p[0] for p in r) - min(p[0] for p in r))]
+    if len(tall) != 1:
+        return None
+    xs, ys = [p[0] for p in tall[0]], [p[1] for p in tall[0]]
+    x0, y0 = (min(xs) + max(xs)) / 2 // cell * cell, (min(ys) + max(ys)) / 2 // cell * cell
+    t = 0.15 * cell / 2
+    left, right, top, bottom = x0 + 0.22 * cell + t, x0 + 0.78 * cell - t, y0 + 0.08 * cell + t, y0 + 0.92 * cell - t
+    cx, mid = x0 + cell / 2, y0 + cell / 2
+    centres = {"a": (cx, top), "g": (cx, mid), "d": (cx, bottom), "f": (left, (top + mid) / 2),
+               "b": (right, (top + mid) / 2), "e": (left, (mid + bottom) / 2), "c": (right, (mid + bottom) / 2)}
+    lit = {s for s, (x, y) in centres.items() if image.getpixel((int(x), int(y))) != bg}
+    return next((d for d, segs in probe.SEGMENTS.items() if set(segs) == lit), None)
+
+
+@pytest.mark.parametrize("index", range(N))
+def test_answer_matches_the_picture(index: int) -> None:
+    it = probe.make_item(index)
+    objs = _objects(it.image) if it.category != "reading" else []
+    if it.category == "background":
+        assert it.answer == _background(it.image)
+    elif it.category == "count":
+        assert it.answer == str(len(objs))
+    elif it.category == "existence":
+        color, kind = re.search(r"Is there a (\w+) (\w+) in", it.question).groups()
+        assert it.answer == ("yes" if any(o["color"] == color and o["kind"] == kind for o in objs) else "no")
+    elif it.category == "attribute":
+        kind = re.search(r"What color is the (\w+)\?", it.question).group(1)
+        (target,) = [o for o in objs if o["kind"] == kind]
+        assert probe.mcq_options(it.question)[it.answer] == target["color"]
+    elif it.category == "spatial":
+        a, b = re.search(r"Is the (\w+) to the left or to the right of the (\w+)\?", it.question).groups()
+        (oa,), (ob,) = ([o for o in objs if o["kind"] == k] for k in (a, b))
+        assert it.answer == ("left" if oa["col"] < ob["col"] else "right")
+    else:
+        assert it.answer == _read_digit(it.image)
+
+
+def test_shape_guesser_is_not_trivially_right() -> None:
+    """The pixel checks above can fail: a wrong answer is caught."""
+    it = next(i for i in probe.build_probe(N) if i.category == "count")
+    assert str(len(_objects(it.image)) + 1) != it.answer
+
+
+# -------------------------------------------------------------------------- labels, dataset, export
+
+
+def test_patch_labels_follow_the_cells() -> None:
+    family, scene, _, _ = probe.make_scene_qa(5)  # a reading item: a digit somewhere
+    assert family == "reading"
+    labels = probe.patch_labels(scene, 12)
+    digit = scene.objects[0]
+    inside = [i for i in range(144) if (i // 12) // 4 == digit.row and (i % 12) // 4 == digit.col]
+    assert len(inside) == 16
+    assert all(labels["kind"][i] == probe.KINDS.index("digit") for i in inside)
+    assert all(labels["digit"][i] == int(digit.digit) for i in inside)
+    assert sum(k > 0 for k in labels["kind"]) == 16 * len(scene.objects)
+    assert set(labels["background"]) == {list(probe.COLORS).index(scene.background)}
+
+
+def test_dataset_kind_scores_per_family() -> None:
+    ds = build_dataset({"kind": "probe", "name": "probe", "n": 12, "families": ["count", "reading"]})
+    items = ds.items()
+    assert [it.category for it in items] == ["count", "reading"] * 6
+    rows = [{"category": it.category, "correct": ds.is_correct(f"{it.answer}." if i % 2 else "nonsense", it)}
+            for i, it in enumerate(items)]
+    scored = ds.score(rows)
+    assert scored.metrics == {"count": 0.0, "reading": 100.0}
+    assert ds.is_correct("B", probe.make_item(8)) == (probe.make_item(8).answer == "B")
+
+
+@pytest.mark.parametrize("families", [["nope"], []])
+def test_bad_families_are_refused(families: list[str]) -> None:
+    with pytest.raises(UserError, match="subset of: background, existence"):
+        build_dataset({"kind": "probe", "name": "probe", "families": families})
+
+
+def test_tsv_export_round_trips(tmp_path) -> None:
+    path = tsv.export_probe(tmp_path, "prunebench_probe", n=24)
+    columns, rows = tsv.read_tsv(path)
+    assert columns == list(tsv.PROBE_COLUMNS)
+    for row, it in zip(rows, probe.build_probe(24), strict=True):
+        image = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
+        assert image.tobytes() == it.image.tobytes()
+        assert (int(row["index"]), row["question"], row["answer"], row["category"]) == \
+            (it.index, it.question, it.answer, it.category)
+        options = {L: row[L] for L in "ABCD" if row[L]}
+        assert options == probe.mcq_options(it.question)
+        assert bool(options) == (it.category == "attribute")
+
+
+# ------------------------------------------------------------------------ blind floor: runner, report
+
+
+def test_blind_floor_is_attached_only_for_its_dataset(tmp_path) -> None:
+    import json
+
+    from prunebench.runner import blind_floor
+
+    path = tmp_path / "blind_floor.json"
+    path.write_text(json.dumps({"dataset": {"kind": "probe", "seed": 0, "image_size": 96},
+                                "metrics": {"background": 10.0, "count": 30.0, "reading": 20.0}}))
+    model = {"blind_floor": str(path), "path": str(tmp_path)}
+    dcfg = {"kind": "probe", "name": "probe", "n": 4, "seed": 0, "image_size": 96, "families": ["count", "reading"]}
+    floor = blind_floor(model, dcfg, build_dataset(dcfg))
+    assert floor["metrics"] == {"count": 30.0, "reading": 20.0} and floor["score"] == 25.0
+    assert blind_floor(model, {**dcfg, "seed": 1}, build_dataset({**dcfg, "seed": 1})) == {}
+    assert blind_floor({}, dcfg, build_dataset(dcfg)) == {}
+    assert blind_floor({**model, "path": str(tmp_path / "other")}, dcfg, build_dataset(dcfg)) == {}
+    assert blind_floor({**model, "weights": "random"}, dcfg, build_dataset(dcfg)) == {}
+
+
+def test_report_prints_the_floor_beside_vanilla(tmp_path) -> None:
+    from prunebench import report
+    from prunebench.record import RunRecord, save_record
+
+    def rec(method: str, keep: float, score: float, metrics: dict, floor: dict) -> RunRecord:
+        return RunRecord(model="probe_llava", dataset="probe", method=method, method_params={}, stage="none",
+                         positions="keep", keep=keep, seed=0, limit=None, status="complete", n_samples=10,
+                         score=score, metrics=metrics, floor=floor, finished_at="2026-01-01T00:00:00+00:00",
+                         tokens={"n_visual_in": 144, "n_visual_out": round(144 * keep), "layer_avg": 144 * keep})
+
+    floor = {"score": 30.0, "metrics": {"background": 15.0, "count": 45.0}, "source": "test"}
+    save_record(tmp_path / "v", rec("vanilla", 1.0, 80.0, {"background": 100.0, "count": 60.0}, floor))
+    save_record(tmp_path / "r", rec("random_pre", 0.111, 50.0, {"background": 100.0, "count": 0.0}, {}))
+    text = report.render(report.collect(tmp_path))
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    methods = [line.split("|")[2].strip() for line in table[2:5]]
+    assert methods == ["vanilla (upper bound)", "blind floor (no visual tokens)", "random_pre"]
+    assert "| 30.0 " in table[3]
+    assert "| probe     | background | 100.0     | 15.0          | +85.0    | yes" in text
+    assert "no (< 25 above blind)" in text  # count: 60 vs 45
+
+
+# ------------------------------------------------------------------ the committed, trained checkpoint
+
+PROBE_CFG = Path(__file__).resolve().parents[1] / "configs" / "model" / "probe_llava.yaml"
+
+
+@pytest.fixture(scope="module")
+def probe_model():
+    import yaml
+
+    from prunebench.models.loader import load_model
+
+    cfg = yaml.safe_load(PROBE_CFG.read_text())
+    if not (PROBE_CFG.parents[2] / cfg["path"] / "config.json").is_file():
+        pytest.skip("the trained probe checkpoint is not in this checkout")
+    import torch
+
+    return cfg, load_model(cfg, torch.device("cpu"))
+
+
+def test_trained_probe_loads_as_meaningful_and_beats_its_floor(probe_model) -> None:
+    """Through the normal from_pretrained path; the coarse control is answered from the image, far
+    above the shipped blind floor (a model that ignored the image could not)."""
+    import json
+
+    import torch
+
+    cfg, loaded = probe_model
+    assert loaded.accuracy_meaningful and loaded.weights == "pretrained"
+    floor = json.loads((PROBE_CFG.parents[2] / cfg["blind_floor"]).read_text())
+    ds = build_dataset({"kind": "probe", "name": "probe", "n": 16, "families": ["background"]})
+    hits = 0
+    for it in ds.items():
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
+        prompt = loaded.processor.apply_chat_template(conv, add_generation_prompt=True)
+        inputs = loaded.processor(text=prompt, images=it.image, return_tensors="pt")
+        with torch.inference_mode():
+            out = loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        hits += ds.is_correct(loaded.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
+                                                                skip_special_tokens=True), it)
+    assert 100.0 * hits / 16 >= floor["metrics"]["background"] + 25
+
+
+# ------------------------------------------------------------------ training script: inputs and resume
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_probe.py"
+    spec = importlib.util.spec_from_file_location("train_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_inputs_equal_the_inference_path(trainer) -> None:
+    """What the model is trained on is what the runner feeds it: same ids, same pixels."""
+    import torch
+
+    args = trainer.parse(["--vision-layers", "2", "--text-layers", "2"])
+    _, processor = trainer.build(args)
+    prompts = trainer.Prompts(processor, 144)
+    for it in probe.build_probe(6):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
+        inputs = processor(text=processor.apply_chat_template(conv, add_generation_prompt=True), images=it.image,
+                           return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == prompts.prompt(it.question)
+        assert torch.equal(inputs["pixel_values"], trainer.pixels([it.image]))
+        assert len(prompts.answer(it.answer)) == 2  # one answer token, then EOS
+        assert prompts.image_id not in prompts.prompt(it.question, blind=True)
+
+
+def test_training_state_resumes_exactly(trainer, tmp_path) -> None:
+    import torch
+
+    args = trainer.parse(["--vision-layers", "2", "--text-layers", "2", "--batch-a", "4", "--batch", "4",
+                          "--steps-a", "2", "--steps-b", "1", "--steps-c", "1"])
+    model, processor = trainer.build(args)
+    heads = trainer.DenseHeads(args.vision_hidden)
+    opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}], lr=1e-3)
+    tap, prompts = trainer.FeatureTap(model), trainer.Prompts(processor, 144)
+    for step in range(3):
+        trainer.train_step(step, args, model, heads, tap, prompts, opt, torch.device("cpu"), 12)
+    trainer.save_state(tmp_path, 3, model, heads, opt, [{"step": 3, "seconds": 1.0}])
+    model2, _ = trainer.build(args)
+    heads2 = trainer.DenseHeads(args.vision_hidden)
+    opt2 = torch.optim.AdamW([{"params": list(model2.parameters()) + list(heads2.parameters())}], lr=1e-3)
+    step, log = trainer.load_state(tmp_path, model2, heads2, opt2)
+    assert step == 3 and log[-1]["step"] == 3
+    tap2 = trainer.FeatureTap(model2)
+    trainer.train_step(3, args, model, heads, tap, prompts, opt, torch.device("cpu"), 12)
+    trainer.train_step(3, args, model2, heads2, tap2, prompts, opt2, torch.device("cpu"), 12)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_bridge_writes_the_probe_tsv_on_demand(tmp_path) -> None:
+    """dataset=probe_vlmeval: the bridge exports the suite before anything loads (no VLMEvalKit needed)."""
+    import yaml
+
+    from prunebench.bridge.run import prepare_data
+    from prunebench.cli import CONFIG_DIR
+
+    d = yaml.safe_load((CONFIG_DIR / "dataset" / "probe_vlmeval.yaml").read_text())
+    d.update(data_dir=str(tmp_path), export_args={"n": 12, "seed": 0, "image_size": 96, "families": ["reading"]})
+    data = prepare_data({"dataset": d, "limit": None, "results_dir": str(tmp_path / "results")})
+    _, rows = tsv.read_tsv(data.root / f"{data.name}.tsv")
+    assert data.scorer == "shapes" and len(rows) == 12 and {r["category"] for r in rows} == {"reading"}
+    assert [r["answer"] for r in rows] == [it.answer for it in probe.build_probe(12, families=["reading"])]
