@@ -5,7 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.prunebench-setup
 ARGS   ?=
-METHODS ?= random_pre,random_intra,fastv,divprune,evoprune
+# one method per family of ideas; the probe's 4-layer encoder cannot merge down to 0.111 (evoprune, tome)
+METHODS ?= random_pre,pooling_pre,divprune,fastervlm,random_intra,fastv,dart
 KEEPS   ?= 0.333,0.222,0.111
 
 .PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test probe

@@ -125,6 +125,8 @@ def main() -> None:
         print(f"prunebench: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     sys.argv[1:] = force_method_params(sys.argv[1:])
+    multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
+    refused: list[str] = []
     import hydra
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -133,6 +135,14 @@ def main() -> None:
             run_with_baseline(cfg)
         except UserError as err:
             print(f"prunebench: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            if not multirun:
+                raise SystemExit(2) from None
+            # one job the model cannot run (e.g. more merges than its encoder allows) does not stop a sweep
+            refused.append(f"{cfg.method.name} keep={cfg.keep}: {err}")
 
     _task()
+    if refused:
+        print(f"prunebench: {len(refused)} job(s) refused, the others ran:", file=sys.stderr)
+        for line in refused:
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,7 +1,7 @@
 """The run record: one `record.json` per job, schema versioned here, written atomically.
 
 Fields (schema_version 1):
-  schema_version, status ("running" | "complete"), model, dataset, method, method_params, stage,
+  schema_version, status ("running" | "complete" | "refused": the method cannot run on this model, see notes), model, dataset, method, method_params, stage,
   positions, keep, seed, limit, batch_size (prompts per forward), n_samples, n_failed,
   score            main metric, 0-100 (the dataset says which), None if nothing scored
   metrics          per category, 0-100

@@ -329,11 +329,17 @@ def _label(r: RunRecord) -> str:
 
 
 def _incomplete_line(records: list[RunRecord]) -> str | None:
-    pending = [r for r in records if r.status != "complete"]
-    if not pending:
-        return None
-    runs = "run" if len(pending) == 1 else "runs"
-    return f"{len(pending)} {runs} still running/incomplete: " + ", ".join(_label(r) for r in pending)
+    pending = [r for r in records if r.status not in ("complete", "refused")]
+    refused = [r for r in records if r.status == "refused"]
+    lines = []
+    if pending:
+        runs = "run" if len(pending) == 1 else "runs"
+        lines.append(f"{len(pending)} {runs} still running/incomplete: " + ", ".join(_label(r) for r in pending))
+    if refused:
+        runs = "run" if len(refused) == 1 else "runs"
+        lines.append(f"{len(refused)} {runs} refused by the model (see the record's notes): "
+                     + ", ".join(_label(r) for r in refused))
+    return "\n".join(lines) or None
 
 
 def render(records: list[RunRecord], fmt: str = "github") -> str:

@@ -109,7 +109,13 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     record = _new_record(job, cfg, loaded)
     record.floor = blind_floor(cfg["model"], cfg["dataset"], dataset)
     save_record(out, record)
-    rows, inst = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)
+    try:
+        rows, inst = _predict(job, loaded, dataset, items, out / PREDICTIONS_NAME, cfg, quiet)
+    except UserError as err:  # the method cannot run on this model: say so in the record, not "running"
+        record.status = "refused"
+        record.notes.append(f"refused: {err}")
+        save_record(out, record)
+        raise
     _finish(record, rows, dataset, loaded)
     record.positions = inst.positions.value
     record.method_card["positions"] = inst.positions.value

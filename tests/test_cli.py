@@ -79,3 +79,20 @@ def test_multirun_sweeps_methods_with_a_shared_param(tiny_path, tmp_path):
     assert out.returncode == 0, out.stderr
     records = sorted(p.parent.parent.name for p in tmp_path.rglob("record.json"))
     assert len(records) == 2 and all(r.startswith(("fastv-", "random_intra-")) for r in records), records
+
+
+def test_a_refused_job_does_not_stop_a_sweep(tiny_path, tmp_path):
+    """EvoPrune cannot merge 35 of 36 tokens over the tiny encoder's layers: that job is refused (one line,
+    a 'refused' record), the other job of the sweep still runs, and the sweep exits 2 naming it."""
+    from prunebench.record import load_record
+    from prunebench.report import collect, render
+
+    out = cli("-m", "method=evoprune,random_pre", "keep=0.01", "model=tiny_llava", f"model.path={tiny_path}",
+              "dataset=shapes", "limit=1", f"results_dir={tmp_path}", "dataset.image_size=48", "baseline=false",
+              "report=false")
+    assert out.returncode == 2, out.stderr
+    assert "1 job(s) refused" in out.stderr and "Traceback" not in out.stderr
+    records = {p.parent.parent.name: load_record(p) for p in tmp_path.rglob("record.json")}
+    assert records["random_pre"].status == "complete"
+    assert records["evoprune"].status == "refused" and "at most" in records["evoprune"].notes[-1]
+    assert "1 run refused by the model" in render(collect(tmp_path))
