@@ -11,7 +11,8 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.methods import METHODS, resolve_method
-from prunebench.methods.cls_ops import holov_chunk_count, holov_select, top_attention, vispruner_select
+from prunebench.methods.base import top_k_sorted
+from prunebench.methods.cls_ops import holov_chunk_count, holov_select, vispruner_select
 from prunebench.stages import install
 
 
@@ -86,7 +87,7 @@ def test_vision_layer_out_of_range_is_refused(tiny):
 
 def test_fastervlm_keeps_top_attention_in_order():
     attn = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3]])
-    assert top_attention(attn, 2).tolist() == [[1, 3]]
+    assert top_k_sorted(attn, 2).tolist() == [[1, 3]]
 
 
 def test_fastervlm_on_tiny_keeps_the_top_cls_tokens(tiny):

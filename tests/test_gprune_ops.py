@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.gprune_ops import check_gprune_params, gprune_scores, top_k_sorted
+from prunebench.methods.base import top_k_sorted
+from prunebench.methods.gprune_ops import check_gprune_params, gprune_scores
 
 
 def naive_scores(x: torch.Tensor, tau: float, temperature: float, n: int) -> list[float]:

@@ -8,7 +8,7 @@ import math
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.gprune_ops import top_k_sorted
+from prunebench.methods.base import top_k_sorted
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:

@@ -334,6 +334,13 @@ def layer_average(n_layers: int, n_in: int, plan: list[tuple[int, int]]) -> floa
     return total / n_layers
 
 
+def top_k_sorted(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """[..., N] -> [..., k] indices of the k largest (or smallest) scores, ascending (original order).
+    Ties go to the lower index, on every device (`topk` leaves them to the kernel)."""
+    order = scores.sort(dim=-1, descending=largest, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
+
+
 def n_keep_for(keep: float, n_in: int) -> tuple[int, bool]:
     """Tokens kept for a keep fraction: round-half-up of keep*n_in, at least 1.
 

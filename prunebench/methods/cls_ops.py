@@ -11,11 +11,6 @@ import math
 import torch
 
 
-def top_attention(attention: torch.Tensor, k: int) -> torch.Tensor:
-    """FasterVLM: [B, N] scores -> [B, k] indices of the k highest, sorted ascending (original order)."""
-    return attention.topk(k, dim=-1).indices.sort(dim=-1).values
-
-
 def vispruner_select(attention: torch.Tensor, features: torch.Tensor, k: int, important_ratio: float) -> torch.Tensor:
     """VisPruner (Theia-4869/VisPruner `llava_arch.py encode_images`) for one image.
 

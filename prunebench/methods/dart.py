@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.base import Positions, SelectContext, Stage, register_method
+from prunebench.methods.base import Positions, SelectContext, Stage, register_method, top_k_sorted
 
 
 def _check(pivot_image: int, pivot_text: int) -> None:
@@ -54,8 +54,8 @@ def dart_select(
     official loop visits a Python set of sequence indices, i.e. CPython's hash order).
     """
     n = image_keys.shape[0]
-    img_piv = image_keys.float().abs().sum(-1).topk(min(pivot_image, n)).indices.sort().values
-    txt_piv = text_keys.float().abs().sum(-1).topk(min(pivot_text, text_keys.shape[0])).indices.sort().values
+    img_piv = top_k_sorted(image_keys.float().abs().sum(-1), min(pivot_image, n))
+    txt_piv = top_k_sorted(text_keys.float().abs().sum(-1), min(pivot_text, text_keys.shape[0]))
     pivots = torch.cat([image_feats[img_piv], text_feats[txt_piv]]).float()  # [P, D]
     feats = image_feats.float()
     free = torch.ones(n, dtype=torch.bool, device=feats.device)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prunebench.methods.base import Positions, SelectContext, Stage, register_method
-from prunebench.methods.cls_ops import top_attention
+from prunebench.methods.base import Positions, SelectContext, Stage, register_method, top_k_sorted
 from prunebench.methods.cls_signal import CLS_DEVIATIONS
 
 
@@ -27,4 +26,4 @@ from prunebench.methods.cls_signal import CLS_DEVIATIONS
     ),
 )
 def fastervlm(ctx: SelectContext, vision_layer: int | None = None) -> torch.Tensor:
-    return top_attention(ctx.signals["cls_attention"], ctx.n_keep)
+    return top_k_sorted(ctx.signals["cls_attention"], ctx.n_keep)

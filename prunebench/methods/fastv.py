@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prunebench.methods.base import Positions, SelectContext, Stage, register_method
+from prunebench.methods.base import Positions, SelectContext, Stage, register_method, top_k_sorted
 
 
 @register_method(
@@ -31,4 +31,4 @@ def fastv(ctx: SelectContext, layer: int) -> torch.Tensor:
     """signals['last_query_attention']: [B, N] -> [B, k] top-k indices, sorted."""
     del layer
     scores = ctx.signals["last_query_attention"]
-    return scores.topk(ctx.n_keep, dim=-1).indices.sort(dim=-1).values
+    return top_k_sorted(scores, ctx.n_keep)

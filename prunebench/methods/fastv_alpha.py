@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from prunebench.methods.base import Positions, SelectContext, Stage, register_method
+from prunebench.methods.base import Positions, SelectContext, Stage, register_method, top_k_sorted
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -49,4 +49,4 @@ def fastv_alpha(ctx: SelectContext, layer: int, alpha: float) -> torch.Tensor:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"fastv_alpha: alpha must be in [0, 1], got {alpha}")
     scores = alpha_scores(ctx.signals["last_query_attention"], ctx.tokens, ctx.signals["last_token_hidden"], alpha)
-    return scores.topk(ctx.n_keep, dim=-1).indices.sort(dim=-1).values
+    return top_k_sorted(scores, ctx.n_keep)

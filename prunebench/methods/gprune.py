@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from prunebench.methods.base import Positions, SelectContext, Stage, register_method
-from prunebench.methods.gprune_ops import check_gprune_params, gprune_scores, top_k_sorted
+from prunebench.methods.base import Positions, SelectContext, Stage, register_method, top_k_sorted
+from prunebench.methods.gprune_ops import check_gprune_params, gprune_scores
 
 
 @register_method(

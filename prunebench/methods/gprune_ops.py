@@ -50,9 +50,3 @@ def gprune_scores(x: torch.Tensor, tau: float = 0.5, temperature: float = 0.03, 
     w = x.to(a.dtype).norm(dim=-1)
     flow = (w[:, None, :] @ torch.linalg.matrix_power(a, iterations))[:, 0]
     return flow / degree
-
-
-def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, N] -> [B, k] indices of the k largest scores (ties to the lower index), ascending."""
-    order = scores.sort(dim=-1, descending=True, stable=True).indices
-    return order[:, :k].sort(dim=-1).values

@@ -24,6 +24,7 @@ from prunebench.methods.base import (
     Stage,
     layer_average,
     register_method,
+    top_k_sorted,
 )
 from prunebench.methods.schedule_ops import closest_step
 
@@ -89,4 +90,4 @@ def pdrop(ctx: SelectContext, layers: list[int] | None) -> torch.Tensor:
     """signals['layer_last_query_attention']: [B, N_s] -> [B, n] top-n indices, sorted."""
     del layers  # consumed by the intra-LLM stage
     scores = ctx.signals["layer_last_query_attention"]
-    return scores.topk(ctx.n_keep, dim=-1).indices.sort(dim=-1).values
+    return top_k_sorted(scores, ctx.n_keep)

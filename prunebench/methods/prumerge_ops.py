@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prunebench.methods.base import top_k_sorted
+
 N_NEIGHBOURS = 32  # official: topk(cos_sim, k=32) per kept token
 
 
@@ -26,7 +28,7 @@ def iqr_outlier_count(attn: torch.Tensor) -> torch.Tensor:
 def prumerge_select(attn: torch.Tensor, k: int) -> torch.Tensor:
     """PruMerge, fixed budget (official `if_adaptive=False`): the top-k patches by [CLS]
     attention. attn [B, N] -> [B, k] sorted."""
-    return attn.topk(k, dim=1).indices.sort(dim=1).values
+    return top_k_sorted(attn, k)
 
 
 def adaptive_count(attn: torch.Tensor) -> int:

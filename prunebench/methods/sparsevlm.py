@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 
 from prunebench.errors import UserError
-from prunebench.methods.base import Insertion, IntraSchedule, Positions, SelectContext, Stage, register_method
+from prunebench.methods.base import (
+    Insertion,
+    IntraSchedule,
+    Positions,
+    SelectContext,
+    Stage,
+    register_method,
+    top_k_sorted,
+)
 from prunebench.methods.sparsevlm_ops import (
     TABLES,
     rater_scores,
@@ -95,7 +103,7 @@ def sparsevlm(ctx: SelectContext, version: str, layers: list[int] | None) -> tor
     s = ctx.signals
     scores = rater_scores(s["rater_attention"], s["raters"], s["rope_prior"] if v2 else None,
                           PRIORITY_HEADS if v2 else None)
-    kept = scores.topk(ctx.n_keep, dim=-1).indices.sort(dim=-1).values
+    kept = top_k_sorted(scores, ctx.n_keep)
     if v2 or ctx.n_keep >= scores.shape[1]:
         return kept
     return Insertion(kept, recycle(ctx.tokens, scores, kept, ctx.generator))
