@@ -216,12 +216,15 @@ class MethodSpec:
         return [int(c) for c in self.intra.counts(n_layers, layers, n_in, n_keep, **params)]
 
     def intra_plan(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any],
-                   keep: float = 1.0) -> list[tuple[int, int]]:
+                   keep: float = 1.0, selects: list[int] | None = None) -> list[tuple[int, int]]:
         """The documented schedule [(K_s, visual tokens from layer K_s on, extra tokens included), ...]
-        (for an adaptive method: the upper bound n_in per stage; keep: for layer-from-keep methods)."""
+        (for an adaptive method: the upper bound n_in per stage; keep: for layer-from-keep methods;
+        selects: `intra_selects` when the caller has it already)."""
         layers = self.intra_layers(n_layers, params, keep)
+        if selects is None:
+            selects = self.intra_selects(n_layers, n_in, n_keep, params, keep)
         plan, current = [], n_in
-        for k, select in zip(layers, self.intra_selects(n_layers, n_in, n_keep, params, keep), strict=True):
+        for k, select in zip(layers, selects, strict=True):
             kept = min(select, current) if self.intra is not None else select
             extra = self.intra.extra if self.intra is not None else None
             if extra is not None and kept < current:

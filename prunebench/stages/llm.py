@@ -451,8 +451,9 @@ class IntraLLM:
             # no per-token budget: an operating point (VTW) or thresholds (MustDrop) decide the counts
             clamped = clamped and self.method.spec.layer_for_keep is None and not self.method.spec.adaptive
             args = (len(self.seams.decoder_layers), n_now, n_keep, self.method.params)
-            self.state.intra_plan = self.method.spec.intra_plan(*args, keep=self.keep)
             self.state.intra_selects = self.method.spec.intra_selects(*args, keep=self.keep)
+            self.state.intra_plan = self.method.spec.intra_plan(*args, keep=self.keep,
+                                                                selects=self.state.intra_selects)
             # n_visual_in: what the prompt held (an earlier pipeline stage may have pruned before the LLM)
             prior, self._n_entry = self.state.counts, n_now
             self.state.counts = TokenCounts(prior.n_visual_in or n_now, n_now, float(n_now),

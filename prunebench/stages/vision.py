@@ -9,6 +9,7 @@ never reach the first decoder layer.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -68,13 +69,19 @@ class PreLLMSelect:
             self._pending += list(zip(tokens, grids, signals, strict=True))
             self.state.select_at_entry = self._select_at_entry
             return
-        keeps, values = [], []
         with self.timer.span("method"):
-            for x, grid, sig in zip(tokens, grids, signals, strict=True):
-                kept, new = self._select(x, grid, sig)
-                keeps.append(kept)
-                values.append(new)
+            keeps, values = self._select_each(zip(tokens, grids, signals, strict=True))
         self._hand_on(keeps, values)
+
+    def _select_each(self, units: Iterable[tuple[torch.Tensor, tuple[int, int] | None, dict[str, torch.Tensor]]]
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """(tokens [N, D], grid, signals) per image -> its kept indices and new values (None: unchanged)."""
+        keeps, values = [], []
+        for x, grid, sig in units:
+            kept, new = self._select(x, grid, sig)
+            keeps.append(kept)
+            values.append(new)
+        return keeps, values
 
     def _hand_on(self, keeps: list[torch.Tensor], values: list[torch.Tensor | None]) -> None:
         self.state.visual_keep = (self.state.visual_keep or []) + keeps
@@ -86,13 +93,11 @@ class PreLLMSelect:
         image_mask = self.state.image_mask
         if image_mask is None or image_mask.shape != embeds.shape[:2]:
             raise RuntimeError("prunebench: image-token positions unknown at the LLM entry (pass input_ids)")
-        keeps, values = [], []
         with self.timer.span("method"):
             texts = text_embeddings(embeds, image_mask, mask2d, [x.shape[0] for x, _, _ in pending])
-            for (x, grid, sig), text in zip(pending, texts, strict=True):
-                kept, new = self._select(x, grid, {**sig, "text_embeddings": text.to(x.device)})
-                keeps.append(kept)
-                values.append(new)
+            keeps, values = self._select_each(
+                (x, grid, {**sig, "text_embeddings": text.to(x.device)})
+                for (x, grid, sig), text in zip(pending, texts, strict=True))
         self._hand_on(keeps, values)
 
     def _select(self, x: torch.Tensor, grid: tuple[int, int] | None,
