@@ -8,7 +8,16 @@ Staged recipe (the plateau breaker of issue 6 is dense supervision of the vision
   B. projector + language model on the questions, vision encoder frozen (the alignment stage: a
      random projector/LLM must not wreck the encoder's features with its first gradients);
   C. everything on the questions, the dense loss kept as an auxiliary term (weight --aux);
-  D. (optional, --steps-d) as C, with 3/4 of each batch drawn from the --focus families.
+  D. (optional, --steps-d) as C, with 3/4 of each batch drawn from the --focus families;
+  E. (optional, --steps-e) binding: every family in equal shares, fresh AdamW moments and fresh dense
+     heads (with a cell-column head, for spatial), plus attention supervision: at LLM layer
+     --sup-layer, heads 0 and 1 of the answer position are pulled onto the image tokens of the object(s)
+     the question names (spatial: head 0 the first shape, head 1 the second), and at the next layer
+     head 0 onto the line of the right MCQ option. Stages A-D alone leave existence, attribute and
+     spatial at chance: nothing tells the LLM which of 144 tokens a question is about.
+     `--init DIR` starts stage E from a saved stage-D checkpoint (DIR/model.safetensors) instead of
+     training A-D again; the run is the same as the from-scratch one, because E resets the moments
+     and heads either way.
 Data is a pure function of (seed, step), so a rerun with the same arguments resumes from the last
 saved state (`<out>/state/`, safetensors) and reproduces the same run. Held-out accuracy per family
 (first answer token, greedy) is logged every --eval-every steps on the `test` split; the blind floor
@@ -23,6 +32,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +50,7 @@ from prunebench.models import tiny  # noqa: E402
 CLIP_MEAN = torch.tensor(tiny.OPENAI_CLIP_MEAN).view(3, 1, 1)
 CLIP_STD = torch.tensor(tiny.OPENAI_CLIP_STD).view(3, 1, 1)
 DENSE_HEADS = {"kind": len(probe.KINDS), "color": len(probe.COLORS), "digit": 11, "background": len(probe.COLORS)}
+DENSE_HEADS_E = {**DENSE_HEADS, "col": probe.GRID}  # stage E adds the object's cell column (spatial)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +70,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--focus", default="reading",
                    help="stage D: the families to push after C (comma-separated)")
     p.add_argument("--lr-d", type=float, default=3e-4, help="stage D peak learning rate (below --lr: a restart at --lr undoes count)")
+    p.add_argument("--steps-e", type=int, default=0, help="stage E: binding, with attention supervision")
+    p.add_argument("--lr-e", type=float, default=5e-4, help="stage E peak learning rate")
+    p.add_argument("--sup", type=float, default=0.5, help="stage E: weight of the attention-supervision loss")
+    p.add_argument("--sup-layer", type=int, default=1,
+                   help="stage E: LLM layer whose heads 0/1 are pulled onto the named object (the MCQ option at +1)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start stage E from this stage-D checkpoint directory instead of training A-D")
     p.add_argument("--batch-a", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -95,10 +113,10 @@ def build(args: argparse.Namespace):
 class DenseHeads(nn.Module):
     """Per-patch linear classifiers on the features the projector sees (training only, not saved)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, classes: dict[str, int] = DENSE_HEADS) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in DENSE_HEADS.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in classes.items()})
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.norm(feats)
@@ -170,14 +188,21 @@ def train_items(seed: int, step: int, n: int, max_count: int | None = None, focu
     return out
 
 
+def stage_e_items(seed: int, step: int, n: int):
+    """Stage E's batch: every family in equal shares (round-robin), items of their own split."""
+    return [probe.make_scene_qa(step * n + j, seed=seed, split="train-e") for j in range(n)]
+
+
 def dense_targets(scenes: list, grid: int) -> dict[str, torch.Tensor]:
     labels = [probe.patch_labels(s, grid) for s in scenes]
-    return {k: torch.tensor([lab[k] for lab in labels]) for k in DENSE_HEADS}
+    col = [(i % grid) * probe.GRID // grid for i in range(grid * grid)]  # the patch's cell column
+    return {k: torch.tensor([lab[k] for lab in labels]) for k in DENSE_HEADS} | {"col": torch.tensor([col] * len(scenes))}
 
 
 def dense_loss(heads: DenseHeads, feats: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy per patch, object patches x4 (they are the minority and carry the detail)."""
     logits = heads(feats)
+    targets = {k: targets[k] for k in logits}
     weight = 1.0 + 3.0 * (targets["kind"] > 0).float()
     total = feats.new_zeros(())
     for k, y in targets.items():
@@ -264,31 +289,140 @@ def load_state(out: Path, model, heads, opt) -> tuple[int, list[dict]]:
 # -------------------------------------------------------------------------------------- training
 
 
+STAGES = "ABCDE"
+
+
+def bounds(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """[first, last) step of each stage."""
+    out, lo = {}, 0
+    for stage in STAGES:
+        hi = lo + getattr(args, f"steps_{stage.lower()}")
+        out[stage], lo = (lo, hi), hi
+    return out
+
+
 def stage_of(step: int, args: argparse.Namespace) -> str:
-    if step < args.steps_a:
-        return "A"
-    if step < args.steps_a + args.steps_b:
-        return "B"
-    return "C" if step < args.steps_a + args.steps_b + args.steps_c else "D"
+    return next((st for st, (lo, hi) in bounds(args).items() if lo <= step < hi), STAGES[-1])
 
 
 def total_steps(args: argparse.Namespace) -> int:
-    return args.steps_a + args.steps_b + args.steps_c + args.steps_d
+    return bounds(args)["E"][1]
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Per stage: 50-step linear warm-up, cosine decay to 10 %."""
-    bounds = {"A": (0, args.steps_a), "B": (args.steps_a, args.steps_a + args.steps_b),
-              "C": (args.steps_a + args.steps_b, args.steps_a + args.steps_b + args.steps_c),
-              "D": (args.steps_a + args.steps_b + args.steps_c, total_steps(args))}
-    lo, hi = bounds[stage_of(step, args)]
+    stage = stage_of(step, args)
+    lo, hi = bounds(args)[stage]
     t, span = step - lo, max(1, hi - lo)
     warm = min(1.0, (t + 1) / 50)
-    peak = args.lr_d if stage_of(step, args) == "D" and args.lr_d is not None else args.lr
+    peak = {"D": args.lr_d, "E": args.lr_e}.get(stage) or args.lr
     return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / span)))
 
 
-def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: int) -> dict[str, float]:
+# ------------------------------------------------------------------------- stage E: attention supervision
+
+_NAMED = {
+    "existence": re.compile(r"Is there a (\w+) (\w+) in"),
+    "attribute": re.compile(r"What color is the (\w+)\?"),
+    "spatial": re.compile(r"Is the (\w+) to the left or to the right of the (\w+)\?"),
+}
+
+
+def _cell_patches(obj: probe.Obj, grid: int) -> list[int]:
+    per = grid // probe.GRID
+    return [(obj.row * per + r) * grid + obj.col * per + c for r in range(per) for c in range(per)]
+
+
+def named_patches(family: str, scene: probe.Scene, question: str, grid: int) -> tuple[list[int], list[int]]:
+    """Image-token indices (row-major) the question is about, for heads 0 and 1; empty: unsupervised.
+
+    existence: the object(s) of the named colour and shape (none for a "no"); attribute: the named
+    shape; spatial: the first shape (head 0) and the second (head 1); reading: the digit; count: every
+    object; background: none (any token will do).
+    """
+    def cells(pred) -> list[int]:
+        return [i for o in scene.objects if pred(o) for i in _cell_patches(o, grid)]
+
+    if family == "existence":
+        color, kind = _NAMED[family].search(question).groups()
+        hit = cells(lambda o: o.color == color and o.kind == kind)
+        return hit, hit
+    if family == "attribute":
+        kind = _NAMED[family].search(question).group(1)
+        hit = cells(lambda o: o.kind == kind)
+        return hit, hit
+    if family == "spatial":
+        a, b = _NAMED[family].search(question).groups()
+        return cells(lambda o: o.kind == a), cells(lambda o: o.kind == b)
+    if family == "reading":
+        hit = cells(lambda o: o.kind == "digit")
+        return hit, hit
+    if family == "count":
+        hit = cells(lambda o: True)
+        return hit, hit
+    return [], []
+
+
+class AttentionTap:
+    """Attention probabilities of two LLM layers, as the (eager) attention returns them in stage E."""
+
+    def __init__(self, model, layer: int) -> None:
+        layers = model.model.language_model.layers
+        self.layers = (layer, layer + 1)
+        self.probs: dict[int, torch.Tensor] = {}
+        self.handles = [layers[i].self_attn.register_forward_hook(self._hook(i)) for i in self.layers]
+
+    def _hook(self, i: int):
+        def hook(module, args, output) -> None:
+            self.probs[i] = output[1]
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def option_positions(prompts: Prompts, question: str, answer: str) -> list[int]:
+    """Positions (in the expanded prompt) of the tokens on the right MCQ option's line."""
+    text = tiny.llava15_prompt(question)
+    line = f"\n{answer}. "
+    lo = text.index(line) + 1
+    hi = text.find("\n", lo + 1)
+    hi = len(text) if hi < 0 else hi
+    enc = prompts.tok(text, return_offsets_mapping=True)
+    at = enc["input_ids"].index(prompts.image_id)
+    return [j + prompts.n_image - 1 for j, (a, b) in enumerate(enc["offset_mapping"]) if j > at and a < hi and b > lo]
+
+
+def attention_loss(tap: AttentionTap, prompts: Prompts, items, last: torch.Tensor, grid: int) -> torch.Tensor:
+    """-log of the attention mass the answer position puts on what the question names (mean over heads, items)."""
+    image_at = prompts.prompt(items[0][2]).index(prompts.image_id)
+    n = prompts.n_image
+    img = tap.probs[tap.layers[0]][:, :, :, image_at:image_at + n]
+    terms = []
+    for b, (family, scene, question, answer) in enumerate(items):
+        row = int(last[b])
+        for head, patches in enumerate(named_patches(family, scene, question, grid)):
+            if patches:
+                terms.append(-torch.log(img[b, head, row, patches].sum() + 1e-6))
+        if family == "attribute":
+            pos = option_positions(prompts, question, answer)
+            terms.append(-torch.log(tap.probs[tap.layers[1]][b, 0, row, pos].sum() + 1e-6))
+    return torch.stack(terms).mean() if terms else img.new_zeros(())
+
+
+def begin_stage_e(args, model, opt, device) -> DenseHeads:
+    """Fresh AdamW moments and dense heads (seeded), eager attention in the LLM (to read its probabilities)."""
+    opt.state.clear()
+    torch.manual_seed(args.seed + 5)
+    heads = DenseHeads(args.vision_hidden, DENSE_HEADS_E).to(device)
+    opt.param_groups[0]["params"] = list(model.parameters()) + list(heads.parameters())
+    model.model.language_model.set_attn_implementation("eager")
+    return heads
+
+
+def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: int,
+               attn: AttentionTap | None = None) -> dict[str, float]:
     stage = stage_of(step, args)
     vision = model.model.vision_tower
     for group in opt.param_groups:
@@ -301,15 +435,19 @@ def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: i
         parts = {"dense": loss.item()}
     else:
         focus = [f for f in args.focus.split(",") if f] if stage == "D" else None
-        items = train_items(args.seed, step, args.batch, focus=focus)
-        ids, mask, lab, _ = batch_tensors(prompts, [(q, a) for _, _, q, a in items])
+        items = (stage_e_items(args.seed, step, args.batch) if stage == "E"
+                 else train_items(args.seed, step, args.batch, focus=focus))
+        ids, mask, lab, last = batch_tensors(prompts, [(q, a) for _, _, q, a in items])
         px = pixels([probe.render(s) for _, s, _, _ in items]).to(device)
-        vision.requires_grad_(stage in ("C", "D"))
+        vision.requires_grad_(stage != "B")
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=px, labels=lab.to(device))
         loss, parts = out.loss, {"qa": out.loss.item()}
-        if stage in ("C", "D") and args.aux > 0:
+        if stage != "B" and args.aux > 0:
             aux = dense_loss(heads, tap.feats, dense_targets([s for _, s, _, _ in items], grid))
             loss, parts["dense"] = loss + args.aux * aux, aux.item()
+        if stage == "E" and args.sup > 0:
+            sup = attention_loss(attn, prompts, items, last.to(device), grid)
+            loss, parts["attn"] = loss + args.sup * sup, sup.item()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -332,15 +470,30 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}],
                             lr=args.lr, weight_decay=0.0)
     args.out.mkdir(parents=True, exist_ok=True)
+    e_start = bounds(args)["E"][0]
+    saved = args.out / "state" / "progress.json"
+    saved_step = json.loads(saved.read_text())["step"] if saved.is_file() else 0
+    e_ready = bool(args.steps_e) and saved_step >= e_start
+    if e_ready:  # resuming inside stage E: E's heads and attention before its saved state
+        heads = begin_stage_e(args, model, opt, device)
     step, log = load_state(args.out, model, heads, opt)
+    if step == 0 and args.init is not None:  # stage E from a saved stage-D checkpoint
+        if not args.steps_e:
+            raise SystemExit("--init starts stage E: give --steps-e > 0")
+        model.load_state_dict(type(model).from_pretrained(args.init).state_dict())  # HF key mapping, safetensors
+        step = e_start
+        print(f"[train_probe] stage-D weights from {args.init}, starting stage E at step {step}", flush=True)
     tap = FeatureTap(model)
+    attn = AttentionTap(model, args.sup_layer) if args.steps_e else None
     total = total_steps(args)
     wall0 = time.time() - sum(e.get("seconds", 0.0) for e in log[-1:])
     print(f"[train_probe] {sum(p.numel() for p in model.parameters()):,} params, device {device}, "
           f"resuming at step {step}/{total}", flush=True)
     t_last = time.time()
     while step < total:
-        parts = train_step(step, args, model, heads, tap, prompts, opt, device, grid)
+        if step == e_start and not e_ready:
+            heads, e_ready = begin_stage_e(args, model, opt, device), True
+        parts = train_step(step, args, model, heads, tap, prompts, opt, device, grid, attn)
         step += 1
         if step % 20 == 0:
             rate = 20 / (time.time() - t_last)
@@ -357,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.append({"step": step, "seconds": time.time() - wall0})
             save_state(args.out, step, model, heads, opt, log)
     tap.handle.remove()
+    if attn is not None:
+        attn.remove()
+        model.model.language_model.set_attn_implementation("sdpa")  # the checkpoint runs as it ships
     finish(args, model, processor, prompts, device, log)
     return 0
 
