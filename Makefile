@@ -37,7 +37,7 @@ report: setup
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)
 
-probe: setup         ## retrain the probe LLaVA (issue 6; ~30 min on 1 CPU thread), install it, measure pruning per family
+probe: setup         ## retrain the probe LLaVA (issue 6; ~75 min on 1 CPU thread), install it, measure pruning per family
 	$(BIN)/python scripts/train_probe.py --out runs/probe_llava $(ARGS)
 	rm -rf checkpoints/probe_llava && cp -r runs/probe_llava/final checkpoints/probe_llava
 	$(BIN)/python scripts/measure_probe.py

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from collections import Counter, deque
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -336,6 +338,58 @@ def test_training_state_resumes_exactly(trainer, tmp_path) -> None:
     trainer.train_step(3, args, model2, heads2, tap2, prompts, opt2, torch.device("cpu"), 12)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+@pytest.mark.parametrize("family", ["existence", "attribute", "spatial"])
+def test_stage_e_supervision_names_what_the_question_names(trainer, family: str) -> None:
+    """Stage E's attention targets: the named words, the image tokens of the objects they name, the right option."""
+    args = trainer.parse(["--vision-layers", "1", "--text-layers", "1"])
+    _, processor = trainer.build(args)
+    prompts, tok = trainer.Prompts(processor, 144), processor.tokenizer
+    checked = 0
+    for i in range(probe.FAMILIES.index(family), 6 * 40, 6):
+        fam, scene, question, answer = probe.make_scene_qa(i, split="test")
+        ids = prompts.prompt(question)
+        at = ids.index(prompts.image_id)
+        image = np.asarray(probe.render(scene))
+        for offset, head, query, keys in trainer.supervision(prompts, fam, scene, question, answer, 12):
+            assert 0 <= offset <= 2 and head in (0, 1) and keys
+            if offset == 0:  # a named word -> every image token of the objects it names
+                word = tok.decode([ids[query]]).strip()
+                named = [o for o in scene.objects if word in (o.kind, o.color)]
+                cells = {(r // 4, c // 4) for r, c in (divmod(k - at, 12) for k in keys)}
+                assert all(at <= k < at + 144 for k in keys) and len(keys) == 16 * len(named)
+                assert cells == {(o.row, o.col) for o in named}
+                for o in named:  # the object's own colour is drawn at its cell's centre
+                    assert tuple(image[o.row * 32 + 16, o.col * 32 + 16]) == probe.COLORS[o.color]
+            elif offset == 1:  # the answer position -> a named word
+                assert query is None and tok.decode([ids[k] for k in keys]).strip() in question
+            else:  # the answer position -> the right option's line
+                shape = re.search(r"color is the (\w+)\?", question).group(1)
+                color = next(o.color for o in scene.objects if o.kind == shape)
+                assert tok.decode([ids[k] for k in keys]).strip() == f"{answer}. {color}"
+            checked += 1
+    assert checked >= 40 * (3 if family == "attribute" else 4) - 40  # every item supervised ("no" colours may be absent)
+
+
+def test_stage_e_from_a_stage_d_checkpoint_equals_the_full_run(trainer, tmp_path) -> None:
+    """--init DIR (a stage-D checkpoint) then E gives the weights the uninterrupted A-E run gives."""
+    import torch
+    from safetensors.torch import load_file
+
+    tiny_run = ["--vision-layers", "2", "--text-layers", "3", "--batch-a", "4", "--batch", "6", "--steps-a", "2",
+                "--steps-b", "1", "--steps-c", "1", "--steps-d", "1", "--final-eval-n", "1", "--save-every", "50"]
+    assert trainer.main([*tiny_run, "--out", str(tmp_path / "full"), "--steps-e", "2"]) == 0
+    assert trainer.main([*tiny_run, "--out", str(tmp_path / "d"), "--steps-e", "0"]) == 0
+    assert trainer.main([*tiny_run, "--out", str(tmp_path / "e"), "--steps-e", "2", "--init", str(tmp_path / "d" / "final")]) == 0
+    full, resumed = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("full", "e"))
+    d_only = load_file(tmp_path / "d" / "final" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for name, w in full.items():
+        assert torch.allclose(w, resumed[name], atol=1e-6), name
+    assert any(not torch.equal(w, d_only[name]) for name, w in full.items())  # stage E did train
+    config = json.loads((tmp_path / "e" / "final" / "config.json").read_text())
+    assert "eager" not in json.dumps(config)  # the checkpoint ships with the attention it was loaded with
 
 
 def test_bridge_writes_the_probe_tsv_on_demand(tmp_path) -> None:
