@@ -9,15 +9,15 @@ Staged recipe (the plateau breaker of issue 6 is dense supervision of the vision
      random projector/LLM must not wreck the encoder's features with its first gradients);
   C. everything on the questions, the dense loss kept as an auxiliary term (weight --aux);
   D. (optional, --steps-d) as C, with 3/4 of each batch drawn from the --focus families;
-  E. (optional, --steps-e) binding: every family in equal shares, fresh AdamW moments and fresh dense
-     heads (with a cell-column head, for spatial), plus attention supervision: at LLM layer
-     --sup-layer, heads 0 and 1 of the answer position are pulled onto the image tokens of the object(s)
-     the question names (spatial: head 0 the first shape, head 1 the second), and at the next layer
-     head 0 onto the line of the right MCQ option. Stages A-D alone leave existence, attribute and
-     spatial at chance: nothing tells the LLM which of 144 tokens a question is about.
-     `--init DIR` starts stage E from a saved stage-D checkpoint (DIR/model.safetensors) instead of
-     training A-D again; the run is the same as the from-scratch one, because E resets the moments
-     and heads either way.
+  E. (--steps-e, 0 to skip) binding: every family in equal shares, fresh AdamW moments and fresh dense
+     heads (with a cell-column head, for spatial), plus attention supervision read from the LLM's own
+     (eager, training-only) attention at layers --sup-layer .. +2 (`supervision()`): each named word
+     -> the image tokens of the objects it names; the answer position -> the named words; the answer
+     position -> the right MCQ option's line. Stages A-D alone leave existence, attribute and spatial
+     at chance: nothing carries the question's words to the image tokens they are about.
+     `--init DIR` starts stage E from a saved stage-D checkpoint (an HF checkpoint directory) instead
+     of training A-D again; the weights are the from-scratch run's, because E resets the moments and
+     heads either way.
 Data is a pure function of (seed, step), so a rerun with the same arguments resumes from the last
 saved state (`<out>/state/`, safetensors) and reproduces the same run. Held-out accuracy per family
 (first answer token, greedy) is logged every --eval-every steps on the `test` split; the blind floor
