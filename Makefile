@@ -9,7 +9,7 @@ ARGS   ?=
 METHODS ?= random_pre,pooling_pre,divprune,fastervlm,random_intra,fastv,dart
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test probe
+.PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test probe probe-qwen
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ probe: setup         ## retrain the probe LLaVA (issue 6; ~75 min on 1 CPU threa
 	rm -rf checkpoints/probe_llava && cp -r runs/probe_llava/final checkpoints/probe_llava
 	$(BIN)/python scripts/measure_probe.py
 
+probe-qwen: setup    ## the same for the Qwen2.5-VL-architecture probe (card: recipe and wall time)
+	$(BIN)/python scripts/train_probe.py --family qwen2_5_vl --out runs/probe_qwen25vl $(ARGS)
+	rm -rf checkpoints/probe_qwen25vl && cp -r runs/probe_qwen25vl/final checkpoints/probe_qwen25vl
+	$(BIN)/python scripts/measure_probe.py --model probe_qwen25vl
+
 # Optional VLMEvalKit backend (README: "VLMEvalKit backend"): its own venv, VLMEVAL_PYTHON=<venv>/bin/python
 VLMEVAL_PYTHON ?= $(BIN)/python
 
@@ -57,4 +62,4 @@ lint: setup
 
 clean:
 	rm -rf results/*/ .pytest_cache .ruff_cache
-	find checkpoints -mindepth 1 -maxdepth 1 ! -name probe_llava -exec rm -rf {} + 2>/dev/null || true  # the trained probe is committed
+	find checkpoints -mindepth 1 -maxdepth 1 ! -name probe_llava ! -name probe_qwen25vl -exec rm -rf {} + 2>/dev/null || true  # the trained probes are committed

@@ -1,8 +1,8 @@
 """Pruning on the trained probe: vanilla and random_pre at keep 0.333 / 0.222 / 0.111, per family.
 
-    python scripts/measure_probe.py [--per-family 500] [--card checkpoints/probe_llava/README.md]
+    python scripts/measure_probe.py [--per-family 500] [--model probe_llava] [--card checkpoints/probe_llava/README.md]
 
-Runs the normal job runner (`python -m prunebench`, model=probe_llava dataset=probe) so the numbers
+Runs the normal job runner (`python -m prunebench`, model=<--model> dataset=probe) so the numbers
 are the records' own, then writes the per-family table between the card's `pruning` markers and
 checks what issue 6 asks: detail-dependent families degrade monotonically as keep falls, and the
 coarse control stays within 5 points of vanilla.
@@ -34,9 +34,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keeps", default="0.333,0.222,0.111")
     p.add_argument("--results", type=Path, default=None,
                    help="default results/probe-measure/<weights hash>: new weights never reuse old records")
-    p.add_argument("--card", type=Path, default=ROOT / "checkpoints" / "probe_llava" / "README.md")
-    p.add_argument("--model", default="probe_llava")
-    return p.parse_args(argv)
+    p.add_argument("--card", type=Path, default=None, help="default: README.md in the model's checkpoint directory")
+    p.add_argument("--model", default="probe_llava", help="a trained probe in configs/model/ (probe_llava, probe_qwen25vl)")
+    args = p.parse_args(argv)
+    if args.card is None:
+        cfg = yaml.safe_load((ROOT / "configs" / "model" / f"{args.model}.yaml").read_text())
+        args.card = ROOT / cfg["path"] / "README.md"
+    return args
 
 
 def families() -> list[str]:
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     device = next(r.device for r in collect(args.results) if r.method == "vanilla")
     text = (f"## Pruning: random_pre per family ({args.per_family} questions per family, `dataset=probe "
             f"dataset.n={n}`, generated answers scored by exact match)\n\n"
-            f"Measured with `python scripts/measure_probe.py --per-family {args.per_family}` on "
+            f"Measured with `python scripts/measure_probe.py"
+            f"{'' if args.model == 'probe_llava' else ' --model ' + args.model} --per-family {args.per_family}` on "
             f"{device.get('name', '?')} ({device.get('torch_threads', '?')} thread); random_pre seed 0.\n\n"
             f"{rows}\n")
     write_card(args.card, text)

@@ -1,6 +1,7 @@
-"""Train the tiny LLaVA probe on the generated probe suite (`prunebench/data/probe.py`), CPU or GPU.
+"""Train a tiny probe (LLaVA-1.5 or Qwen2.5-VL architecture) on the generated probe suite (`prunebench/data/probe.py`), CPU or GPU.
 
     python scripts/train_probe.py --out runs/probe_llava [--seed 0] [--steps-a 300 --steps-b 800 --steps-c 800 --steps-d 800 --focus reading --lr-d 3e-4 --steps-e 1500 --lr-e 1e-3 --sup 1.0]
+    python scripts/train_probe.py --family qwen2_5_vl    # the same recipe, Qwen2.5-VL architecture, runs/probe_qwen25vl
 
 Staged recipe (the plateau breaker of issue 6 is dense supervision of the vision encoder):
   A. vision encoder alone on dense per-patch labels (object kind, colour, digit, background colour;
@@ -23,7 +24,10 @@ saved state (`<out>/state/`, safetensors) and reproduces the same run. Held-out 
 (first answer token, greedy) is logged every --eval-every steps on the `test` split; the blind floor
 is the same measurement with zero visual tokens (the image placeholder removed from the prompt).
 The final checkpoint (`<out>/final/`: safetensors, tokenizer, processor, README.md card) loads with
-`LlavaForConditionalGeneration.from_pretrained`.
+`LlavaForConditionalGeneration.from_pretrained` (`Qwen2_5_VLForConditionalGeneration` for --family qwen2_5_vl).
+What differs between the families (model, processor, prompts, pixels, the features the dense heads
+read) is in one object per family, `LlavaProbe` / `QwenProbe`; stages, losses, data, state and
+evaluation are shared.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunebench.data import probe  # noqa: E402
-from prunebench.models import tiny  # noqa: E402
+from prunebench.models import tiny, tiny_qwen  # noqa: E402
 
 CLIP_MEAN = torch.tensor(tiny.OPENAI_CLIP_MEAN).view(3, 1, 1)
 CLIP_STD = torch.tensor(tiny.OPENAI_CLIP_STD).view(3, 1, 1)
@@ -55,10 +59,12 @@ DENSE_HEADS_E = {**DENSE_HEADS, "col": probe.GRID}  # stage E adds the object's 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("runs/probe_llava"))
+    p.add_argument("--family", choices=sorted(FAMILIES), default="llava", help="the architecture to train")
+    p.add_argument("--out", type=Path, default=None, help="default runs/probe_llava, runs/probe_qwen25vl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="ViT patch: default 8 (llava), 4 (qwen2_5_vl: with the 2x2 merge, 144 tokens either way)")
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=4)
@@ -87,27 +93,176 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="auto")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    family = FAMILIES[args.family]
+    args.out = args.out if args.out is not None else Path(f"runs/{family.run_name}")
+    args.patch_size = args.patch_size or family.patch_size
+    return args
 
 
 # ---------------------------------------------------------------------------- model and tokens
 
 
-def tokenizer_corpus() -> list[str]:
-    corpus = probe.all_questions() + probe.all_answers() + ["USER:", "ASSISTANT:"]
+def tokenizer_corpus(family: str = "llava") -> list[str]:
+    """Every probe question and answer, plus the family's chat scaffolding (so roles are whole tokens)."""
+    corpus = probe.all_questions() + probe.all_answers()
+    if family == "qwen2_5_vl":
+        corpus += ["user", "assistant"] + [f"user\n{q}" for q in probe.all_questions()]
+        return corpus + [f"assistant\n{a}" for a in probe.all_answers()]
+    corpus += ["USER:", "ASSISTANT:"]
     corpus += [f"USER: \n{q} ASSISTANT:" for q in probe.all_questions()]
     return corpus + [f"ASSISTANT: {a}" for a in probe.all_answers()]
 
 
+class LlavaProbe:
+    """LLaVA-1.5: CLIP (patch 8 -> 12x12 patches), 2-layer projector, Llama; `<image>` -> 144 tokens."""
+
+    name, run_name, patch_size = "llava", "probe_llava", 8
+    image_token = tiny.IMAGE_TOKEN
+    blind_cut = (0, 0)  # tokens removed before/after the image placeholder for the blind prompt
+    blind_how = "the <image> placeholder removed"
+    answer_prefix = " "  # "ASSISTANT: 3"
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    @staticmethod
+    def build(args: argparse.Namespace):
+        tokenizer = tiny.build_tokenizer(tokenizer_corpus())
+        config = tiny.build_config(
+            tokenizer, image_size=args.image_size, patch_size=args.patch_size, vision_layers=args.vision_layers,
+            vision_hidden=args.vision_hidden, vision_heads=4, text_layers=args.text_layers,
+            text_hidden=args.text_hidden, text_heads=4, text_kv_heads=None, intermediate_mult=4)
+        model = tiny.build_model(config, args.seed)
+        processor = tiny.build_processor(args.image_size, args.patch_size, tokenizer)
+        return model, processor
+
+    @staticmethod
+    def grid(args: argparse.Namespace) -> int:
+        return args.image_size // args.patch_size
+
+    def prompt_text(self, question: str) -> str:
+        return tiny.llava15_prompt(question)
+
+    def vision_inputs(self, images: list, ids: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        """The forward's image arguments for a batch (`ids`: its input_ids)."""
+        return {"pixel_values": pixels(images).to(device)}
+
+    def run_vision(self, model, images: list, device) -> None:
+        """Stage A: the vision encoder alone (the tap catches the features)."""
+        model.model.vision_tower(pixels(images).to(device))
+
+    def encoder(self, model) -> nn.Module:
+        """What stage B freezes."""
+        return model.model.vision_tower
+
+    def tap(self, model) -> FeatureTap:
+        return FeatureTap(model)
+
+    @staticmethod
+    def tap_hidden(args: argparse.Namespace) -> int:
+        return args.vision_hidden
+
+    @classmethod
+    def describe(cls, args: argparse.Namespace, n_params: int) -> str:
+        return f"""A {n_params:,}-parameter model of the LLaVA-1.5 architecture
+(`LlavaForConditionalGeneration`: CLIP {args.vision_layers}x{args.vision_hidden}, patch {args.patch_size},
+{args.image_size} px -> {(args.image_size // args.patch_size) ** 2} visual tokens; 2-layer GELU projector;
+Llama {args.text_layers}x{args.text_hidden})"""
+
+
+class QwenProbe:
+    """Qwen2.5-VL: ViT (patch 4 -> 24x24 patches, window attention) with the 2x2 merger (-> 12x12 = 144
+    LLM tokens, the LLaVA probe's count), Qwen2 decoder with 3-D M-RoPE.
+
+    Windows of 32 px are 8x8 patches, as the real model's 112 px at patch 14, and here one probe cell
+    each; blocks 1 and 3 attend globally (the real model: every 8th, the last included). The dense heads
+    read the merger output (`visual(...).pooler_output`: the 144 tokens the LLM gets, back in row-major
+    order after the ViT's window permutation), so `probe.patch_labels(scene, 12)` lines up with them.
+    """
+
+    name, run_name, patch_size = "qwen2_5_vl", "probe_qwen25vl", 4
+    image_token = tiny_qwen.IMAGE_PAD
+    blind_cut = (1, 1)  # <|vision_start|> and <|vision_end|> go with the image: the text-only prompt
+    blind_how = "the <|vision_start|><|image_pad|><|vision_end|> block removed: the text-only prompt"
+    answer_prefix = ""  # "<|im_start|>assistant\n3"
+    window_px, fullatt = 32, (1, 3)
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.image_id = processor.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @classmethod
+    def build(cls, args: argparse.Namespace):
+        tokenizer = tiny_qwen.build_qwen_tokenizer(tokenizer_corpus(cls.name))
+        config = tiny_qwen.build_qwen2_5_vl_config(
+            tokenizer, patch_size=args.patch_size, vision_depth=args.vision_layers, vision_hidden=args.vision_hidden,
+            vision_heads=4, out_hidden=args.text_hidden, window_size=cls.window_px, fullatt_block_indexes=cls.fullatt,
+            text_layers=args.text_layers, text_hidden=args.text_hidden, text_heads=4, text_kv_heads=4,
+            intermediate_mult=4)
+        model = tiny_qwen.build_qwen_model(tiny_qwen.MODEL_CLASSES[cls.name], config, args.seed)
+        n = cls.grid(args) ** 2  # min = max tokens: a probe image stays at its size
+        processor = tiny_qwen.build_qwen_processor(cls.name, patch_size=args.patch_size, min_tokens=n,
+                                                   max_tokens=n, tokenizer=tokenizer)
+        return model, processor
+
+    @staticmethod
+    def grid(args: argparse.Namespace) -> int:
+        return args.image_size // (args.patch_size * tiny_qwen.MERGE_SIZE)
+
+    def prompt_text(self, question: str) -> str:
+        return tiny_qwen.qwen_vl_prompt(question)
+
+    def pixels(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values [B*576, 96] (patches grouped 2x2, as the merger reads them) and image_grid_thw [B, 3],
+        from the processor's own image processor (fast enough here: ~3 ms an image)."""
+        out = self.processor.image_processor(images, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def vision_inputs(self, images: list, ids: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        px, thw = self.pixels(images)
+        # text 0, image 1, as the processor's mm_token_type_ids: without them 2.5-VL silently uses 1-D positions
+        return {"pixel_values": px.to(device), "image_grid_thw": thw.to(device),
+                "mm_token_type_ids": (ids == self.image_id).long().to(device)}
+
+    def run_vision(self, model, images: list, device) -> None:
+        px, thw = self.pixels(images)
+        model.model.visual(px.to(device), grid_thw=thw.to(device))
+
+    def encoder(self, model) -> nn.Module:
+        """The ViT without its merger: stage B trains the merger (the projector) with the LLM."""
+        visual = model.model.visual
+        return nn.ModuleList([visual.patch_embed, visual.blocks])
+
+    def tap(self, model) -> MergedTap:
+        return MergedTap(model)
+
+    @staticmethod
+    def tap_hidden(args: argparse.Namespace) -> int:
+        return args.text_hidden
+
+    @classmethod
+    def describe(cls, args: argparse.Namespace, n_params: int) -> str:
+        g = cls.grid(args)
+        return f"""A {n_params:,}-parameter model of the Qwen2.5-VL architecture
+(`Qwen2_5_VLForConditionalGeneration`: ViT {args.vision_layers}x{args.vision_hidden}, patch {args.patch_size},
+windows of {cls.window_px} px with full attention in blocks {", ".join(map(str, cls.fullatt))},
+{args.image_size} px -> {2 * g}x{2 * g} patches -> 2x2 merger -> {g * g} visual tokens;
+Qwen2 {args.text_layers}x{args.text_hidden} with 3-D M-RoPE; the dense heads of the recipe read the merger
+output, so "vision encoder" below means ViT + merger in stage A and the ViT alone in stage B)"""
+
+
+FAMILIES = {"llava": LlavaProbe, "qwen2_5_vl": QwenProbe}
+
+
 def build(args: argparse.Namespace):
-    tokenizer = tiny.build_tokenizer(tokenizer_corpus())
-    config = tiny.build_config(
-        tokenizer, image_size=args.image_size, patch_size=args.patch_size, vision_layers=args.vision_layers,
-        vision_hidden=args.vision_hidden, vision_heads=4, text_layers=args.text_layers,
-        text_hidden=args.text_hidden, text_heads=4, text_kv_heads=None, intermediate_mult=4)
-    model = tiny.build_model(config, args.seed)
-    processor = tiny.build_processor(args.image_size, args.patch_size, tokenizer)
-    return model, processor
+    """(model, processor) of args.family, seeded by args.seed."""
+    return FAMILIES[args.family].build(args)
+
+
+def probe_family(processor) -> LlavaProbe | QwenProbe:
+    """The family object for a processor the script built (or saved and loaded back)."""
+    return QwenProbe(processor) if isinstance(processor, tiny_qwen.Qwen2_5_VLProcessor) else LlavaProbe(processor)
 
 
 class DenseHeads(nn.Module):
@@ -134,22 +289,26 @@ class Prompts:
     """Token ids of prompts and answers, cached per string (the template set is small)."""
 
     def __init__(self, processor, n_image: int) -> None:
+        self.family = probe_family(processor)
         self.tok = processor.tokenizer
-        self.image_id = self.tok.convert_tokens_to_ids(tiny.IMAGE_TOKEN)
+        self.image_id = self.tok.convert_tokens_to_ids(self.family.image_token)
         self.n_image = n_image
         self.cache: dict[tuple[str, bool], list[int]] = {}
 
     def prompt(self, question: str, blind: bool = False) -> list[int]:
+        """The expanded prompt; blind: the image placeholder (and the family's markers around it) removed."""
         key = (question, blind)
         if key not in self.cache:
-            ids = self.tok(tiny.llava15_prompt(question))["input_ids"]
+            ids = self.tok(self.family.prompt_text(question))["input_ids"]
             at = ids.index(self.image_id)
+            before, after = self.family.blind_cut if blind else (0, 0)
             fill = [] if blind else [self.image_id] * self.n_image
-            self.cache[key] = ids[:at] + fill + ids[at + 1:]
+            self.cache[key] = ids[:at - before] + fill + ids[at + 1 + after:]
         return self.cache[key]
 
     def answer(self, answer: str) -> list[int]:
-        return self.tok(" " + answer, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        ids = self.tok(self.family.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+        return ids + [self.tok.eos_token_id]
 
 
 def batch_tensors(prompts: Prompts, qa: list[tuple[str, str]], blind: bool = False, with_answer: bool = True):
@@ -224,6 +383,21 @@ class FeatureTap:
         self.feats = out[:, 1:]  # drop CLS, as the "default" feature strategy does
 
 
+class MergedTap:
+    """Qwen2.5-VL: captures the merger output the LLM receives, [B, 144, hidden] in row-major token order
+    (the vision tower undoes its window permutation after the merger)."""
+
+    def __init__(self, model) -> None:
+        self.feats: torch.Tensor | None = None
+        self.handle = model.model.visual.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        n = int(grid_thw[0].prod()) // module.spatial_merge_unit  # tokens per image (all images the same size)
+        merged = output.pooler_output
+        self.feats = merged.view(-1, n, merged.shape[-1])
+
+
 # ------------------------------------------------------------------------------------- evaluation
 
 
@@ -237,7 +411,7 @@ def evaluate(model, prompts: Prompts, n_per_family: int, device, blind: bool = F
     for start in range(0, n, bs):
         items = [probe.make_scene_qa(i, seed=seed, split="test") for i in range(start, min(n, start + bs))]
         ids, mask, _, last = batch_tensors(prompts, [(q, a) for _, _, q, a in items], blind, with_answer=False)
-        kwargs = {} if blind else {"pixel_values": pixels([probe.render(s) for _, s, _, _ in items]).to(device)}
+        kwargs = {} if blind else prompts.family.vision_inputs([probe.render(s) for _, s, _, _ in items], ids, device)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
         pred = logits[torch.arange(len(items)), last.to(device)].argmax(-1).cpu()
         for (family, _, _, answer), p in zip(items, pred, strict=True):
@@ -359,7 +533,7 @@ def supervision(prompts: Prompts, family: str, scene: probe.Scene, question: str
     """
     if family not in _NAMED:
         return []
-    text = tiny.llava15_prompt(question)
+    text = prompts.family.prompt_text(question)
     m = _NAMED[family].search(text)
     image_at = prompts.prompt(question).index(prompts.image_id)
 
@@ -425,7 +599,7 @@ def begin_stage_e(args, model, opt, device) -> DenseHeads:
     """Fresh AdamW moments and dense heads (seeded), eager attention in the LLM (to read its probabilities)."""
     opt.state.clear()
     torch.manual_seed(args.seed + 5)
-    heads = DenseHeads(args.vision_hidden, DENSE_HEADS_E).to(device)
+    heads = DenseHeads(FAMILIES[args.family].tap_hidden(args), DENSE_HEADS_E).to(device)
     opt.param_groups[0]["params"] = list(model.parameters()) + list(heads.parameters())
     model.model.language_model.set_attn_implementation("eager")
     return heads
@@ -434,13 +608,13 @@ def begin_stage_e(args, model, opt, device) -> DenseHeads:
 def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: int,
                attn: AttentionTap | None = None) -> dict[str, float]:
     stage = stage_of(step, args)
-    vision = model.model.vision_tower
+    family = prompts.family
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args) * group.get("scale", 1.0)
     if stage == "A":
         ramp = 2 if step < args.steps_a // 2 else None  # curriculum: two shapes at most, first half
         items = train_items(args.seed, step, args.batch_a, max_count=ramp or probe.MAX_COUNT)
-        vision(pixels([probe.render(s) for _, s, _, _ in items]).to(device))
+        family.run_vision(model, [probe.render(s) for _, s, _, _ in items], device)
         loss = dense_loss(heads, tap.feats, dense_targets([s for _, s, _, _ in items], grid))
         parts = {"dense": loss.item()}
     else:
@@ -448,9 +622,9 @@ def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: i
         items = (stage_e_items(args.seed, step, args.batch) if stage == "E"
                  else train_items(args.seed, step, args.batch, focus=focus))
         ids, mask, lab, last = batch_tensors(prompts, [(q, a) for _, _, q, a in items])
-        px = pixels([probe.render(s) for _, s, _, _ in items]).to(device)
-        vision.requires_grad_(stage != "B")
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=px, labels=lab.to(device))
+        vision = family.vision_inputs([probe.render(s) for _, s, _, _ in items], ids, device)
+        family.encoder(model).requires_grad_(stage != "B")
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device), **vision)
         loss, parts = out.loss, {"qa": out.loss.item()}
         if stage != "B" and args.aux > 0:
             aux = dense_loss(heads, tap.feats, dense_targets([s for _, s, _, _ in items], grid))
@@ -474,8 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model, processor = build(args)
     model.to(device).train()
-    heads = DenseHeads(args.vision_hidden).to(device)
-    grid = args.image_size // args.patch_size
+    family = FAMILIES[args.family]
+    heads = DenseHeads(family.tap_hidden(args)).to(device)
+    grid = family.grid(args)
     prompts = Prompts(processor, grid * grid)
     opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}],
                             lr=args.lr, weight_decay=0.0)
@@ -496,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(type(model).from_pretrained(args.init).state_dict())  # HF key mapping, safetensors
         step = e_start
         print(f"[train_probe] stage-D weights from {args.init}, starting stage E at step {step}", flush=True)
-    tap = FeatureTap(model)
+    tap = prompts.family.tap(model)
     attn = AttentionTap(model, args.sup_layer) if args.steps_e else None
     total = total_steps(args)
     wall0 = time.time() - sum(e.get("seconds", 0.0) for e in log[-1:])
@@ -546,7 +721,7 @@ def finish(args, model, processor, prompts, device, log: list[dict]) -> None:
     processor.save_pretrained(final)
     kept = [f for f in probe.FAMILIES if acc[f] >= TARGET and acc[f] - blind[f] >= MARGIN]
     floor = {"dataset": {"kind": "probe", "seed": 0, "image_size": args.image_size}, "metrics": blind,
-             "how": f"zero visual tokens (the <image> placeholder removed), greedy first answer token, "
+             "how": f"zero visual tokens ({FAMILIES[args.family].blind_how}), greedy first answer token, "
                     f"first {args.final_eval_n} items per family of the test split",
              "vanilla_first_token": acc, "kept": kept}
     (final / "blind_floor.json").write_text(json.dumps(floor, indent=1) + "\n")
@@ -576,7 +751,9 @@ def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list
          device) -> str:
     wall = log[-1]["seconds"] if log else 0.0
     steps = total_steps(args)
-    command = (f"python scripts/train_probe.py --out {args.out} --seed {args.seed} --steps-a {args.steps_a} "
+    family = FAMILIES[args.family]
+    command = (f"python scripts/train_probe.py{'' if family.name == 'llava' else ' --family ' + family.name} "
+               f"--out {args.out} --seed {args.seed} --steps-a {args.steps_a} "
                f"--steps-b {args.steps_b} --steps-c {args.steps_c}"
                + (f" --steps-d {args.steps_d} --focus {args.focus} --lr-d {args.lr_d or args.lr}"
                   if args.steps_d else "")
@@ -596,14 +773,11 @@ def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
-tags: [prunebench, llava, probe, synthetic]
+tags: [prunebench, {family.name}, probe, synthetic]
 ---
-# prunebench probe-llava (trained)
+# prunebench {family.run_name.replace("_", "-")} (trained)
 
-A {sum(p.numel() for p in model.parameters()):,}-parameter model of the LLaVA-1.5 architecture
-(`LlavaForConditionalGeneration`: CLIP {args.vision_layers}x{args.vision_hidden}, patch {args.patch_size},
-{args.image_size} px -> {(args.image_size // args.patch_size) ** 2} visual tokens; 2-layer GELU projector;
-Llama {args.text_layers}x{args.text_hidden}), trained from scratch by prunebench on its generated probe
+{family.describe(args, sum(p.numel() for p in model.parameters()))}, trained from scratch by prunebench on its generated probe
 suite (`prunebench/data/probe.py`, `dataset=probe`). Loads with `from_pretrained` (safetensors, no
 remote code). Nothing was downloaded.
 

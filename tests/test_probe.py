@@ -245,17 +245,17 @@ def test_report_prints_the_floor_beside_vanilla(tmp_path) -> None:
 
 # ------------------------------------------------------------------ the committed, trained checkpoint
 
-PROBE_CFG = Path(__file__).resolve().parents[1] / "configs" / "model" / "probe_llava.yaml"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def probe_model():
+@pytest.fixture(scope="module", params=["probe_llava", "probe_qwen25vl"])
+def probe_model(request):
     import yaml
 
     from prunebench.models.loader import load_model
 
-    cfg = yaml.safe_load(PROBE_CFG.read_text())
-    if not (PROBE_CFG.parents[2] / cfg["path"] / "config.json").is_file():
+    cfg = yaml.safe_load((ROOT / "configs" / "model" / f"{request.param}.yaml").read_text())
+    if not (ROOT / cfg["path"] / "config.json").is_file():
         pytest.skip("the trained probe checkpoint is not in this checkout")
     import torch
 
@@ -271,7 +271,7 @@ def test_trained_probe_loads_as_meaningful_and_beats_its_floor(probe_model) -> N
 
     cfg, loaded = probe_model
     assert loaded.accuracy_meaningful and loaded.weights == "pretrained"
-    floor = json.loads((PROBE_CFG.parents[2] / cfg["blind_floor"]).read_text())
+    floor = json.loads((ROOT / cfg["blind_floor"]).read_text())
     ds = build_dataset({"kind": "probe", "name": "probe", "n": 16, "families": ["background"]})
     hits = 0
     for it in ds.items():
@@ -340,10 +340,11 @@ def test_training_state_resumes_exactly(trainer, tmp_path) -> None:
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("family", ["existence", "attribute", "spatial"])
-def test_stage_e_supervision_names_what_the_question_names(trainer, family: str) -> None:
+def test_stage_e_supervision_names_what_the_question_names(trainer, family: str, arch: str) -> None:
     """Stage E's attention targets: the named words, the image tokens of the objects they name, the right option."""
-    args = trainer.parse(["--vision-layers", "1", "--text-layers", "1"])
+    args = trainer.parse(["--vision-layers", "1", "--text-layers", "1", "--family", arch])
     _, processor = trainer.build(args)
     prompts, tok = trainer.Prompts(processor, 144), processor.tokenizer
     checked = 0
@@ -405,3 +406,112 @@ def test_bridge_writes_the_probe_tsv_on_demand(tmp_path) -> None:
     _, rows = tsv.read_tsv(data.root / f"{data.name}.tsv")
     assert data.scorer == "shapes" and len(rows) == 12 and {r["category"] for r in rows} == {"reading"}
     assert [r["answer"] for r in rows] == [it.answer for it in probe.build_probe(12, families=["reading"])]
+
+
+# ------------------------------------------------------- training script, Qwen2.5-VL family (--family qwen2_5_vl)
+
+QWEN_SMALL = ["--family", "qwen2_5_vl", "--vision-layers", "2", "--text-layers", "2"]
+
+
+@pytest.fixture(scope="module")
+def qwen_built(trainer):
+    args = trainer.parse(QWEN_SMALL)
+    model, processor = trainer.build(args)
+    return args, model, processor
+
+
+def test_qwen_sizes_give_the_llava_token_count(trainer, qwen_built) -> None:
+    """96 px, patch 4, 2x2 merge -> 144 LLM tokens; 32 px windows: 8x8 patches, one probe cell each."""
+    args, model, _ = qwen_built
+    vision = model.config.vision_config
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert (args.patch_size, vision.spatial_merge_size, trainer.QwenProbe.grid(args)) == (4, 2, 12)
+    assert vision.window_size // vision.patch_size == 8 and vision.window_size == 96 // probe.GRID
+    assert trainer.parse(["--family", "qwen2_5_vl"]).out == Path("runs/probe_qwen25vl")
+    assert (trainer.parse([]).out, trainer.parse([]).patch_size) == (Path("runs/probe_llava"), 8)
+
+
+def test_qwen_training_inputs_equal_the_inference_path(trainer, qwen_built, tmp_path) -> None:
+    """What the Qwen probe is trained on is what the runner feeds it through the saved processor: ids,
+    pixel_values, image_grid_thw, mm_token_type_ids; blind = the text-only chat template."""
+    import torch
+
+    from prunebench.models.tiny_qwen import load_qwen_processor
+
+    args, model, processor = qwen_built
+    model.config.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    saved = load_qwen_processor(tmp_path)
+    prompts = trainer.Prompts(processor, 144)
+    assert isinstance(prompts.family, trainer.QwenProbe)
+    for it in probe.build_probe(6):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
+        text = saved.apply_chat_template(conv, add_generation_prompt=True)
+        inputs = saved(text=text, images=it.image, return_tensors="pt")
+        ids = torch.tensor([prompts.prompt(it.question)])
+        fed = prompts.family.vision_inputs([it.image], ids, torch.device("cpu"))
+        assert inputs["input_ids"].tolist() == ids.tolist()
+        assert int((ids == prompts.image_id).sum()) == 144
+        for key in ("pixel_values", "image_grid_thw", "mm_token_type_ids"):
+            assert torch.equal(inputs[key], fed[key]), key
+        text_only = [{"role": "user", "content": [{"type": "text", "text": it.question}]}]
+        blind = saved(text=saved.apply_chat_template(text_only, add_generation_prompt=True), return_tensors="pt")
+        assert blind["input_ids"][0].tolist() == prompts.prompt(it.question, blind=True)
+        answer = prompts.answer(it.answer)
+        assert len(answer) == 2 and answer[-1] == saved.tokenizer.eos_token_id  # one token, then <|im_end|>
+        whole = saved.tokenizer(text + it.answer + "<|im_end|>")["input_ids"]
+        assert whole == saved.tokenizer(text)["input_ids"] + answer  # prompt + labels tokenize as one text
+
+
+def test_qwen_token_order_matches_the_label_grid(trainer, qwen_built) -> None:
+    """The 144 tokens the dense heads read (and the LLM receives) are in probe.patch_labels' row-major
+    order: the ViT's window permutation is undone. With the ViT's attention outputs zeroed each token
+    depends only on its own 2x2 patches, so one object changes exactly the tokens labelled with it."""
+    import copy
+
+    import torch
+
+    args, model, processor = qwen_built
+    model = copy.deepcopy(model).eval()
+    for block in model.model.visual.blocks:
+        torch.nn.init.zeros_(block.attn.proj.weight)
+        torch.nn.init.zeros_(block.attn.proj.bias)
+    family = trainer.probe_family(processor)
+    tap = family.tap(model)
+    empty = probe.Scene("black", ())
+    for obj in (probe.Obj("square", "red", 0, 2), probe.Obj("square", "white", 2, 1)):
+        scene = probe.Scene("black", (obj,))
+        with torch.no_grad():
+            family.run_vision(model, [probe.render(empty), probe.render(scene)], torch.device("cpu"))
+        assert tap.feats.shape == (2, 144, args.text_hidden)
+        changed = ((tap.feats[1] - tap.feats[0]).abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
+        labelled = [i for i, k in enumerate(probe.patch_labels(scene, 12)["kind"]) if k > 0]
+        assert changed == labelled and len(labelled) == 16
+    tap.handle.remove()
+
+
+def test_qwen_stages_train_the_right_parts(trainer) -> None:
+    """Every stage runs on Qwen2.5-VL; stage B trains the merger (the projector) and the LLM, not the ViT."""
+    import torch
+
+    args = trainer.parse(QWEN_SMALL + ["--batch-a", "2", "--batch", "2", "--steps-a", "1", "--steps-b", "1",
+                                       "--steps-c", "1", "--steps-d", "1"])
+    model, processor = trainer.build(args)
+    heads = trainer.DenseHeads(trainer.QwenProbe.tap_hidden(args))
+    opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}], lr=1e-3)
+    prompts = trainer.Prompts(processor, 144)
+    tap = prompts.family.tap(model)
+    visual = model.model.visual
+    for step, stage in enumerate("ABCD"):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        parts = trainer.train_step(step, args, model, heads, tap, prompts, opt, torch.device("cpu"), 12)
+        assert ("qa" in parts) == (stage != "A") and ("dense" in parts) == (stage != "B")
+        moved = {k.split(".")[k.startswith("model.")] for k, v in model.state_dict().items()
+                 if not torch.equal(v, before[k])}
+        if stage == "B":
+            assert not any(p.grad is not None and p.requires_grad for p in visual.blocks.parameters())
+            assert {"language_model", "lm_head"} <= moved
+            assert any(not torch.equal(v, before[f"model.visual.merger.{k}"]) for k, v in visual.merger.state_dict().items())
+            assert all(torch.equal(v, before[f"model.visual.blocks.{k}"]) for k, v in visual.blocks.state_dict().items())
+        if stage == "A":
+            assert moved == {"visual"}

@@ -105,9 +105,10 @@ def qwen_vl_prompt(question: str) -> str:
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """The tiny-LLaVA BPE with Qwen's special tokens instead of LLaVA's (no BOS, eos ``<|im_end|>``)."""
-    spec = json.loads(build_tokenizer().backend_tokenizer.to_str())
+def build_qwen_tokenizer(corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """The tiny-LLaVA BPE (trained on ``corpus``, default the shapes templates) with Qwen's special tokens
+    instead of LLaVA's (no BOS, eos ``<|im_end|>``)."""
+    spec = json.loads(build_tokenizer(corpus).backend_tokenizer.to_str())
     spec["added_tokens"], spec["post_processor"] = [], None  # drop <unk>/<s>/</s>/<image>/<pad> handling
     backend = Tokenizer.from_str(json.dumps(spec))
     backend.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
