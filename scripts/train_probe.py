@@ -294,6 +294,7 @@ class Prompts:
         self.image_id = self.tok.convert_tokens_to_ids(self.family.image_token)
         self.n_image = n_image
         self.cache: dict[tuple[str, bool], list[int]] = {}
+        self.offsets: dict[str, list[tuple[int, int, int]]] = {}
 
     def prompt(self, question: str, blind: bool = False) -> list[int]:
         """The expanded prompt; blind: the image placeholder (and the family's markers around it) removed."""
@@ -305,6 +306,14 @@ class Prompts:
             fill = [] if blind else [self.image_id] * self.n_image
             self.cache[key] = ids[:at - before] + fill + ids[at + 1 + after:]
         return self.cache[key]
+
+    def text_positions(self, text: str, lo: int, hi: int) -> list[int]:
+        """Positions in the expanded prompt of the tokens of prompt text ``text`` overlapping text[lo:hi]."""
+        if text not in self.offsets:
+            enc = self.tok(text, return_offsets_mapping=True)
+            at = enc["input_ids"].index(self.image_id)
+            self.offsets[text] = [(j + self.n_image - 1, a, b) for j, (a, b) in enumerate(enc["offset_mapping"]) if j > at]
+        return [j for j, a, b in self.offsets[text] if a < hi and b > lo]
 
     def answer(self, answer: str) -> list[int]:
         ids = self.tok(self.family.answer_prefix + answer, add_special_tokens=False)["input_ids"]
@@ -507,18 +516,6 @@ def _cell_patches(obj: probe.Obj, grid: int) -> list[int]:
     return [(obj.row * per + r) * grid + obj.col * per + c for r in range(per) for c in range(per)]
 
 
-def _text_positions(prompts: Prompts, text: str, lo: int, hi: int) -> list[int]:
-    """Sequence positions (image placeholder expanded) of the prompt tokens overlapping text[lo:hi]."""
-    if text not in _OFFSETS:
-        enc = prompts.tok(text, return_offsets_mapping=True)
-        at = enc["input_ids"].index(prompts.image_id)
-        _OFFSETS[text] = [(j + prompts.n_image - 1, a, b) for j, (a, b) in enumerate(enc["offset_mapping"]) if j > at]
-    return [j for j, a, b in _OFFSETS[text] if a < hi and b > lo]
-
-
-_OFFSETS: dict[str, list[tuple[int, int, int]]] = {}
-
-
 def supervision(prompts: Prompts, family: str, scene: probe.Scene, question: str, answer: str,
                 grid: int) -> list[tuple[int, int, int | None, list[int]]]:
     """The attention targets of one item: (layer offset, head, query position or None = answer position, keys).
@@ -541,7 +538,7 @@ def supervision(prompts: Prompts, family: str, scene: probe.Scene, question: str
         return [image_at + i for o in scene.objects if pred(o) for i in _cell_patches(o, grid)]
 
     def word(g: int) -> list[int]:
-        return _text_positions(prompts, text, *m.span(g))
+        return prompts.text_positions(text, *m.span(g))
 
     out: list[tuple[int, int, int | None, list[int]]] = []
     if family == "existence":
@@ -556,7 +553,7 @@ def supervision(prompts: Prompts, family: str, scene: probe.Scene, question: str
         out.append((1, 0, None, word(1)))
         lo = text.index(f"\n{answer}. ") + 1
         hi = text.find("\n", lo)
-        out.append((2, 0, None, _text_positions(prompts, text, lo, len(text) if hi < 0 else hi)))
+        out.append((2, 0, None, prompts.text_positions(text, lo, len(text) if hi < 0 else hi)))
     else:  # spatial
         a, b = m.groups()
         out += [(0, 0, q, patches(lambda o: o.kind == a)) for q in word(1)]
