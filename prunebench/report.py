@@ -18,6 +18,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from tabulate import tabulate
 
@@ -56,11 +57,41 @@ def collect(root: Path) -> list[RunRecord]:
 
 
 def _latest_per_seed(records: list[RunRecord]) -> list[RunRecord]:
-    """One record per (model, dataset, method, params, keep, seed): the last finished."""
+    """One record per (model, dataset column, method, params, keep, seed): the last finished."""
+    _name_columns(records)
     best: dict[tuple, RunRecord] = {}
     for r in sorted(records, key=lambda r: r.finished_at or ""):
-        best[(r.model, r.dataset, _row_key(r), r.seed)] = r
+        best[(r.model, dataset_label(r), _row_key(r), r.seed)] = r
     return list(best.values())
+
+
+_NOT_SETTINGS = {"name", "data_dir", "limit"}  # the limit is the record's own `[:N]`; data_dir is where, not what
+
+
+def _setting(value: Any) -> str:
+    return "+".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def _name_columns(records: list[RunRecord]) -> None:
+    """Give each record its dataset column (the attribute `column`, not a schema field).
+
+    Runs of one dataset whose dataset settings differ (`dataset.n`, `seed`, `families`, ...) asked different
+    items, so they are different columns, named by the settings that differ: `probe(n=1500)` beside
+    `probe(n=600)`, never one column whose vanilla and pruned cells come from different item sets.
+    """
+    settings = {id(r): {k: v for k, v in (r.config.get("dataset") or {}).items() if k not in _NOT_SETTINGS}
+                for r in records}
+    by_name: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        by_name[r.dataset].append(r)
+    for name, recs in by_name.items():
+        keys = sorted({k for r in recs for k in settings[id(r)]})
+        differ = [k for k in keys
+                  if len({json.dumps(settings[id(r)].get(k), sort_keys=True, default=str) for r in recs}) > 1]
+        for r in recs:
+            own = settings[id(r)]
+            label = name + (f"({', '.join(f'{k}={_setting(own.get(k))}' for k in differ)})" if differ else "")
+            r.column = label if r.limit is None else f"{label}[:{r.limit}]"  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- grouping
@@ -84,8 +115,10 @@ def _grid(records: list[RunRecord], model: str) -> Grid:
 
 
 def dataset_label(r: RunRecord) -> str:
-    """A run on the first N samples is a different column from the full set."""
-    return r.dataset if r.limit is None else f"{r.dataset}[:{r.limit}]"
+    """The record's dataset column: a run on the first N samples is a different column from the full set, and
+    runs with other dataset settings are too (`_name_columns`)."""
+    column = getattr(r, "column", None)
+    return column or (r.dataset if r.limit is None else f"{r.dataset}[:{r.limit}]")
 
 
 def _vanilla(grid: Grid) -> dict[str, list[RunRecord]]:

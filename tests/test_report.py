@@ -189,3 +189,23 @@ def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert report.main([str(tmp_path), "--plot", str(tmp_path / "x.png")]) == 1
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_runs_on_other_dataset_settings_are_other_columns(tmp_path: Path) -> None:
+    """A 1500-item measure run and a 600-item run of the same dataset are never one column: each pruned run is
+    compared with the vanilla run on its own items."""
+    def probe(n: int) -> dict:
+        return {"dataset": {"name": "probe", "n": n, "seed": 0, "data_dir": f"/data{n}"}}
+
+    write(tmp_path, vanilla("probe", 90.0, config=probe(600), finished_at="2025-01-02T00:00:00+00:00"),
+          vanilla("probe", 80.0, config=probe(1500)), make(dataset="probe", score=40.0, config=probe(1500)),
+          make(dataset="probe", method="random", score=45.0, config=probe(600)))
+    text = report.relative_table(report.collect(tmp_path), "llava")
+    assert column(text, "probe(n=1500)") == ["80.0", "40.0 (↓50.0%)", "—"]
+    assert column(text, "probe(n=600)") == ["90.0", "—", "45.0 (↓50.0%)"]
+
+
+def test_one_setting_is_one_plain_column(tmp_path: Path) -> None:
+    config = {"dataset": {"name": "probe", "n": 600}}
+    write(tmp_path, vanilla("probe", 90.0, config=config), make(dataset="probe", score=45.0, config=config))
+    assert column(report.relative_table(report.collect(tmp_path), "llava"), "probe") == ["90.0", "45.0 (↓50.0%)"]
