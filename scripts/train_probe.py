@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     e_start = bounds(args)["E"][0]
     saved = args.out / "state" / "progress.json"
     saved_step = json.loads(saved.read_text())["step"] if saved.is_file() else 0
-    e_ready = bool(args.steps_e) and saved_step >= e_start
+    e_ready = bool(args.steps_e) and saved_step > e_start  # a state saved at e_start is D's last
     if e_ready:  # resuming inside stage E: E's heads and attention before its saved state
         heads = begin_stage_e(args, model, opt, device)
     step, log = load_state(args.out, model, heads, opt)

@@ -374,7 +374,8 @@ def test_stage_e_supervision_names_what_the_question_names(trainer, family: str,
 
 
 def test_stage_e_from_a_stage_d_checkpoint_equals_the_full_run(trainer, tmp_path) -> None:
-    """--init DIR (a stage-D checkpoint) then E gives the weights the uninterrupted A-E run gives."""
+    """--init DIR (a stage-D checkpoint) then E, or the A-D run's state rerun with --steps-e, gives the weights the
+    uninterrupted A-E run gives."""
     import torch
     from safetensors.torch import load_file
 
@@ -385,9 +386,13 @@ def test_stage_e_from_a_stage_d_checkpoint_equals_the_full_run(trainer, tmp_path
     assert trainer.main([*tiny_run, "--out", str(tmp_path / "e"), "--steps-e", "2", "--init", str(tmp_path / "d" / "final")]) == 0
     full, resumed = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("full", "e"))
     d_only = load_file(tmp_path / "d" / "final" / "model.safetensors")
-    assert full.keys() == resumed.keys()
+    # the D-only run's own state (saved at E's first step) extended by E: E starts fresh there, not "inside E"
+    assert trainer.main([*tiny_run, "--out", str(tmp_path / "d"), "--steps-e", "2"]) == 0
+    extended = load_file(tmp_path / "d" / "final" / "model.safetensors")
+    assert full.keys() == resumed.keys() == extended.keys()
     for name, w in full.items():
         assert torch.allclose(w, resumed[name], atol=1e-6), name
+        assert torch.allclose(w, extended[name], atol=1e-6), name
     assert any(not torch.equal(w, d_only[name]) for name, w in full.items())  # stage E did train
     config = json.loads((tmp_path / "e" / "final" / "config.json").read_text())
     assert "eager" not in json.dumps(config)  # the checkpoint ships with the attention it was loaded with
