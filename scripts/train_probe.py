@@ -335,7 +335,8 @@ class InternVLProbe:
 {args.image_size} px as one tile (no dynamic tiling, no thumbnail) -> {2 * g}x{2 * g} patches, CLS dropped ->
 2x2 pixel shuffle -> {g * g} visual tokens; LayerNorm + MLP projector; Qwen2 {args.text_layers}x{args.text_hidden};
 the dense heads of the recipe read the projector output, so "vision encoder" below means InternViT + projector
-in stage A and InternViT alone in stage B)"""
+in stage A and InternViT alone in stage B; without torchvision the processor loads through
+`prunebench.models.tiny_families.load_processor`, as `InternVLProcessor` needs a video processor)"""
 
 
 FAMILIES = {"llava": LlavaProbe, "qwen2_5_vl": QwenProbe, "internvl": InternVLProbe}
@@ -762,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     e_start = bounds(args)["E"][0]
     saved = args.out / "state" / "progress.json"
     saved_step = json.loads(saved.read_text())["step"] if saved.is_file() else 0
-    e_ready = bool(args.steps_e) and saved_step >= e_start
+    e_ready = bool(args.steps_e) and saved_step > e_start  # a state saved at e_start is D's last
     if e_ready:  # resuming inside stage E: E's heads and attention before its saved state
         heads = begin_stage_e(args, model, opt, device)
     step, log = load_state(args.out, model, heads, opt)
@@ -859,7 +860,7 @@ def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list
                + (f" --steps-d {args.steps_d} --focus {args.focus} --lr-d {args.lr_d or args.lr}"
                   if args.steps_d else "")
                + (f" --steps-e {args.steps_e} --lr-e {args.lr_e} --sup {args.sup} --sup-layer {args.sup_layer}"
-                  if args.steps_e else ""))
+                  if args.steps_e else " --steps-e 0"))  # stage E is on by default
     init = ("" if args.init is None else
             f"; this run added `--init {args.init}`: stage E started from that stage-D checkpoint (E resets the "
             f"moments and heads, so the weights are the full run's; the wall time below is E's alone)")
