@@ -9,7 +9,7 @@ ARGS   ?=
 METHODS ?= random_pre,pooling_pre,divprune,fastervlm,random_intra,fastv,dart
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test probe probe-qwen
+.PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test probe probe-qwen probe-internvl
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ probe-qwen: setup    ## the same for the Qwen2.5-VL-architecture probe (card: re
 	rm -rf checkpoints/probe_qwen25vl && cp -r runs/probe_qwen25vl/final checkpoints/probe_qwen25vl
 	$(BIN)/python scripts/measure_probe.py --model probe_qwen25vl
 
+probe-internvl: setup  ## the same for the InternVL3-architecture probe (card: recipe and wall time)
+	$(BIN)/python scripts/train_probe.py --family internvl --out runs/probe_internvl3 $(ARGS)
+	rm -rf checkpoints/probe_internvl3 && cp -r runs/probe_internvl3/final checkpoints/probe_internvl3
+	$(BIN)/python scripts/measure_probe.py --model probe_internvl3
+
 # Optional VLMEvalKit backend (README: "VLMEvalKit backend"): its own venv, VLMEVAL_PYTHON=<venv>/bin/python
 VLMEVAL_PYTHON ?= $(BIN)/python
 
@@ -62,4 +67,4 @@ lint: setup
 
 clean:
 	rm -rf results/*/ .pytest_cache .ruff_cache
-	find checkpoints -mindepth 1 -maxdepth 1 ! -name probe_llava ! -name probe_qwen25vl -exec rm -rf {} + 2>/dev/null || true  # the trained probes are committed
+	find checkpoints -mindepth 1 -maxdepth 1 ! -name probe_llava ! -name probe_qwen25vl ! -name probe_internvl3 -exec rm -rf {} + 2>/dev/null || true  # the trained probes are committed

@@ -35,7 +35,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=None,
                    help="default results/probe-measure/<weights hash>: new weights never reuse old records")
     p.add_argument("--card", type=Path, default=None, help="default: README.md in the model's checkpoint directory")
-    p.add_argument("--model", default="probe_llava", help="a trained probe in configs/model/ (probe_llava, probe_qwen25vl)")
+    p.add_argument("--model", default="probe_llava", help="a trained probe in configs/model/ (probe_llava, probe_qwen25vl, probe_internvl3)")
     args = p.parse_args(argv)
     if args.card is None:
         cfg = yaml.safe_load((ROOT / "configs" / "model" / f"{args.model}.yaml").read_text())

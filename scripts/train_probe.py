@@ -1,7 +1,8 @@
-"""Train a tiny probe (LLaVA-1.5 or Qwen2.5-VL architecture) on the generated probe suite (`prunebench/data/probe.py`), CPU or GPU.
+"""Train a tiny probe (LLaVA-1.5, Qwen2.5-VL or InternVL3 architecture) on the generated probe suite (`prunebench/data/probe.py`), CPU or GPU.
 
     python scripts/train_probe.py --out runs/probe_llava [--seed 0] [--steps-a 300 --steps-b 800 --steps-c 800 --steps-d 800 --focus reading --lr-d 3e-4 --steps-e 1500 --lr-e 1e-3 --sup 1.0]
     python scripts/train_probe.py --family qwen2_5_vl    # the same recipe, Qwen2.5-VL architecture, runs/probe_qwen25vl
+    python scripts/train_probe.py --family internvl      # the same recipe, InternVL3 architecture, runs/probe_internvl3
 
 Staged recipe (the plateau breaker of issue 6 is dense supervision of the vision encoder):
   A. vision encoder alone on dense per-patch labels (object kind, colour, digit, background colour;
@@ -24,10 +25,12 @@ saved state (`<out>/state/`, safetensors) and reproduces the same run. Held-out 
 (first answer token, greedy) is logged every --eval-every steps on the `test` split; the blind floor
 is the same measurement with zero visual tokens (the image placeholder removed from the prompt).
 The final checkpoint (`<out>/final/`: safetensors, tokenizer, processor, README.md card) loads with
-`LlavaForConditionalGeneration.from_pretrained` (`Qwen2_5_VLForConditionalGeneration` for --family qwen2_5_vl).
+`LlavaForConditionalGeneration.from_pretrained` (`Qwen2_5_VLForConditionalGeneration` for --family qwen2_5_vl,
+`InternVLForConditionalGeneration` for --family internvl; its processor through
+`prunebench.models.tiny_families.load_processor`, which needs no torchvision).
 What differs between the families (model, processor, prompts, pixels, the features the dense heads
-read) is in one object per family, `LlavaProbe` / `QwenProbe`; stages, losses, data, state and
-evaluation are shared.
+read) is in one object per family, `LlavaProbe` / `QwenProbe` / `InternVLProbe`; stages, losses, data,
+state and evaluation are shared.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunebench.data import probe  # noqa: E402
-from prunebench.models import tiny, tiny_qwen  # noqa: E402
+from prunebench.models import tiny, tiny_families, tiny_qwen  # noqa: E402
 
 CLIP_MEAN = torch.tensor(tiny.OPENAI_CLIP_MEAN).view(3, 1, 1)
 CLIP_STD = torch.tensor(tiny.OPENAI_CLIP_STD).view(3, 1, 1)
@@ -60,11 +63,13 @@ DENSE_HEADS_E = {**DENSE_HEADS, "col": probe.GRID}  # stage E adds the object's 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", choices=sorted(FAMILIES), default="llava", help="the architecture to train")
-    p.add_argument("--out", type=Path, default=None, help="default runs/probe_llava, runs/probe_qwen25vl")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default runs/probe_llava, runs/probe_qwen25vl, runs/probe_internvl3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--patch-size", type=int, default=None,
-                   help="ViT patch: default 8 (llava), 4 (qwen2_5_vl: with the 2x2 merge, 144 tokens either way)")
+                   help="ViT patch: default 8 (llava), 4 (qwen2_5_vl, internvl: with the 2x2 merge or pixel "
+                        "shuffle, 144 tokens either way)")
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=4)
@@ -106,7 +111,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def tokenizer_corpus(family: str = "llava") -> list[str]:
     """Every probe question and answer, plus the family's chat scaffolding (so roles are whole tokens)."""
     corpus = probe.all_questions() + probe.all_answers()
-    if family == "qwen2_5_vl":
+    if family in ("qwen2_5_vl", "internvl"):  # the same <|im_start|>{role}\n scaffolding
         corpus += ["user", "assistant"] + [f"user\n{q}" for q in probe.all_questions()]
         return corpus + [f"assistant\n{a}" for a in probe.all_answers()]
     corpus += ["USER:", "ASSISTANT:"]
@@ -121,6 +126,7 @@ class LlavaProbe:
     image_token = tiny.IMAGE_TOKEN
     blind_cut = (0, 0)  # tokens removed before/after the image placeholder for the blind prompt
     blind_how = "the <image> placeholder removed"
+    image_wrap: tuple[str, ...] = ()  # tokens the processor puts around the expanded image tokens
     answer_prefix = " "  # "ASSISTANT: 3"
 
     def __init__(self, processor) -> None:
@@ -185,6 +191,7 @@ class QwenProbe:
     image_token = tiny_qwen.IMAGE_PAD
     blind_cut = (1, 1)  # <|vision_start|> and <|vision_end|> go with the image: the text-only prompt
     blind_how = "the <|vision_start|><|image_pad|><|vision_end|> block removed: the text-only prompt"
+    image_wrap: tuple[str, ...] = ()
     answer_prefix = ""  # "<|im_start|>assistant\n3"
     window_px, fullatt = 32, (1, 3)
 
@@ -252,7 +259,87 @@ Qwen2 {args.text_layers}x{args.text_hidden} with 3-D M-RoPE; the dense heads of 
 output, so "vision encoder" below means ViT + merger in stage A and the ViT alone in stage B)"""
 
 
-FAMILIES = {"llava": LlavaProbe, "qwen2_5_vl": QwenProbe}
+class InternVLProbe:
+    """InternVL3: InternViT (CLS + absolute positions, layer scale; patch 4 -> 24x24 patches), CLS dropped,
+    2x2 pixel shuffle (downsample 0.5) -> 12x12 = 144 LLM tokens (the other probes' count), LayerNorm + MLP
+    projector, Qwen2 decoder. The 96 px image is one tile (min = max tiles = 1: no dynamic tiling, no
+    thumbnail). The processor expands the prompt's `<IMG_CONTEXT>` into `<img>` + 144 x `<IMG_CONTEXT>` +
+    `</img>`. The dense heads read the projector output (the tokens the LLM gets; pixel shuffle keeps them
+    in row-major order of the 12x12 grid), so `probe.patch_labels(scene, 12)` lines up with them.
+    """
+
+    name, run_name, patch_size = "internvl", "probe_internvl3", 4
+    image_token = tiny_families.IMG_CONTEXT
+    image_wrap = (tiny_families.IMG_START, tiny_families.IMG_END)
+    blind_cut = (0, 1)  # the placeholder and the "\n" the chat template puts after it: the text-only prompt
+    blind_how = "the <img><IMG_CONTEXT>...</img> block and its newline removed: the text-only prompt"
+    answer_prefix = ""  # "<|im_start|>assistant\n3"
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    @classmethod
+    def build(cls, args: argparse.Namespace):
+        tokenizer = tiny_families.build_internvl_tokenizer(tokenizer_corpus(cls.name))
+        vit = dict(hidden_size=args.vision_hidden, num_hidden_layers=args.vision_layers, num_attention_heads=4,
+                   intermediate_size=4 * args.vision_hidden, image_size=args.image_size, patch_size=args.patch_size)
+        eot = tokenizer.convert_tokens_to_ids(tiny_qwen.ENDOFTEXT)
+        text = tiny_families.qwen2_text_config(
+            dict(vocab_size=len(tokenizer), hidden_size=args.text_hidden, num_hidden_layers=args.text_layers,
+                 num_attention_heads=4, num_key_value_heads=4, intermediate_size=4 * args.text_hidden,
+                 max_position_embeddings=4096),
+            dict(bos_token_id=eot, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        config = tiny_families.internvl_config(vit, text, image_token_id=tokenizer.context_image_token_id)
+        model = tiny_qwen.build_qwen_model(tiny_families.InternVLForConditionalGeneration, config, args.seed)
+        processor = tiny_families.build_internvl_processor(image_size=args.image_size, patch_size=args.patch_size,
+                                                           max_tiles=1, tokenizer=tokenizer)
+        return model, processor
+
+    @staticmethod
+    def grid(args: argparse.Namespace) -> int:
+        return args.image_size // (args.patch_size * 2)  # 2x2 pixel shuffle
+
+    def prompt_text(self, question: str) -> str:
+        return tiny_families.internvl_prompt(question)
+
+    def pixels(self, images: list) -> torch.Tensor:
+        """pixel_values [B, 3, 96, 96] (one tile an image) from the processor's own image processor, with the
+        tiling the processor turns on at call time."""
+        return self.processor.image_processor(images, crop_to_patches=True, return_tensors="pt")["pixel_values"]
+
+    def vision_inputs(self, images: list, ids: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels(images).to(device)}
+
+    def run_vision(self, model, images: list, device) -> None:
+        """Stage A: InternViT, pixel shuffle and projector (the tap catches the projector output)."""
+        config = model.config
+        model.model.get_image_features(self.pixels(images).to(device), vision_feature_layer=config.vision_feature_layer,
+                                       vision_feature_select_strategy=config.vision_feature_select_strategy)
+
+    def encoder(self, model) -> nn.Module:
+        """InternViT without the projector: stage B trains the projector with the LLM."""
+        return model.model.vision_tower
+
+    def tap(self, model) -> ProjectorTap:
+        return ProjectorTap(model.model.multi_modal_projector)
+
+    @staticmethod
+    def tap_hidden(args: argparse.Namespace) -> int:
+        return args.text_hidden
+
+    @classmethod
+    def describe(cls, args: argparse.Namespace, n_params: int) -> str:
+        g = cls.grid(args)
+        return f"""A {n_params:,}-parameter model of the InternVL3 architecture
+(`InternVLForConditionalGeneration`: InternViT {args.vision_layers}x{args.vision_hidden}, patch {args.patch_size},
+{args.image_size} px as one tile (no dynamic tiling, no thumbnail) -> {2 * g}x{2 * g} patches, CLS dropped ->
+2x2 pixel shuffle -> {g * g} visual tokens; LayerNorm + MLP projector; Qwen2 {args.text_layers}x{args.text_hidden};
+the dense heads of the recipe read the projector output, so "vision encoder" below means InternViT + projector
+in stage A and InternViT alone in stage B; without torchvision the processor loads through
+`prunebench.models.tiny_families.load_processor`, as `InternVLProcessor` needs a video processor)"""
+
+
+FAMILIES = {"llava": LlavaProbe, "qwen2_5_vl": QwenProbe, "internvl": InternVLProbe}
 
 
 def build(args: argparse.Namespace):
@@ -260,9 +347,13 @@ def build(args: argparse.Namespace):
     return FAMILIES[args.family].build(args)
 
 
-def probe_family(processor) -> LlavaProbe | QwenProbe:
+def probe_family(processor) -> LlavaProbe | QwenProbe | InternVLProbe:
     """The family object for a processor the script built (or saved and loaded back)."""
-    return QwenProbe(processor) if isinstance(processor, tiny_qwen.Qwen2_5_VLProcessor) else LlavaProbe(processor)
+    if isinstance(processor, tiny_qwen.Qwen2_5_VLProcessor):
+        return QwenProbe(processor)
+    if isinstance(processor, tiny_families.InternVLProcessor):
+        return InternVLProbe(processor)
+    return LlavaProbe(processor)
 
 
 class DenseHeads(nn.Module):
@@ -292,6 +383,8 @@ class Prompts:
         self.family = probe_family(processor)
         self.tok = processor.tokenizer
         self.image_id = self.tok.convert_tokens_to_ids(self.family.image_token)
+        wrap = [self.tok.convert_tokens_to_ids(t) for t in self.family.image_wrap]
+        self.fill = wrap[:1] + [self.image_id] * n_image + wrap[1:]  # what the processor expands one placeholder to
         self.n_image = n_image
         self.cache: dict[tuple[str, bool], list[int]] = {}
         self.offsets: dict[str, list[tuple[int, int, int]]] = {}
@@ -303,7 +396,7 @@ class Prompts:
             ids = self.tok(self.family.prompt_text(question))["input_ids"]
             at = ids.index(self.image_id)
             before, after = self.family.blind_cut if blind else (0, 0)
-            fill = [] if blind else [self.image_id] * self.n_image
+            fill = [] if blind else self.fill
             self.cache[key] = ids[:at - before] + fill + ids[at + 1 + after:]
         return self.cache[key]
 
@@ -312,7 +405,8 @@ class Prompts:
         if text not in self.offsets:
             enc = self.tok(text, return_offsets_mapping=True)
             at = enc["input_ids"].index(self.image_id)
-            self.offsets[text] = [(j + self.n_image - 1, a, b) for j, (a, b) in enumerate(enc["offset_mapping"]) if j > at]
+            shift = len(self.fill) - 1
+            self.offsets[text] = [(j + shift, a, b) for j, (a, b) in enumerate(enc["offset_mapping"]) if j > at]
         return [j for j, a, b in self.offsets[text] if a < hi and b > lo]
 
     def answer(self, answer: str) -> list[int]:
@@ -405,6 +499,17 @@ class MergedTap:
         n = int(grid_thw[0].prod()) // module.spatial_merge_unit  # tokens per image (all images the same size)
         merged = output.pooler_output
         self.feats = merged.view(-1, n, merged.shape[-1])
+
+
+class ProjectorTap:
+    """InternVL: captures the projector output the LLM receives, [B, 144, hidden] (after the pixel shuffle)."""
+
+    def __init__(self, projector: nn.Module) -> None:
+        self.feats: torch.Tensor | None = None
+        self.handle = projector.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.feats = output
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -755,7 +860,7 @@ def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list
                + (f" --steps-d {args.steps_d} --focus {args.focus} --lr-d {args.lr_d or args.lr}"
                   if args.steps_d else "")
                + (f" --steps-e {args.steps_e} --lr-e {args.lr_e} --sup {args.sup} --sup-layer {args.sup_layer}"
-                  if args.steps_e else ""))
+                  if args.steps_e else " --steps-e 0"))  # stage E is on by default
     init = ("" if args.init is None else
             f"; this run added `--init {args.init}`: stage E started from that stage-D checkpoint (E resets the "
             f"moments and heads, so the weights are the full run's; the wall time below is E's alone)")

@@ -248,7 +248,7 @@ def test_report_prints_the_floor_beside_vanilla(tmp_path) -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", params=["probe_llava", "probe_qwen25vl"])
+@pytest.fixture(scope="module", params=["probe_llava", "probe_qwen25vl", "probe_internvl3"])
 def probe_model(request):
     import yaml
 
@@ -340,7 +340,7 @@ def test_training_state_resumes_exactly(trainer, tmp_path) -> None:
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl", "internvl"])
 @pytest.mark.parametrize("family", ["existence", "attribute", "spatial"])
 def test_stage_e_supervision_names_what_the_question_names(trainer, family: str, arch: str) -> None:
     """Stage E's attention targets: the named words, the image tokens of the objects they name, the right option."""
@@ -520,3 +520,142 @@ def test_qwen_stages_train_the_right_parts(trainer) -> None:
             assert all(torch.equal(v, before[f"model.visual.blocks.{k}"]) for k, v in visual.blocks.state_dict().items())
         if stage == "A":
             assert moved == {"visual"}
+
+
+# ----------------------------------------------------------- training script, InternVL3 family (--family internvl)
+
+INTERNVL_SMALL = ["--family", "internvl", "--vision-layers", "2", "--text-layers", "2"]
+
+
+@pytest.fixture(scope="module")
+def internvl_built(trainer):
+    args = trainer.parse(INTERNVL_SMALL)
+    model, processor = trainer.build(args)
+    return args, model, processor
+
+
+def test_internvl_sizes_give_the_llava_token_count(trainer, internvl_built) -> None:
+    """96 px as one tile, patch 4 -> 24x24 patches, CLS dropped, 2x2 pixel shuffle -> 144 LLM tokens."""
+    args, model, processor = internvl_built
+    config, vision = model.config, model.config.vision_config
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert (args.patch_size, tuple(vision.image_size), tuple(vision.patch_size)) == (4, (96, 96), (4, 4))
+    assert (config.downsample_ratio, config.vision_feature_select_strategy, trainer.InternVLProbe.grid(args)) == \
+        (0.5, "default", 12)
+    assert processor.image_seq_length == config.image_seq_length == 144
+    image_processor = processor.image_processor
+    assert (image_processor.min_patches, image_processor.max_patches) == (1, 1)  # one tile, no thumbnail
+    wide = Image.new("RGB", (300, 96))  # even an image the real model would tile stays one 96 px tile
+    assert tuple(image_processor(wide, crop_to_patches=True, return_tensors="pt")["pixel_values"].shape) == (1, 3, 96, 96)
+    assert trainer.parse(["--family", "internvl"]).out == Path("runs/probe_internvl3")
+    assert trainer.parse(["--family", "internvl"]).patch_size == 4
+
+
+def test_internvl_training_inputs_equal_the_inference_path(trainer, internvl_built, tmp_path) -> None:
+    """What the InternVL probe is trained on is what the runner feeds it through the saved processor (loaded
+    the way the loader does, without torchvision): ids with the <img> ... </img> block, pixel_values;
+    blind = the text-only chat template."""
+    import torch
+
+    from prunebench.models.tiny_families import load_processor
+
+    args, model, processor = internvl_built
+    model.config.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    saved = load_processor(tmp_path)
+    prompts = trainer.Prompts(processor, 144)
+    assert isinstance(prompts.family, trainer.InternVLProbe)
+    assert isinstance(trainer.probe_family(saved), trainer.InternVLProbe)
+    tok = saved.tokenizer
+    for it in probe.build_probe(6):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}]
+        text = saved.apply_chat_template(conv, add_generation_prompt=True)
+        inputs = saved(text=text, images=it.image, return_tensors="pt")
+        ids = prompts.prompt(it.question)
+        fed = prompts.family.vision_inputs([it.image], torch.tensor([ids]), torch.device("cpu"))
+        assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+        assert inputs["input_ids"][0].tolist() == ids
+        at = ids.index(prompts.image_id)
+        assert tok.convert_ids_to_tokens([ids[at - 1], ids[at + 144]]) == ["<img>", "</img>"]
+        assert ids.count(prompts.image_id) == 144 and ids[at:at + 144] == [prompts.image_id] * 144
+        assert torch.equal(inputs["pixel_values"], fed["pixel_values"])
+        text_only = [{"role": "user", "content": [{"type": "text", "text": it.question}]}]
+        blind = saved(text=saved.apply_chat_template(text_only, add_generation_prompt=True), return_tensors="pt")
+        assert blind["input_ids"][0].tolist() == prompts.prompt(it.question, blind=True)
+        assert not {prompts.image_id, *tok.convert_tokens_to_ids(["<img>", "</img>"])} & set(blind["input_ids"][0].tolist())
+        answer = prompts.answer(it.answer)
+        assert len(answer) == 2 and answer[-1] == tok.eos_token_id  # one token, then <|im_end|>
+        whole = tok(text + it.answer + "<|im_end|>")["input_ids"]
+        assert whole == tok(text)["input_ids"] + answer  # prompt + labels tokenize as one text
+
+
+def test_internvl_pixel_shuffle_is_row_major(internvl_built) -> None:
+    """HF's pixel_shuffle permutes twice (view, swap, view, swap back); its output token (R, C) holds the
+    features of patches 2R..2R+1 x 2C..2C+1, in row-major order of the 12x12 grid."""
+    import torch
+
+    _, model, _ = internvl_built
+    g = 24
+    rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    feats = torch.stack([rows, cols], -1).float().view(1, g, g, 2)  # each patch's features: its (row, col)
+    out = model.model.pixel_shuffle(feats, scale_factor=0.5).reshape(1, -1, 8)[0]  # as get_image_features
+    assert out.shape == (144, 8)
+    for t in range(144):
+        r, c = divmod(t, 12)
+        got = {(int(out[t, i]), int(out[t, i + 1])) for i in range(0, 8, 2)}
+        assert got == {(2 * r + dr, 2 * c + dc) for dr in (0, 1) for dc in (0, 1)}, t
+
+
+def test_internvl_token_order_matches_the_label_grid(trainer, internvl_built) -> None:
+    """The 144 tokens the dense heads read (and the LLM receives) are in probe.patch_labels' row-major
+    order. With InternViT's attention outputs zeroed each token depends only on its own 2x2 patches, so one
+    object changes exactly the tokens labelled with it (a transposed shuffle would move row 0, col 2's
+    object to row 2, col 0)."""
+    import copy
+
+    import torch
+
+    args, model, processor = internvl_built
+    model = copy.deepcopy(model).eval()
+    for layer in model.model.vision_tower.encoder.layer:
+        torch.nn.init.zeros_(layer.attention.projection_layer.weight)
+        torch.nn.init.zeros_(layer.attention.projection_layer.bias)
+    family = trainer.probe_family(processor)
+    tap = family.tap(model)
+    empty = probe.Scene("black", ())
+    for obj in (probe.Obj("square", "red", 0, 2), probe.Obj("square", "white", 2, 1)):
+        scene = probe.Scene("black", (obj,))
+        with torch.no_grad():
+            family.run_vision(model, [probe.render(empty), probe.render(scene)], torch.device("cpu"))
+        assert tap.feats.shape == (2, 144, args.text_hidden)
+        changed = ((tap.feats[1] - tap.feats[0]).abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
+        labelled = [i for i, k in enumerate(probe.patch_labels(scene, 12)["kind"]) if k > 0]
+        assert changed == labelled and len(labelled) == 16
+    tap.handle.remove()
+
+
+def test_internvl_stages_train_the_right_parts(trainer) -> None:
+    """Every stage runs on InternVL3; stage A trains InternViT + projector (the heads read the projector), stage
+    B the projector and the LLM, not InternViT."""
+    import torch
+
+    args = trainer.parse(INTERNVL_SMALL + ["--batch-a", "2", "--batch", "2", "--steps-a", "1", "--steps-b", "1",
+                                           "--steps-c", "1", "--steps-d", "1"])
+    model, processor = trainer.build(args)
+    heads = trainer.DenseHeads(trainer.InternVLProbe.tap_hidden(args))
+    opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}], lr=1e-3)
+    prompts = trainer.Prompts(processor, 144)
+    tap = prompts.family.tap(model)
+    for step, stage in enumerate("ABCD"):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        parts = trainer.train_step(step, args, model, heads, tap, prompts, opt, torch.device("cpu"), 12)
+        assert ("qa" in parts) == (stage != "A") and ("dense" in parts) == (stage != "B")
+        moved = {k.split(".")[k.startswith("model.")] for k, v in model.state_dict().items()
+                 if not torch.equal(v, before[k])}
+        if stage == "A":
+            assert moved == {"vision_tower", "multi_modal_projector"}
+        elif stage == "B":
+            assert not any(p.grad is not None and p.requires_grad for p in model.model.vision_tower.parameters())
+            assert moved == {"multi_modal_projector", "language_model", "lm_head"}
+        else:
+            assert moved == {"vision_tower", "multi_modal_projector", "language_model", "lm_head"}

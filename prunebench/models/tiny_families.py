@@ -176,10 +176,13 @@ def llava_next_prompt(question: str) -> str:
 # ------------------------------------------------------------------------------------------ tokenizers
 
 
-def build_family_tokenizer(added: Sequence[str], named: dict[str, str]) -> PreTrainedTokenizerFast:
-    """The Qwen-style project BPE (no BOS, eos ``<|im_end|>``, pad ``<|endoftext|>``, left padding) plus the
-    ``added`` special tokens (appended in order) and ``named`` ones (``tokenizer.<name>``/``.<name>_id``)."""
-    backend = build_qwen_tokenizer().backend_tokenizer
+def build_family_tokenizer(
+    added: Sequence[str], named: dict[str, str], corpus: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """The Qwen-style project BPE (no BOS, eos ``<|im_end|>``, pad ``<|endoftext|>``, left padding; trained on
+    ``corpus``, default the shapes templates) plus the ``added`` special tokens (appended in order) and
+    ``named`` ones (``tokenizer.<name>``/``.<name>_id``)."""
+    backend = build_qwen_tokenizer(corpus).backend_tokenizer
     backend.add_special_tokens(list(added))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -194,9 +197,9 @@ def build_family_tokenizer(added: Sequence[str], named: dict[str, str]) -> PreTr
     )
 
 
-def build_internvl_tokenizer() -> PreTrainedTokenizerFast:
+def build_internvl_tokenizer(corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
     """With ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<quad>``/``<ref>``/``<box>`` pairs and ``<video>``."""
-    return build_family_tokenizer(INTERNVL_ADDED_TOKENS, INTERNVL_NAMED_TOKENS)
+    return build_family_tokenizer(INTERNVL_ADDED_TOKENS, INTERNVL_NAMED_TOKENS, corpus)
 
 
 def build_onevision_tokenizer() -> PreTrainedTokenizerFast:
