@@ -418,11 +418,15 @@ def test_bridge_writes_the_probe_tsv_on_demand(tmp_path) -> None:
 QWEN_SMALL = ["--family", "qwen2_5_vl", "--vision-layers", "2", "--text-layers", "2"]
 
 
+def build_small(trainer, small: list[str]):
+    """(args, model, processor) of a small model of a family."""
+    args = trainer.parse(small)
+    return (args, *trainer.build(args))
+
+
 @pytest.fixture(scope="module")
 def qwen_built(trainer):
-    args = trainer.parse(QWEN_SMALL)
-    model, processor = trainer.build(args)
-    return args, model, processor
+    return build_small(trainer, QWEN_SMALL)
 
 
 def test_qwen_sizes_give_the_llava_token_count(trainer, qwen_built) -> None:
@@ -468,19 +472,32 @@ def test_qwen_training_inputs_equal_the_inference_path(trainer, qwen_built, tmp_
         assert whole == saved.tokenizer(text)["input_ids"] + answer  # prompt + labels tokenize as one text
 
 
-def test_qwen_token_order_matches_the_label_grid(trainer, qwen_built) -> None:
-    """The 144 tokens the dense heads read (and the LLM receives) are in probe.patch_labels' row-major
-    order: the ViT's window permutation is undone. With the ViT's attention outputs zeroed each token
-    depends only on its own 2x2 patches, so one object changes exactly the tokens labelled with it."""
+def _zero_vision_attention(model) -> None:
+    """Zero the vision tower's attention outputs: each visual token then depends only on its own patches."""
+    import torch
+
+    if hasattr(model.model, "visual"):  # Qwen2.5-VL
+        projections = [block.attn.proj for block in model.model.visual.blocks]
+    else:  # InternVL
+        projections = [layer.attention.projection_layer for layer in model.model.vision_tower.encoder.layer]
+    for proj in projections:
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+
+
+@pytest.mark.parametrize("built", ["qwen_built", "internvl_built"])
+def test_token_order_matches_the_label_grid(trainer, built, request) -> None:
+    """The 144 tokens the dense heads read (and the LLM receives) are in probe.patch_labels' row-major order
+    (Qwen2.5-VL: the ViT's window permutation is undone; InternVL: the pixel shuffle keeps rows). With the
+    vision attention outputs zeroed each token depends only on its own 2x2 patches, so one object changes
+    exactly the tokens labelled with it (a transposed order would move row 0, col 2's object to row 2, col 0)."""
     import copy
 
     import torch
 
-    args, model, processor = qwen_built
+    args, model, processor = request.getfixturevalue(built)
     model = copy.deepcopy(model).eval()
-    for block in model.model.visual.blocks:
-        torch.nn.init.zeros_(block.attn.proj.weight)
-        torch.nn.init.zeros_(block.attn.proj.bias)
+    _zero_vision_attention(model)
     family = trainer.probe_family(processor)
     tap = family.tap(model)
     empty = probe.Scene("black", ())
@@ -495,24 +512,33 @@ def test_qwen_token_order_matches_the_label_grid(trainer, qwen_built) -> None:
     tap.handle.remove()
 
 
-def test_qwen_stages_train_the_right_parts(trainer) -> None:
-    """Every stage runs on Qwen2.5-VL; stage B trains the merger (the projector) and the LLM, not the ViT."""
+def run_stages(trainer, small: list[str]):
+    """Stages A-D, one step each, on a small model of a family: yields (stage, the top-level modules the step
+    changed, the weights before it, the model), after checking which losses the stage has."""
     import torch
 
-    args = trainer.parse(QWEN_SMALL + ["--batch-a", "2", "--batch", "2", "--steps-a", "1", "--steps-b", "1",
-                                       "--steps-c", "1", "--steps-d", "1"])
+    args = trainer.parse(small + ["--batch-a", "2", "--batch", "2", "--steps-a", "1", "--steps-b", "1",
+                                  "--steps-c", "1", "--steps-d", "1"])
     model, processor = trainer.build(args)
-    heads = trainer.DenseHeads(trainer.QwenProbe.tap_hidden(args))
+    heads = trainer.DenseHeads(trainer.FAMILIES[args.family].tap_hidden(args))
     opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}], lr=1e-3)
     prompts = trainer.Prompts(processor, 144)
     tap = prompts.family.tap(model)
-    visual = model.model.visual
     for step, stage in enumerate("ABCD"):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         parts = trainer.train_step(step, args, model, heads, tap, prompts, opt, torch.device("cpu"), 12)
         assert ("qa" in parts) == (stage != "A") and ("dense" in parts) == (stage != "B")
         moved = {k.split(".")[k.startswith("model.")] for k, v in model.state_dict().items()
                  if not torch.equal(v, before[k])}
+        yield stage, moved, before, model
+
+
+def test_qwen_stages_train_the_right_parts(trainer) -> None:
+    """Every stage runs on Qwen2.5-VL; stage B trains the merger (the projector) and the LLM, not the ViT."""
+    import torch
+
+    for stage, moved, before, model in run_stages(trainer, QWEN_SMALL):
+        visual = model.model.visual
         if stage == "B":
             assert not any(p.grad is not None and p.requires_grad for p in visual.blocks.parameters())
             assert {"language_model", "lm_head"} <= moved
@@ -529,9 +555,7 @@ INTERNVL_SMALL = ["--family", "internvl", "--vision-layers", "2", "--text-layers
 
 @pytest.fixture(scope="module")
 def internvl_built(trainer):
-    args = trainer.parse(INTERNVL_SMALL)
-    model, processor = trainer.build(args)
-    return args, model, processor
+    return build_small(trainer, INTERNVL_SMALL)
 
 
 def test_internvl_sizes_give_the_llava_token_count(trainer, internvl_built) -> None:
@@ -606,52 +630,10 @@ def test_internvl_pixel_shuffle_is_row_major(internvl_built) -> None:
         assert got == {(2 * r + dr, 2 * c + dc) for dr in (0, 1) for dc in (0, 1)}, t
 
 
-def test_internvl_token_order_matches_the_label_grid(trainer, internvl_built) -> None:
-    """The 144 tokens the dense heads read (and the LLM receives) are in probe.patch_labels' row-major
-    order. With InternViT's attention outputs zeroed each token depends only on its own 2x2 patches, so one
-    object changes exactly the tokens labelled with it (a transposed shuffle would move row 0, col 2's
-    object to row 2, col 0)."""
-    import copy
-
-    import torch
-
-    args, model, processor = internvl_built
-    model = copy.deepcopy(model).eval()
-    for layer in model.model.vision_tower.encoder.layer:
-        torch.nn.init.zeros_(layer.attention.projection_layer.weight)
-        torch.nn.init.zeros_(layer.attention.projection_layer.bias)
-    family = trainer.probe_family(processor)
-    tap = family.tap(model)
-    empty = probe.Scene("black", ())
-    for obj in (probe.Obj("square", "red", 0, 2), probe.Obj("square", "white", 2, 1)):
-        scene = probe.Scene("black", (obj,))
-        with torch.no_grad():
-            family.run_vision(model, [probe.render(empty), probe.render(scene)], torch.device("cpu"))
-        assert tap.feats.shape == (2, 144, args.text_hidden)
-        changed = ((tap.feats[1] - tap.feats[0]).abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
-        labelled = [i for i, k in enumerate(probe.patch_labels(scene, 12)["kind"]) if k > 0]
-        assert changed == labelled and len(labelled) == 16
-    tap.handle.remove()
-
-
 def test_internvl_stages_train_the_right_parts(trainer) -> None:
     """Every stage runs on InternVL3; stage A trains InternViT + projector (the heads read the projector), stage
     B the projector and the LLM, not InternViT."""
-    import torch
-
-    args = trainer.parse(INTERNVL_SMALL + ["--batch-a", "2", "--batch", "2", "--steps-a", "1", "--steps-b", "1",
-                                           "--steps-c", "1", "--steps-d", "1"])
-    model, processor = trainer.build(args)
-    heads = trainer.DenseHeads(trainer.InternVLProbe.tap_hidden(args))
-    opt = torch.optim.AdamW([{"params": list(model.parameters()) + list(heads.parameters())}], lr=1e-3)
-    prompts = trainer.Prompts(processor, 144)
-    tap = prompts.family.tap(model)
-    for step, stage in enumerate("ABCD"):
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        parts = trainer.train_step(step, args, model, heads, tap, prompts, opt, torch.device("cpu"), 12)
-        assert ("qa" in parts) == (stage != "A") and ("dense" in parts) == (stage != "B")
-        moved = {k.split(".")[k.startswith("model.")] for k, v in model.state_dict().items()
-                 if not torch.equal(v, before[k])}
+    for stage, moved, _, model in run_stages(trainer, INTERNVL_SMALL):
         if stage == "A":
             assert moved == {"vision_tower", "multi_modal_projector"}
         elif stage == "B":
