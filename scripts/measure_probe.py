@@ -37,8 +37,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--card", type=Path, default=None, help="default: README.md in the model's checkpoint directory")
     p.add_argument("--model", default="probe_llava", help="a trained probe in configs/model/ (probe_llava, probe_qwen25vl, probe_internvl3)")
     args = p.parse_args(argv)
+    config = ROOT / "configs" / "model" / f"{args.model}.yaml"
+    if not config.is_file():
+        probes = sorted(f.stem for f in config.parent.glob("probe_*.yaml"))
+        p.error(f"--model {args.model}: no configs/model/{args.model}.yaml; trained probes: {', '.join(probes)}")
     if args.card is None:
-        cfg = yaml.safe_load((ROOT / "configs" / "model" / f"{args.model}.yaml").read_text())
+        cfg = yaml.safe_load(config.read_text())
         args.card = ROOT / cfg["path"] / "README.md"
     return args
 

@@ -641,3 +641,19 @@ def test_internvl_stages_train_the_right_parts(trainer) -> None:
             assert moved == {"multi_modal_projector", "language_model", "lm_head"}
         else:
             assert moved == {"vision_tower", "multi_modal_projector", "language_model", "lm_head"}
+
+
+def test_measure_probe_names_the_trained_probes_on_a_bad_model(capsys) -> None:
+    """measure_probe --model with no config: one line naming the valid choices, the card found from the config."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "measure_probe.py"
+    spec = importlib.util.spec_from_file_location("measure_probe", path)
+    measure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measure)
+    with pytest.raises(SystemExit):
+        measure.parse(["--model", "nope"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--model nope" in err and "probe_llava" in err and "probe_qwen25vl" in err and "Traceback" not in err
+    card = measure.parse(["--model", "probe_internvl3"]).card
+    assert card.parts[-2:] == ("probe_internvl3", "README.md") and card.is_file()
