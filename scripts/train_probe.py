@@ -17,6 +17,9 @@ Staged recipe (the plateau breaker of issue 6 is dense supervision of the vision
      -> the image tokens of the objects it names; the answer position -> the named words; the answer
      position -> the right MCQ option's line. Stages A-D alone leave existence, attribute and spatial
      at chance: nothing carries the question's words to the image tokens they are about.
+     `--jitter P` cuts a random part of the object-free image tokens of a share P of E's items at the LLM
+     entry (contiguous positions; `jitter_drops()`), so no answer leans on the image block's length: the
+     InternVL3 probe, whose one tile always gave 144 tokens, needs it (its card).
      `--init DIR` starts stage E from a saved stage-D checkpoint (an HF checkpoint directory) instead
      of training A-D again; the weights are the from-scratch run's, because E resets the moments and
      heads either way.
@@ -86,6 +89,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sup", type=float, default=1.0, help="stage E: weight of the attention-supervision loss")
     p.add_argument("--sup-layer", type=int, default=0,
                    help="stage E: first of the three LLM layers whose attention is supervised (see supervision())")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="stage E: share of items whose image block loses a random part of its object-free tokens "
+                        "at the LLM entry (contiguous positions), so no answer can lean on the prompt's length "
+                        "(see jitter_drops())")
     p.add_argument("--init", type=Path, default=None,
                    help="start stage E from this stage-D checkpoint directory instead of training A-D")
     p.add_argument("--batch-a", type=int, default=64)
@@ -687,14 +694,100 @@ class AttentionTap:
             h.remove()
 
 
-def attention_loss(tap: AttentionTap, prompts: Prompts, items, last: torch.Tensor, grid: int) -> torch.Tensor:
-    """-log of the attention mass each supervised head puts on its targets (mean over targets and items)."""
+def attention_loss(tap: AttentionTap, prompts: Prompts, items, last: torch.Tensor, grid: int,
+                   moved: torch.Tensor | None = None) -> torch.Tensor:
+    """-log of the attention mass each supervised head puts on its targets (mean over targets and items);
+    moved [B, W]: each position's row in the sequence the LLM saw (`Compact`), when the image blocks were cut."""
     terms = []
     for b, (family, scene, question, answer) in enumerate(items):
         for offset, head, query, keys in supervision(prompts, family, scene, question, answer, grid):
+            if moved is not None:  # the targets are named objects' tokens and words: never cut
+                query, keys = None if query is None else int(moved[b, query]), moved[b, keys].tolist()
             row = int(last[b]) if query is None else query
             terms.append(-torch.log(tap.probs[tap.first + offset][b, head, row, keys].sum() + 1e-6))
     return torch.stack(terms).mean() if terms else last.new_zeros((), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- stage E: length jitter
+
+
+def empty_tokens(scene: probe.Scene, grid: int) -> list[int]:
+    """The image tokens (row-major on the grid x grid board) of the cells that hold no object."""
+    full = {(o.row, o.col) for o in scene.objects}
+    return [i for i in range(grid * grid) if ((i // grid) * probe.GRID // grid, (i % grid) * probe.GRID // grid) not in full]
+
+
+def jitter_drops(seed: int, step: int, items, grid: int, share: float) -> list[list[int]]:
+    """Per item, the image tokens the LLM will not see: with probability ``share`` a random number (>= 1) of
+    the tokens of empty cells, at most all but one cell's worth (16 of 144, keep 0.111); else none.
+
+    Why: a one-tile probe always sees the same image-block length, and the InternVL3 probe learned to tell
+    image prompts from text-only ones by it, so pruning with contiguous positions (a shorter block) moved
+    even its background answers. Real InternVL3 sees 256 to 3,328 tokens an image (dynamic tiling). Only
+    object-free tokens go, so every answer stays in the image: the jitter teaches that length carries
+    nothing, not how to answer from a partial image. One cue it adds: an object keeps its cell's 16 tokens,
+    so a block of fewer than 16 n tokens never holds n objects (a shorter block allows fewer). A floor of 64
+    (4 objects) would remove that cue but leaves blocks under 64 unseen, and a 200-step trial with it kept
+    less of the background under random_pre at keep 0.111 (91 vs 94 of 100). Shifting the position ids
+    alone, all 144 tokens kept, did not help (29). A pure function of (seed, step, item).
+    """
+    out = []
+    floor = grid * grid // probe.GRID ** 2  # one cell
+    for j, (_, scene, _, _) in enumerate(items):
+        rng = random.Random(f"jitter:{seed}:{step}:{j}")
+        empty = empty_tokens(scene, grid)
+        most = min(len(empty), grid * grid - floor)
+        out.append(sorted(rng.sample(empty, rng.randint(1, most))) if rng.random() < share and most > 0 else [])
+    return out
+
+
+class Compact:
+    """Cuts rows of each sequence at the LLM entry (a pre-hook on the language model): the LLM then sees
+    shorter sequences with contiguous positions, as under pre-LLM pruning; rows are cut per item.
+
+    index [B, W']: the rows kept, in order, right-padded; mask [B, W']: the new attention mask;
+    moved [B, W]: each old row's new row (-1: cut)."""
+
+    def __init__(self, mask: torch.Tensor, cut: list[list[int]]) -> None:
+        rows = []
+        self.moved = torch.full(mask.shape, -1, dtype=torch.long)
+        for b, drop in enumerate(cut):
+            gone = set(drop)
+            kept = [p for p in range(int(mask[b].sum())) if p not in gone]
+            self.moved[b, kept] = torch.arange(len(kept))
+            rows.append(kept)
+        width = max(map(len, rows))
+        self.index = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+        self.mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        self.handle = None
+
+    def labels(self, lab: torch.Tensor) -> torch.Tensor:
+        return lab.gather(1, self.index).masked_fill(self.mask == 0, -100)
+
+    def last(self, last: torch.Tensor) -> torch.Tensor:
+        return self.moved.gather(1, last[:, None])[:, 0]
+
+    def install(self, model) -> Compact:
+        self.handle = model.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def _hook(self, module, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        if kwargs.get("position_ids") is not None:
+            raise RuntimeError("Compact expects the LLM to number positions itself")
+        index = self.index.to(embeds.device)
+        kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        kwargs["attention_mask"] = self.mask.to(embeds.device)
+        return args, kwargs
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, mean over labelled positions (what the HF models' `loss` computes)."""
+    return nn.functional.cross_entropy(logits.float()[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
+                                       ignore_index=-100)
 
 
 def begin_stage_e(args, model, opt, device) -> DenseHeads:
@@ -726,13 +819,25 @@ def train_step(step: int, args, model, heads, tap, prompts, opt, device, grid: i
         ids, mask, lab, last = batch_tensors(prompts, [(q, a) for _, _, q, a in items])
         vision = family.vision_inputs([probe.render(s) for _, s, _, _ in items], ids, device)
         family.encoder(model).requires_grad_(stage != "B")
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=lab.to(device), **vision)
-        loss, parts = out.loss, {"qa": out.loss.item()}
+        cut = None
+        if stage == "E" and args.jitter > 0:
+            starts = [prompts.prompt(q).index(prompts.image_id) for _, _, q, _ in items]
+            drops = jitter_drops(args.seed, step, items, grid, args.jitter)
+            cut = Compact(mask, [[at + i for i in d] for at, d in zip(starts, drops, strict=True)]).install(model)
+        try:
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        labels=None if cut else lab.to(device), **vision)
+        finally:
+            if cut is not None:
+                cut.remove()
+        loss = out.loss if cut is None else causal_lm_loss(out.logits, cut.labels(lab))
+        parts = {"qa": loss.item()}
         if stage != "B" and args.aux > 0:
             aux = dense_loss(heads, tap.feats, dense_targets([s for _, s, _, _ in items], grid))
             loss, parts["dense"] = loss + args.aux * aux, aux.item()
         if stage == "E" and args.sup > 0:
-            sup = attention_loss(attn, prompts, items, last.to(device), grid)
+            last_seen, moved = (last, None) if cut is None else (cut.last(last), cut.moved)
+            sup = attention_loss(attn, prompts, items, last_seen.to(device), grid, moved)
             loss, parts["attn"] = loss + args.sup * sup, sup.item()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -846,6 +951,9 @@ def d_recipe(args) -> str:
                 f"(plus a cell-column head), peak lr {args.lr_e}, attention supervision (weight {args.sup}) at "
                 f"LLM layers {args.sup_layer}-{args.sup_layer + 2}: named word -> the image tokens of what it "
                 f"names, answer position -> the named words, then -> the right MCQ option (`supervision()`)")
+        if args.jitter:
+            out += (f"; length jitter on {args.jitter:.0%} of E's items: a random part of the image tokens of "
+                    f"empty cells cut at the LLM entry, contiguous positions (`jitter_drops()`)")
     return out
 
 
@@ -860,6 +968,7 @@ def card(args, model, acc: dict[str, float], blind: dict[str, float], kept: list
                + (f" --steps-d {args.steps_d} --focus {args.focus} --lr-d {args.lr_d or args.lr}"
                   if args.steps_d else "")
                + (f" --steps-e {args.steps_e} --lr-e {args.lr_e} --sup {args.sup} --sup-layer {args.sup_layer}"
+                  + (f" --jitter {args.jitter}" if args.jitter else "")
                   if args.steps_e else " --steps-e 0"))  # stage E is on by default
     init = ("" if args.init is None else
             f"; this run added `--init {args.init}`: stage E started from that stage-D checkpoint (E resets the "

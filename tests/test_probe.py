@@ -657,3 +657,108 @@ def test_measure_probe_names_the_trained_probes_on_a_bad_model(capsys) -> None:
     assert "--model nope" in err and "probe_llava" in err and "probe_qwen25vl" in err and "Traceback" not in err
     card = measure.parse(["--model", "probe_internvl3"]).card
     assert card.parts[-2:] == ("probe_internvl3", "README.md") and card.is_file()
+
+
+# ------------------------------------------------------------------------------ stage E: length jitter
+
+
+def test_jitter_cuts_only_object_free_tokens(trainer) -> None:
+    """--jitter: a share of items lose some of the image tokens of their empty cells (never an object's), at most
+    all but one cell's worth; a pure function of (seed, step, item)."""
+    items = [probe.make_scene_qa(i, split="train-e") for i in range(240)]
+    drops = trainer.jitter_drops(0, 7, items, 12, 0.5)
+    assert drops == trainer.jitter_drops(0, 7, items, 12, 0.5) != trainer.jitter_drops(0, 8, items, 12, 0.5)
+    assert not any(trainer.jitter_drops(0, 7, items, 12, 0.0))
+    assert all(trainer.jitter_drops(0, 7, items, 12, 1.0))
+    cut = [d for d in drops if d]
+    assert 0.35 < len(cut) / len(items) < 0.65
+    for (_, scene, _, _), drop in zip(items, drops, strict=True):
+        full = {(o.row, o.col) for o in scene.objects}
+        assert all((i // 12 // 4, i % 12 // 4) not in full for i in drop)
+        assert drop == sorted(set(drop)) and all(0 <= i < 144 for i in drop) and 144 - len(drop) >= 16
+    seen = [144 - len(d) for d in cut]
+    assert min(seen) <= 40 and max(seen) >= 120  # the blocks the LLM sees span short to nearly full
+
+
+def test_compact_batch_equals_each_cut_sequence_alone(trainer, internvl_built) -> None:
+    """Compact (per-item cuts at the LLM entry, right padding) gives each item the logits of its own cut
+    sequence run alone with positions 0..n-1; labels, the last prompt row and stage E's attention targets move
+    with their tokens; the hook is gone after remove(); with no cut, the loss is the model's own."""
+    import torch
+
+    args, model, processor = internvl_built
+    was_training = model.training
+    model.eval()
+    prompts = trainer.Prompts(processor, 144)
+    items = [probe.make_scene_qa(i, split="train-e") for i in (0, 1, 2)]  # existence, attribute, count
+    ids, mask, lab, last = trainer.batch_tensors(prompts, [(q, a) for _, _, q, a in items])
+    vision = prompts.family.vision_inputs([probe.render(s) for _, s, _, _ in items], ids, torch.device("cpu"))
+    starts = [prompts.prompt(q).index(prompts.image_id) for _, _, q, _ in items]
+    drops = [list(range(0, 144, 2)), [], [5, 6, 7, 100]]
+    drops = [[i for i in d if i in trainer.empty_tokens(s, 12)] for d, (_, s, _, _) in zip(drops, items, strict=True)]
+    assert drops[0] and drops[2]
+    rows = [[at + i for i in d] for at, d in zip(starts, drops, strict=True)]
+    embeds = []
+    grab = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: embeds.append(kw["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, labels=lab, **vision)
+        cut = trainer.Compact(mask, rows).install(model)
+        logits = model(input_ids=ids, attention_mask=mask, **vision).logits
+        cut.remove()
+        grab.remove()
+        for b, gone in enumerate(rows):
+            kept = [p for p in range(int(mask[b].sum())) if p not in gone]
+            alone = model.model.language_model(inputs_embeds=embeds[0][b:b + 1, kept]).last_hidden_state
+            assert torch.allclose(logits[b, :len(kept)], model.lm_head(alone)[0], atol=1e-5)
+            assert cut.labels(lab)[b, :len(kept)].tolist() == lab[b, kept].tolist()
+            assert (cut.labels(lab)[b, len(kept):] == -100).all() and cut.mask[b].sum() == len(kept)
+            assert ids[b, kept[int(cut.last(last)[b])]] == ids[b, last[b]] and int(cut.last(last)[b]) == len(kept) - 3
+            family, scene, question, answer = items[b]
+            for _, _, query, keys in trainer.supervision(prompts, family, scene, question, answer, 12):
+                moved = cut.moved[b, keys]
+                assert (moved >= 0).all() and ids[b, kept][moved].tolist() == ids[b, keys].tolist()
+                if query is not None:
+                    assert ids[b, kept[int(cut.moved[b, query])]] == ids[b, query]
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, **vision).logits, full.logits)  # hook removed
+        assert torch.allclose(trainer.causal_lm_loss(full.logits, lab), full.loss, atol=1e-6)
+        none = trainer.Compact(mask, [[], [], []]).install(model)
+        same = model(input_ids=ids, attention_mask=mask, **vision).logits
+        none.remove()
+        real = mask.bool()  # the padding rows differ (Compact pads with the last real row) and are never read
+        assert torch.allclose(same[real], full.logits[real], atol=1e-5)
+    model.train(was_training)
+
+
+def test_stage_e_with_jitter_trains_and_says_so(trainer, tmp_path) -> None:
+    """--jitter changes stage E's weights, and the card's command and recipe name it."""
+    import torch
+    from safetensors.torch import load_file
+
+    tiny_run = ["--family", "internvl", "--vision-layers", "2", "--text-layers", "3", "--batch-a", "2", "--batch", "4", "--steps-a", "1", "--steps-b", "1", "--steps-c", "1",
+                "--steps-d", "1", "--steps-e", "2", "--final-eval-n", "1", "--save-every", "50"]
+    assert trainer.main([*tiny_run, "--out", str(tmp_path / "plain")]) == 0
+    assert trainer.main([*tiny_run, "--out", str(tmp_path / "jitter"), "--jitter", "1.0"]) == 0
+    plain, jitter = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("plain", "jitter"))
+    assert any(not torch.equal(w, jitter[k]) for k, w in plain.items())
+    card = (tmp_path / "jitter" / "final" / "README.md").read_text()
+    assert "--jitter 1.0" in card and "length jitter on 100% of E's items" in card
+    assert "--jitter" not in (tmp_path / "plain" / "final" / "README.md").read_text()
+
+
+
+@pytest.mark.parametrize(("target", "checkpoint"), [("probe", "probe_llava"), ("probe-qwen", "probe_qwen25vl"),
+                                                    ("probe-internvl", "probe_internvl3")])
+def test_make_target_retrains_the_committed_probe(trainer, target: str, checkpoint: str) -> None:
+    """`make probe*` runs the recipe the committed checkpoint's card states (every training argument)."""
+    import shlex
+
+    make = (ROOT / "Makefile").read_text()
+    recipes = dict(re.findall(r"^(\w+_RECIPE)\s*\?=\s*(.*)$", make, re.M))
+    line = re.search(rf"^{re.escape(target)}:.*\n\t(.*train_probe\.py.*)$", make, re.M).group(1)
+    line = re.sub(r"\$\((\w+_RECIPE)\)", lambda m: recipes[m.group(1)], line).replace("$(ARGS)", "")
+    made = trainer.parse(shlex.split(line.split("train_probe.py", 1)[1]))
+    card = (ROOT / "checkpoints" / checkpoint / "README.md").read_text()
+    command = re.search(r"- command: `python scripts/train_probe\.py([^`]*)`", card).group(1)
+    stated = trainer.parse(shlex.split(command))
+    assert {k: v for k, v in vars(made).items() if k != "init"} == {k: v for k, v in vars(stated).items() if k != "init"}
