@@ -37,18 +37,24 @@ report: setup
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)
 
+# The committed probes' recipes (their cards): the LLaVA probe ran the script's defaults; the Qwen2.5-VL and
+# InternVL3 probes, half of A-D and 1200 / 800 E steps (CPU time), the InternVL3 one with length jitter. ARGS come
+# last and override (ARGS="--steps-a 300 ..." for the full recipe).
+QWEN_RECIPE     ?= --steps-a 150 --steps-b 400 --steps-c 400 --steps-d 400 --steps-e 1200
+INTERNVL_RECIPE ?= --steps-a 150 --steps-b 400 --steps-c 400 --steps-d 400 --steps-e 800 --jitter 0.5
+
 probe: setup         ## retrain the probe LLaVA (issue 6; ~75 min on 1 CPU thread), install it, measure pruning per family
 	$(BIN)/python scripts/train_probe.py --out runs/probe_llava $(ARGS)
 	rm -rf checkpoints/probe_llava && cp -r runs/probe_llava/final checkpoints/probe_llava
 	$(BIN)/python scripts/measure_probe.py
 
-probe-qwen: setup    ## the same for the Qwen2.5-VL-architecture probe (card: recipe and wall time)
-	$(BIN)/python scripts/train_probe.py --family qwen2_5_vl --out runs/probe_qwen25vl $(ARGS)
+probe-qwen: setup    ## the same for the Qwen2.5-VL-architecture probe (its committed recipe; card: wall time)
+	$(BIN)/python scripts/train_probe.py --family qwen2_5_vl --out runs/probe_qwen25vl $(QWEN_RECIPE) $(ARGS)
 	rm -rf checkpoints/probe_qwen25vl && cp -r runs/probe_qwen25vl/final checkpoints/probe_qwen25vl
 	$(BIN)/python scripts/measure_probe.py --model probe_qwen25vl
 
-probe-internvl: setup  ## the same for the InternVL3-architecture probe (card: recipe and wall time)
-	$(BIN)/python scripts/train_probe.py --family internvl --out runs/probe_internvl3 $(ARGS)
+probe-internvl: setup  ## the same for the InternVL3-architecture probe (its committed recipe; card: wall time)
+	$(BIN)/python scripts/train_probe.py --family internvl --out runs/probe_internvl3 $(INTERNVL_RECIPE) $(ARGS)
 	rm -rf checkpoints/probe_internvl3 && cp -r runs/probe_internvl3/final checkpoints/probe_internvl3
 	$(BIN)/python scripts/measure_probe.py --model probe_internvl3
 
