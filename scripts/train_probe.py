@@ -864,6 +864,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps_e and not 0 <= args.sup_layer <= args.text_layers - 3:
         raise SystemExit(f"stage E supervises LLM layers --sup-layer .. +2: need 0 <= --sup-layer <= "
                          f"{args.text_layers - 3} with {args.text_layers} text layers (got {args.sup_layer})")
+    if not 0.0 <= args.jitter <= 1.0:
+        raise SystemExit(f"--jitter is a share of stage E's items: 0 to 1 (got {args.jitter})")
+    if args.jitter and args.family == "qwen2_5_vl":
+        raise SystemExit("--jitter: families llava, internvl (the Qwen2.5-VL LLM gets M-RoPE position ids from the "
+                         "model, which a cut would have to renumber; pruning keeps them anyway)")
     args.out.mkdir(parents=True, exist_ok=True)
     e_start = bounds(args)["E"][0]
     saved = args.out / "state" / "progress.json"

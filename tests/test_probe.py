@@ -762,3 +762,11 @@ def test_make_target_retrains_the_committed_probe(trainer, target: str, checkpoi
     command = re.search(r"- command: `python scripts/train_probe\.py([^`]*)`", card).group(1)
     stated = trainer.parse(shlex.split(command))
     assert {k: v for k, v in vars(made).items() if k != "init"} == {k: v for k, v in vars(stated).items() if k != "init"}
+
+
+@pytest.mark.parametrize(("argv", "says"), [(["--jitter", "1.5"], "0 to 1"),
+                                            (["--jitter", "0.5", "--family", "qwen2_5_vl"], "llava, internvl")])
+def test_bad_jitter_is_a_one_line_error(trainer, tmp_path, argv: list[str], says: str) -> None:
+    with pytest.raises(SystemExit) as err:
+        trainer.main([*argv, "--out", str(tmp_path / "run")])
+    assert says in str(err.value) and "\n" not in str(err.value) and not (tmp_path / "run").exists()
