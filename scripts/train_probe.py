@@ -712,9 +712,8 @@ def attention_loss(tap: AttentionTap, prompts: Prompts, items, last: torch.Tenso
 
 
 def empty_tokens(scene: probe.Scene, grid: int) -> list[int]:
-    """The image tokens (row-major on the grid x grid board) of the cells that hold no object."""
-    full = {(o.row, o.col) for o in scene.objects}
-    return [i for i in range(grid * grid) if ((i // grid) * probe.GRID // grid, (i % grid) * probe.GRID // grid) not in full]
+    """The image tokens (row-major on the grid x grid board) of the cells that hold no object (kind "none")."""
+    return [i for i, kind in enumerate(probe.patch_labels(scene, grid)["kind"]) if kind == 0]
 
 
 def jitter_drops(seed: int, step: int, items, grid: int, share: float) -> list[list[int]]:
