@@ -30,25 +30,57 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
 
 
 def check_overrides(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
-    """One-line errors for unknown top-level options and unknown method parameters."""
+    """One-line errors for unknown options and parameters, and typed checks of every value given (each value
+    of a sweep), before Hydra composes anything and before any model loads."""
     import yaml
+
+    from prunebench.checks import OPTIONS, check_params, check_value, yaml_defaults
+    from prunebench.methods import resolve_method
 
     top = yaml.safe_load((config_dir / "config.yaml").read_text())
     options = sorted(k for k in top if k not in ("defaults", "hydra"))
-    default_method = next(d["method"] for d in top["defaults"] if isinstance(d, dict) and "method" in d)
+    defaults = {next(iter(d)): d[next(iter(d))] for d in top["defaults"] if isinstance(d, dict)}
     overrides = [a.partition("=") for a in argv if "=" in a and not a.startswith(("+", "~", "hydra"))]
-    methods = [v for k, _, v in overrides if k == "method"]
-    names = [n for v in methods for n in _sweep_values(v)] or [default_method]
-    for key, _, _ in overrides:
-        head = key.split(".")[0]
-        if "." not in key and head not in GROUPS and head not in options:
+    parsed = _parse(argv)
+    chosen = {g: [n for k, v in parsed.items() if k == g for n in v] or [defaults[g]] for g in GROUPS}
+    for key, values in parsed.items():
+        head, _, rest = key.partition(".")
+        if key in OPTIONS:
+            for value in values:
+                check_value(key, value, OPTIONS[key])
+        elif "." not in key and head not in GROUPS and head not in options:
             raise unknown_choice("option", key, options)
-        if key.startswith("method.params."):
-            from prunebench.methods import resolve_method
+        elif key.startswith("method.params."):
+            for name in chosen["method"]:
+                for value in values:
+                    resolve_method(name, {key.split(".", 2)[2]: value})
+        elif head in ("dataset", "model") and rest and "." not in rest:
+            for name in chosen[head]:
+                known = yaml_defaults(head, name)
+                if rest not in known:
+                    raise UserError(f"{head} '{name}' has no setting '{rest}' (add it with +{key}=...); "
+                                    f"valid: {', '.join(sorted(known))}")
+                for value in values:
+                    check_params(head, {rest: value}, known)
+    _check_pipeline(overrides, chosen["method"], float(top["keep"]))
 
-            for name in names:
-                resolve_method(name, {key.split(".", 2)[2]: None})
-    _check_pipeline(overrides, names, float(top["keep"]))
+
+def _parse(argv: list[str]) -> dict[str, list[Any]]:
+    """Hydra's own parse of the plain `key=value` overrides -> {key: [each value, sweeps expanded]}
+    (typed as Hydra types them: `1.5` a float, `abc` a string); `+`/`~` overrides are Hydra's to check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    plain = [a for a in argv if "=" in a and not a.startswith(("+", "~", "hydra", "-"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except HydraException:
+        return {}  # Hydra prints its own grammar error
+    out: dict[str, list[Any]] = {}
+    for o in parsed:
+        values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+        out[o.key_or_group] = values
+    return out
 
 
 def _check_pipeline(overrides: list[tuple[str, str, str]], names: list[str], default_keep: float) -> None:
@@ -95,14 +127,16 @@ def run_with_baseline(cfg: Any) -> None:
     from omegaconf import OmegaConf, open_dict
 
     from prunebench import methods  # noqa: F401  (registers methods)
-    from prunebench.runner import run
+    from prunebench.runner import Job, run
 
+    if cfg.dataset.get("kind") != "vlmeval":
+        Job.from_config(cfg)  # every value of the job checked before the baseline's model loads
     if cfg.baseline and cfg.method.name != "vanilla":
         base = cfg.copy()
         with open_dict(base):
             base.method = OmegaConf.load(CONFIG_DIR / "method" / "vanilla.yaml")
             base.keep = 1.0
-        run(base)
+        run(base, wait=True)  # jobs sharing a baseline queue for it; the first runs it, the others reuse it
     path = run(cfg)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 writes the record and reports
         return
@@ -140,7 +174,12 @@ def main() -> None:
             # one job the model cannot run (e.g. more merges than its encoder allows) does not stop a sweep
             refused.append(f"{cfg.method.name} keep={cfg.keep}: {err}")
 
-    _task()
+    try:
+        _task()
+    except KeyboardInterrupt as err:  # Ctrl-C: what is saved, and how to go on; no traceback
+        print(f"prunebench: {getattr(err, 'message', 'interrupted; rerun the same command to resume')}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     if refused:
         print(f"prunebench: {len(refused)} job(s) refused, the others ran:", file=sys.stderr)
         for line in refused:

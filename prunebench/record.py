@@ -29,6 +29,10 @@ Fields (schema_version 1):
                    category counts as measured only when vanilla is far above it; {} otherwise
   device, versions (python, torch, transformers, prunebench, git_sha), config (resolved)
   started_at, finished_at
+  key              the job's identity (runner.job_key): everything that can change its result; its hash names
+                   the folder and a complete record is reused only for an equal key ({} in older records)
+  flags            warnings that change how a number reads, e.g. "budget unreachable: ..." (the method could not
+                   reach the requested budget at its configured layers); the report marks flagged runs
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
 PREDICTIONS_NAME = "predictions.jsonl"
+LOCK_NAME = ".lock"
 TIMED_FIELDS = ("total_s", "vision_s", "method_s", "prefill_s", "decode_s")
 
 
@@ -81,6 +86,8 @@ class RunRecord:
     config: dict[str, Any] = field(default_factory=dict)
     started_at: str = ""
     finished_at: str | None = None
+    key: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from prunebench.checks import check_options, check_params, yaml_defaults
 from prunebench.data.datasets import Dataset, Item, build_dataset
 from prunebench.errors import UserError
 from prunebench.measure import instrument
@@ -25,6 +28,7 @@ from prunebench.methods import ResolvedMethod, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
 from prunebench.models.loader import LoadedModel, load_model, resolve_device
 from prunebench.record import (
+    LOCK_NAME,
     PREDICTIONS_NAME,
     RECORD_NAME,
     TIMED_FIELDS,
@@ -47,9 +51,11 @@ class Job:
     keep: float
     seed: int
     limit: int | None
+    key: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Job:
+        check_options(cfg)  # every value typed and in range before anything loads
         m = cfg["method"]
         method = resolve_method(str(m["name"]), _plain(m.get("params") or {}), m.get("positions"))
         keep = float(cfg["keep"])
@@ -65,8 +71,16 @@ class Job:
         model = str(cfg["model"]["name"])
         if cfg["model"].get("weights") == "random":
             model += "-random"  # never mixed with (or resumed from) pretrained runs
+        for group in ("dataset", "model"):
+            values = _plain(cfg[group])
+            check_params(group, values, yaml_defaults(group, str(values.get("name"))))
         return cls(model=model, dataset=str(cfg["dataset"]["name"]), method=method,
-                   keep=keep, seed=int(cfg["seed"]), limit=None if limit is None else int(limit))
+                   keep=keep, seed=int(cfg["seed"]), limit=None if limit is None else int(limit),
+                   key=job_key(cfg, method, keep))
+
+    @property
+    def key_hash(self) -> str:
+        return hashlib.sha1(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def directory(self, results_dir: Path) -> Path:
         """results/<model>/<dataset>[-nLIMIT]/<method>[-<params hash>]/keep<k>-seed<s>."""
@@ -76,30 +90,50 @@ class Job:
         if dict(self.method.params) != dict(self.method.spec.defaults) or self.method.positions != official:
             blob = json.dumps({"p": dict(self.method.params), "pos": self.method.positions.value}, sort_keys=True)
             method += "-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
-        return results_dir / self.model / data / method / f"keep{self.keep:.3f}-seed{self.seed}"
+        return results_dir / self.model / data / method / f"keep{self.keep:.3f}-seed{self.seed}-{self.key_hash}"
+
+
+# Options that change how a job runs but not what it measures (its numbers' meaning): not in the key.
+_NOT_IN_KEY = {"results_dir", "report", "baseline", "wait", "hydra"}
+
+
+def job_key(cfg: Mapping[str, Any], method: ResolvedMethod, keep: float) -> dict[str, Any]:
+    """Everything that can change a job's result: the resolved model and dataset configs, the method with its
+    full parameters and position policy, the exact keep (repr, not rounded), seed, limit, batch size, device,
+    threads and warm-up. Two jobs share a folder and a record only when these are equal."""
+    plain = _plain(cfg)
+    key = {k: v for k, v in plain.items() if k not in _NOT_IN_KEY and k not in ("method", "keep")}
+    key["method"] = {"name": method.name, "params": dict(method.params), "positions": method.positions.value}
+    key["keep"] = repr(float(keep))
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
 def _plain(params: Any) -> dict[str, Any]:
     """Hydra/OmegaConf containers -> plain dicts and lists (pipelines nest them; the record is JSON)."""
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    return OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params)
+    return OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig | ListConfig) \
+        else dict(params)
 
 
-def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
-    """Run (or resume, or skip) one job; returns the record path."""
+def run(cfg: Mapping[str, Any], *, quiet: bool = False, wait: bool | None = None) -> Path:
+    """Run (or resume, or skip) one job; returns the record path. The job holds a lock on its folder while it
+    runs (`wait`: wait for another process holding it instead of refusing; default the `wait` option)."""
     if cfg["dataset"].get("kind") == "vlmeval":  # the optional VLMEvalKit backend
         from prunebench.bridge.run import run_vlmeval
 
         return run_vlmeval(cfg, quiet=quiet)
     job = Job.from_config(cfg)
-    out = job.directory(Path(str(cfg["results_dir"])))
+    out = job.directory(writable_results_dir(cfg["results_dir"]))
+    with job_lock(out, bool(cfg.get("wait", False)) if wait is None else wait):
+        return _run_locked(job, cfg, out, quiet)
+
+
+def _run_locked(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Path:
     record_path = out / RECORD_NAME
-    if record_path.exists():
-        done = load_record(record_path)
-        if done.status == "complete" and done.n_failed == 0:
-            _say(quiet, f"[prunebench] complete, skipped: {record_path}")
-            return record_path
+    if reusable(record_path, job):
+        _say(quiet, f"[prunebench] complete, skipped: {record_path}")
+        return record_path
     dataset = build_dataset(cfg["dataset"])
     device = resolve_device(str(cfg["device"]))
     if device.type == "cpu" and cfg.get("cpu_threads"):
@@ -120,6 +154,9 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     record.positions = inst.positions.value
     record.method_card["positions"] = inst.positions.value
     record.notes += inst.notes
+    record.flags = list(dict.fromkeys(getattr(inst, "flags", [])))
+    for flag in record.flags:
+        _say(False, f"[prunebench] warning: {flag}")
     if inst.schedule is not None:  # dynamic-resolution families: per sample in the predictions
         record.tokens["vision_merge_schedule"] = list(inst.schedule)
     if inst.stages:  # pipelines: every stage's method, params, keep (method_card) and counts (tokens)
@@ -128,6 +165,72 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     if record.n_failed:
         _say(False, f"[prunebench] warning: {record.n_failed} of {len(rows)} samples failed; see {out / PREDICTIONS_NAME}")
     return record_path
+
+
+def writable_results_dir(value: Any) -> Path:
+    """`results_dir` as a folder this process can write in (created if missing), or one line saying why not."""
+    root = Path(str(value)).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"results_dir={value} is not a directory (a file is in the way)") from None
+    except OSError as err:
+        raise UserError(f"results_dir={value} cannot be created: {err.strerror}") from None
+    if not root.is_dir():
+        raise UserError(f"results_dir={value} is not a directory")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"results_dir={value} is not writable by this user")
+    return root
+
+
+def reusable(record_path: Path, job: Job) -> bool:
+    """A complete, failure-free record of exactly this job (its stored key equals the job's). An unreadable
+    record is a warning: the job counts as incomplete and resumes from its predictions."""
+    if not record_path.exists():
+        return False
+    try:
+        done = load_record(record_path)
+    except (OSError, ValueError, TypeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        _say(False, f"[prunebench] warning: unreadable {record_path} ({reason}); the job resumes from its predictions")
+        return False
+    return done.status == "complete" and done.n_failed == 0 and done.key == dict(job.key)
+
+
+class JobLocked(UserError):
+    """Another live process runs this job."""
+
+
+@contextmanager
+def job_lock(out: Path, wait: bool) -> Iterator[None]:
+    """An exclusive lock on the job folder (`.lock`, holding the owner's PID). The OS releases it when the
+    owner dies, so a lock file left by a dead process is simply taken over."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOCK_NAME).open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "?"
+            raise JobLocked(f"job {out} is being run by PID {pid}; wait=true waits for it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job: `message` says what is saved and that rerunning resumes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 def _say(quiet: bool, line: str) -> None:
@@ -144,6 +247,7 @@ def _new_record(job: Job, cfg: Mapping[str, Any], loaded: LoadedModel) -> RunRec
         stage=job.method.stage.value, positions=job.method.positions.value, keep=job.keep, seed=job.seed,
         limit=job.limit, method_card=job.method.describe(), config=resolved, versions=versions(),
         device=_device_info(loaded.device), started_at=now(), accuracy_meaningful=loaded.accuracy_meaningful,
+        key=dict(job.key),
     )
     if loaded.weights == "random":
         record.notes.append("random weights (model.weights=random): accuracy is noise; use this run for latency only")
@@ -208,11 +312,24 @@ def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item],
     if rows and todo:
         _say(quiet, f"[prunebench] resuming {path.parent}: {len(items) - len(todo)} of {len(items)} done")
     timer = Timer(loaded.device)
+    try:
+        inst = _predict_all(job, loaded, dataset, items, todo, rows, path, timer, cfg, quiet)
+    except KeyboardInterrupt:
+        saved = sum(1 for it in items if it.index in rows and rows[it.index].get("error") is None)
+        raise Interrupted(f"interrupted: {saved} of {len(items)} samples of {path.parent} are saved; "
+                          f"rerun the same command to resume") from None
+    return [rows[it.index] for it in items if it.index in rows], inst
+
+
+def _predict_all(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item], todo: list[Item],
+                 rows: dict[int, dict[str, Any]], path: Path, timer: Timer, cfg: Mapping[str, Any],
+                 quiet: bool) -> Installation:
     with instrument(loaded.model, loaded.seams, timer), \
             install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer) as inst:
         if todo:
             for item in items[: int(cfg.get("warmup", 1))]:
                 _generate(loaded, dataset, item, inst, timer, job.seed)  # untimed warm-up
+        truncate_torn_tail(path)
         with path.open("a") as sink:
             for item in tqdm(todo, desc=f"{job.method.name} keep={job.keep:g}", disable=quiet or None,
                              leave=False):
@@ -220,7 +337,17 @@ def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item],
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 rows[item.index] = row
-    return [rows[it.index] for it in items if it.index in rows], inst
+    return inst
+
+
+def truncate_torn_tail(path: Path) -> None:
+    """Cut a crash-torn last line (no newline) so the next append starts a line of its own."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,

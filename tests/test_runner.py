@@ -95,7 +95,7 @@ def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeyp
     cfg = config(tiny_path, tmp_path, "method=divprune", "keep=0.5")
     rec = load_record(runner.run(cfg, quiet=True))
     assert rec.status == "complete" and rec.n_samples == 4 and rec.n_failed == 1
-    predictions = tmp_path / "tiny_llava" / "shapes-n4" / "divprune" / "keep0.500-seed0" / "predictions.jsonl"
+    predictions = runner.Job.from_config(cfg).directory(tmp_path) / "predictions.jsonl"
     rows = {r["index"]: r for r in lines(predictions)}
     assert "simulated" in rows[1]["error"] and rows[0]["error"] is None
     monkeypatch.setattr(runner, "_generate", real)  # the cause is gone: the rerun retries sample 1 only
@@ -105,7 +105,9 @@ def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeyp
 
 def test_job_directory_names_what_defines_the_result(tiny_path, tmp_path):
     base = runner.Job.from_config(config(tiny_path, tmp_path, "method=fastv", "keep=0.111"))
-    assert base.directory(tmp_path) == tmp_path / "tiny_llava" / "shapes-n4" / "fastv" / "keep0.111-seed0"
+    where = base.directory(tmp_path)
+    assert where.parent == tmp_path / "tiny_llava" / "shapes-n4" / "fastv"
+    assert where.name.startswith("keep0.111-seed0-") and where.name == f"keep0.111-seed0-{base.key_hash}"
     other = runner.Job.from_config(config(tiny_path, tmp_path, "method=fastv", "keep=0.111",
                                           "method.params.layer=1"))
     assert other.directory(tmp_path).parent.name.startswith("fastv-")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from prunebench.checks import check_params
 from prunebench.errors import UserError
 from prunebench.registry import Registry
 
@@ -319,6 +320,7 @@ def resolve_method(name: str, params: Mapping[str, Any] | None = None, positions
     if unknown:
         valid = ", ".join(sorted(spec.defaults)) or "none"
         raise UserError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; valid: {valid}")
+    check_params("method", params, spec.defaults, prefix="method.params")
     merged = {**spec.defaults, **params}
     try:
         pos = Positions(positions) if positions else spec.default_positions(merged)

@@ -4,6 +4,7 @@ architecture config, or a checkpoint the project builds itself (`build: tiny_lla
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,13 +236,60 @@ def _pretrained(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, devi
     where = str(local) if local is not None else str(cfg.get("hub_id"))
     if local is not None and not local.exists():
         raise _missing_weights(cfg, where)
+    if local is not None:
+        refuse_pickle_only(local)
     try:
         load = family.load_processor or AutoProcessor.from_pretrained
         processor = load(where, **dict(cfg.get("processor_kwargs") or {}))
-        model = family.model_class().from_pretrained(where, dtype=dtype, attn_implementation=attn, device_map=None)
+        model = family.model_class().from_pretrained(where, dtype=dtype, attn_implementation=attn, device_map=None,
+                                                     use_safetensors=True)  # never unpickle weights
     except (OSError, ValueError) as err:
         raise _missing_weights(cfg, where) from err
     return model.to(device), processor, where
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_only(folder: Path) -> None:
+    """Weights load from safetensors only: a folder whose weights are pickles alone is one line, not an unpickling."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{folder} has pickle weights only ({', '.join(pickles[:3])}); prunebench loads safetensors "
+                        f"only: convert them (save_pretrained(..., safe_serialization=True)) or point model.path elsewhere")
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a new model can take on `device`: free CUDA memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def check_fits(family: Family, config: Any, dtype: torch.dtype, device: torch.device, arch: str) -> None:
+    """Estimate a real-size build's weight bytes first (parameters counted on the meta device) and refuse in one
+    line when they would not fit, naming the dtype that would."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in family.model_class()._from_config(config, dtype=dtype).parameters())
+    free = free_bytes(device)
+    need = n_params * dtype.itemsize
+    if need <= 0.9 * free:  # headroom for activations and the KV cache
+        return
+    gib = 1024 ** 3
+    smaller = [name for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16))
+               if n_params * dt.itemsize <= 0.9 * free and dt.itemsize < dtype.itemsize]
+    hint = f"model.dtype={smaller[0]} ({n_params * 2 / gib:.1f} GiB) would fit" if smaller else \
+        "no dtype fits; use a smaller architecture or another device"
+    raise UserError(f"model.weights=random: {arch} has {n_params / 1e9:.2f} B parameters, {need / gib:.1f} GiB in "
+                    f"{str(dtype).removeprefix('torch.')}, but {free / gib:.1f} GiB is free on {device.type}; {hint}")
 
 
 def _missing_weights(cfg: Mapping[str, Any], where: str) -> UserError:
@@ -269,6 +317,7 @@ def _random_weights(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, 
     for key, value in overrides.items():
         setattr(config, key, value)
     config._attn_implementation = attn
+    check_fits(family, config, dtype, device, arch)
     torch.manual_seed(int(cfg.get("init_seed", 0)))
     with torch.device(device):
         model = family.model_class()._from_config(config, dtype=dtype)
