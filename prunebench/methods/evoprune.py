@@ -31,6 +31,9 @@ METHODS.add(
             "[CLS] is never merged; N_protect counts patch tokens only",
             "schedule runs over the encoder layers that feed the selected features (LLaVA-1.5: 23 of 24 CLIP layers); "
             "a layer asked to merge more than half its tokens passes the excess to an earlier layer",
+            "when fewer than r unprotected a-tokens (or no unprotected b-token) remain, the least important "
+            "importance-protected tokens of the short parity are un-protected until r merges are possible "
+            "(evoprune_ops._make_feasible; not in the paper)",
             "no proportional attention (the paper does not use it)",
             "merged tokens are ordered by the original index of their representative (the surviving b token)",
             "Qwen2.5-VL/Qwen2-VL: merges whole 2x2 merge units (4 ViT rows, one LLM token); unit feature = "

@@ -71,6 +71,8 @@ def pdrop_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, **_: 
     defaults={"layers": None},
     intra=IntraSchedule(layers=pdrop_layers, counts=pdrop_counts),
     deviations=(
+        "GQA: the last-query attention repeats each key head over its query group (repeat_kv, "
+        "stages/attention.py); the official PyramidDrop code has no repeat_kv and would fail on GQA models",
         "budget: keep is read as the layer-averaged visual count (METHODS.md §0.2): lambda is solved so that "
         "(K_1*N + sum_s (K_{s+1}-K_s) * floor(N*lambda^s)) / L is closest to round(keep*N) (bisection; the paper's "
         "default lambda = 0.5 is keep = 0.469 at 576 tokens / 32 layers); lambda is not a parameter",
