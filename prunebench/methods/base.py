@@ -200,6 +200,20 @@ class MethodSpec:
             return [int(params["layer"])]
         return [int(k) for k in self.intra.layers(n_layers, **params)]
 
+    def unreachable_budget(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any]) -> str | None:
+        """A multi-layer method with a per-stage schedule cannot go below keeping one token per stage from
+        its first layer on: when the requested layer average n_keep is below that floor, the message
+        (starting `budget unreachable:`); else None (METHODS.md §0.2)."""
+        if self.intra is None or self.intra.counts is None or self.layer_for_keep is not None:
+            return None
+        layers = self.intra_layers(n_layers, params)
+        floor = layer_average(n_layers, n_in, self.intra_plan(n_layers, n_in, n_keep, params,
+                                                              selects=[1] * len(layers)))
+        if n_keep >= floor:
+            return None
+        return (f"budget unreachable: {self.name} at layers {layers} of {n_layers} keeps a layer average of at "
+                f"least {floor:.2f} visual tokens of {n_in}; requested {n_keep}")
+
     @property
     def adaptive(self) -> bool:
         """A multi-layer method whose per-stage counts follow from thresholds, not from keep."""
