@@ -373,3 +373,12 @@ def test_fidelity_deviations_declared() -> None:
     assert any("_make_feasible" in d for d in METHODS.get("evoprune").deviations)
     for name in ("pdrop", "sparsevlm"):
         assert any("repeat_kv" in d for d in METHODS.get(name).deviations), name
+
+
+@pytest.mark.parametrize("name", ["tome", "evoprune", "vispruner"])
+def test_card_declares_dtype_and_budget_rounding(name: str) -> None:
+    """Issue 13 (started: these three so far): the card carries its arithmetic dtype and budget rounding."""
+    from prunebench.methods.base import resolve_method
+
+    card = resolve_method(name).describe()
+    assert card["dtype"] and card["budget_rounding"]

@@ -178,6 +178,10 @@ class MethodSpec:
     # it acts in this run (None: whenever keep < 1).
     vision_stage: str | None = None
     vision_stage_on: Callable[..., bool] | None = None
+    # The card's arithmetic dtype of the scoring and the budget rounding, one line each ("" = not yet declared;
+    # issue 13 asks every method to declare both)
+    dtype: str = ""
+    rounding: str = ""
 
     def runs_vision_stage(self, keep: float, params: Mapping[str, Any]) -> bool:
         if self.vision_stage is None:
@@ -274,6 +278,8 @@ def register_method(
     positions_for: Callable[..., Positions] | None = None,
     vision_stage: str | None = None,
     vision_stage_on: Callable[..., bool] | None = None,
+    dtype: str = "",
+    rounding: str = "",
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -289,7 +295,7 @@ def register_method(
                 name=name, stage=stage, source=source, fn=fn, needs=frozenset(needs), positions=positions,
                 defaults=dict(defaults or {}), deviations=deviations, budget=budget,
                 layer_for_keep=layer_for_keep, intra=intra, positions_for=positions_for,
-                vision_stage=vision_stage, vision_stage_on=vision_stage_on,
+                vision_stage=vision_stage, vision_stage_on=vision_stage_on, dtype=dtype, rounding=rounding,
             ),
         )
         return fn
@@ -322,6 +328,8 @@ class ResolvedMethod:
             "needs": sorted(self.spec.needs),
             "source": self.spec.source,
             "deviations": list(self.spec.deviations),
+            **({"dtype": self.spec.dtype} if self.spec.dtype else {}),
+            **({"budget_rounding": self.spec.rounding} if self.spec.rounding else {}),
         }
 
 

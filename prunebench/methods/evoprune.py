@@ -20,6 +20,8 @@ METHODS.add(
         schedule=layer_schedule,
         merge=evoprune_merge,
         needs=frozenset({"received_attention"}),
+        dtype="float32 (similarity, diversity, importance ranking, size-weighted mean)",
+        rounding="sum of r_l = N - round(keep*N) (n_keep_for, half up); per-layer r_l by largest remainder",
         positions=Positions.CONTIGUOUS,  # merged tokens enter the LLM as a shorter image run
         defaults={"schedule": "skip", "ctr": 0.25, "knn": 5, "tau": 1.0, "lambda_d": 1.0, "merge_point": "attention"},
         deviations=(

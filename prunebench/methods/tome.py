@@ -27,6 +27,9 @@ METHODS.add(
         schedule=layer_schedule,
         merge=tome_merge,
         needs=frozenset({"keys"}),
+        dtype="matching similarity in the metric's (model's) dtype, score_dtype=fp32 upcasts; size-weighted mean "
+        "in float32",
+        rounding="sum of r_l = N - round(keep*N) (n_keep_for, half up); per-layer r_l by largest remainder",
         positions=Positions.CONTIGUOUS,  # merged tokens enter the LLM as a shorter image run
         defaults={"schedule": "mean", "prop_attn": True, "merge_point": "attention", "score_dtype": "model"},
         deviations=(
