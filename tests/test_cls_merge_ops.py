@@ -173,3 +173,33 @@ def test_visionzip_any_share_matches_loop_reference(share):
         ref = visionzip_reference(x[0], attn[0], keys[0], n_dom, n_ctx)
         assert index[0].tolist() == sorted(ref)
         torch.testing.assert_close(tokens[0], torch.stack([ref[s] for s in sorted(ref)]))
+
+
+def _official_vispruner_dup(attention: torch.Tensor, feats: torch.Tensor, k: int, ratio: float) -> torch.Tensor:
+    """Theia-4869/VisPruner llava_arch.py encode_images, transcribed for one image: the cosine in the
+    features' own dtype (stable sorts, as our declared tie rule)."""
+    n_imp = int(k * ratio)
+    order = attention.argsort(descending=True, stable=True)
+    important, residual = order[:n_imp], order[n_imp:]
+    unit = feats / feats.norm(dim=-1, keepdim=True)
+    while (r := min(8, residual.numel() - (k - n_imp))) > 0:
+        a, b = residual[::2], residual[1::2]
+        best = (unit[a] @ unit[b].T).max(dim=-1).values
+        residual = torch.cat([a[best.argsort(descending=True, stable=True)[r:]], b])
+    return torch.cat([important, residual]).sort().values
+
+
+def test_vispruner_scores_in_the_feature_dtype_by_default() -> None:
+    """Issue 13: bf16 features are scored in bf16 (official); fp32=True is the former upcast."""
+    from prunebench.methods.cls_ops import vispruner_select
+
+    differs = 0
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        att, feats = torch.rand(96, generator=g), torch.randn(96, 8, generator=g).to(torch.bfloat16)
+        ours = vispruner_select(att, feats, 24, 0.5)
+        assert torch.equal(ours, _official_vispruner_dup(att, feats, 24, 0.5))
+        fp32 = vispruner_select(att, feats, 24, 0.5, fp32=True)
+        assert torch.equal(fp32, _official_vispruner_dup(att, feats.float(), 24, 0.5))
+        differs += not torch.equal(ours, fp32)
+    assert differs > 0

@@ -364,3 +364,21 @@ def test_adaptive_prumerge_count_is_what_the_record_states(fam, name):
     assert rows and inst.counts.n_visual_in == n_in and inst.counts.n_fixed == fixed
     assert inst.counts.n_visual_out == expected <= n_in
     assert lengths == [full - n_in + expected] * len(lengths)
+
+
+def test_fidelity_deviations_declared() -> None:
+    """Issue 13: EvoPrune's feasibility repair and the GQA extension of PDrop / SparseVLM are on their cards."""
+    from prunebench.methods.base import METHODS
+
+    assert any("_make_feasible" in d for d in METHODS.get("evoprune").deviations)
+    for name in ("pdrop", "sparsevlm"):
+        assert any("repeat_kv" in d for d in METHODS.get(name).deviations), name
+
+
+@pytest.mark.parametrize("name", ["tome", "evoprune", "vispruner"])
+def test_card_declares_dtype_and_budget_rounding(name: str) -> None:
+    """Issue 13 (started: these three so far): the card carries its arithmetic dtype and budget rounding."""
+    from prunebench.methods.base import resolve_method
+
+    card = resolve_method(name).describe()
+    assert card["dtype"] and card["budget_rounding"]

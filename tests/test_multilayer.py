@@ -546,3 +546,35 @@ def test_mustdrop_prefill_schedule_and_final_cache(fam):
     k = layers[0] - 1
     torch.testing.assert_close(cache.layers[k].keys, vanilla_keys[k][:, :, final.index[0]], atol=0, rtol=0)
     assert torch.equal(first, second) and first.shape[1] == full + GEN["max_new_tokens"]
+
+
+def test_pdrop_budget_unreachable_at_default_layers() -> None:
+    """Issue 13: 32 layers, [8, 16, 24], 576 tokens: the floor is 144.75; 128 is flagged, 192 is not; the
+    card's layer sets reach their targets."""
+    from prunebench.methods.base import METHODS, layer_average
+    from prunebench.methods.pdrop import pdrop_counts
+
+    spec = METHODS.get("pdrop")
+    flag = spec.unreachable_budget(32, 576, 128, {"layers": None})
+    assert flag is not None and flag.startswith("budget unreachable:") and "144.75" in flag
+    assert spec.unreachable_budget(32, 576, 192, {"layers": None}) is None
+    for layers, target in (([5, 10, 15], 192), ([2, 4, 6], 128), ([1, 2, 3], 64)):
+        assert spec.unreachable_budget(32, 576, target, {"layers": layers}) is None
+        avg = layer_average(32, 576, list(zip(layers, pdrop_counts(32, layers, 576, target), strict=True)))
+        assert abs(avg - target) < 1
+    sparse = METHODS.get("sparsevlm")
+    assert sparse.unreachable_budget(32, 576, 29, sparse.defaults).startswith("budget unreachable:")
+    assert sparse.unreachable_budget(32, 576, 64, sparse.defaults) is None
+
+
+def test_install_flags_an_unreachable_pdrop_budget(tiny):
+    """The installation's `flags` carries the line once the stage sees its tokens; a reachable keep has none."""
+    inputs = tiny.inputs()
+    n_layers, n_in = len(tiny.seams.decoder_layers), tiny.n_visual(inputs)
+    method = resolve_method("pdrop", {"layers": [n_layers - 1]})
+    for keep, flagged in ((0.05, True), (1.0, False)):
+        with install(tiny.seams, method, keep=keep, seed=0) as inst, torch.no_grad():
+            tiny.model(**inputs)
+        want = method.spec.unreachable_budget(n_layers, n_in, n_keep_for(keep, n_in)[0], method.params)
+        assert (want is not None) is flagged
+        assert inst.flags == ([want] if flagged else [])

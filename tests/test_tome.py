@@ -150,3 +150,28 @@ def test_prop_attn_noted_where_not_applied(fam):
     with install(fam.seams, resolve_method("tome", {"prop_attn": False}), keep=0.5) as inst:
         pass
     assert not inst.notes or all("proportional" not in n for n in inst.notes)
+
+
+def _official_pairs(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """facebookresearch/ToMe tome/merge.py bipartite_soft_matching, transcribed: the metric's own dtype."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices[..., :r]
+    return 2 * edge_idx, 2 * node_idx.gather(-1, edge_idx) + 1
+
+
+def test_tome_scores_in_the_metric_dtype_by_default() -> None:
+    """Issue 13: default score_dtype=model matches the official bf16 arithmetic; fp32 is the old upcast."""
+    from prunebench.methods.tome_ops import bipartite_pairs
+
+    differs = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        metric = torch.randn(1, 64, 16, generator=g).to(torch.bfloat16)
+        ours = bipartite_pairs(metric, 12)
+        assert all(torch.equal(o, e) for o, e in zip(ours, _official_pairs(metric, 12), strict=True))
+        fp32 = bipartite_pairs(metric, 12, score_dtype="fp32")
+        assert all(torch.equal(o, e) for o, e in zip(fp32, _official_pairs(metric.float(), 12), strict=True))
+        differs += not torch.equal(ours[0].sort().values, fp32[0].sort().values)
+    assert differs > 0

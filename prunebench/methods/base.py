@@ -179,6 +179,10 @@ class MethodSpec:
     # it acts in this run (None: whenever keep < 1).
     vision_stage: str | None = None
     vision_stage_on: Callable[..., bool] | None = None
+    # The card's arithmetic dtype of the scoring and the budget rounding, one line each ("" = not yet declared;
+    # issue 13 asks every method to declare both)
+    dtype: str = ""
+    rounding: str = ""
 
     def runs_vision_stage(self, keep: float, params: Mapping[str, Any]) -> bool:
         if self.vision_stage is None:
@@ -200,6 +204,20 @@ class MethodSpec:
         if self.intra is None:
             return [int(params["layer"])]
         return [int(k) for k in self.intra.layers(n_layers, **params)]
+
+    def unreachable_budget(self, n_layers: int, n_in: int, n_keep: int, params: Mapping[str, Any]) -> str | None:
+        """A multi-layer method with a per-stage schedule cannot go below keeping one token per stage from
+        its first layer on: when the requested layer average n_keep is below that floor, the message
+        (starting `budget unreachable:`); else None (METHODS.md §0.2)."""
+        if self.intra is None or self.intra.counts is None or self.layer_for_keep is not None:
+            return None
+        layers = self.intra_layers(n_layers, params)
+        floor = layer_average(n_layers, n_in, self.intra_plan(n_layers, n_in, n_keep, params,
+                                                              selects=[1] * len(layers)))
+        if n_keep >= floor:
+            return None
+        return (f"budget unreachable: {self.name} at layers {layers} of {n_layers} keeps a layer average of at "
+                f"least {floor:.2f} visual tokens of {n_in}; requested {n_keep}")
 
     @property
     def adaptive(self) -> bool:
@@ -261,6 +279,8 @@ def register_method(
     positions_for: Callable[..., Positions] | None = None,
     vision_stage: str | None = None,
     vision_stage_on: Callable[..., bool] | None = None,
+    dtype: str = "",
+    rounding: str = "",
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -276,7 +296,7 @@ def register_method(
                 name=name, stage=stage, source=source, fn=fn, needs=frozenset(needs), positions=positions,
                 defaults=dict(defaults or {}), deviations=deviations, budget=budget,
                 layer_for_keep=layer_for_keep, intra=intra, positions_for=positions_for,
-                vision_stage=vision_stage, vision_stage_on=vision_stage_on,
+                vision_stage=vision_stage, vision_stage_on=vision_stage_on, dtype=dtype, rounding=rounding,
             ),
         )
         return fn
@@ -309,6 +329,8 @@ class ResolvedMethod:
             "needs": sorted(self.spec.needs),
             "source": self.spec.source,
             "deviations": list(self.spec.deviations),
+            **({"dtype": self.spec.dtype} if self.spec.dtype else {}),
+            **({"budget_rounding": self.spec.rounding} if self.spec.rounding else {}),
         }
 
 

@@ -11,7 +11,8 @@ import math
 import torch
 
 
-def vispruner_select(attention: torch.Tensor, features: torch.Tensor, k: int, important_ratio: float) -> torch.Tensor:
+def vispruner_select(attention: torch.Tensor, features: torch.Tensor, k: int, important_ratio: float,
+                     fp32: bool = False) -> torch.Tensor:
     """VisPruner (Theia-4869/VisPruner `llava_arch.py encode_images`) for one image.
 
     attention [N] (head-mean [CLS] attention), features [N, C] (the tokens whose cosine similarity
@@ -19,13 +20,15 @@ def vispruner_select(attention: torch.Tensor, features: torch.Tensor, k: int, im
     important; the rest (in attention-descending order) are deduplicated: split alternately into
     A (even positions) and B (odd), drop the min(8, R - T_div) tokens of A whose best cosine match
     in B is highest, and continue on [A survivors in descending max-similarity order, B] until
-    T_div = T - T_imp remain. Returns [k] sorted indices.
+    T_div = T - T_imp remain. The cosine is computed in the features' dtype, as the official code
+    (the model's dtype); fp32=True upcasts first. Returns [k] sorted indices.
     """
     n_imp = int(k * important_ratio)
     n_div = k - n_imp
     order = attention.argsort(descending=True, stable=True)
     important, residual = order[:n_imp], order[n_imp:]
-    unit = features.float() / features.float().norm(dim=-1, keepdim=True)
+    f = features.float() if fp32 else features
+    unit = f / f.norm(dim=-1, keepdim=True)
     while (r := min(8, residual.numel() - n_div)) > 0:
         a, b = residual[::2], residual[1::2]
         best = (unit[a] @ unit[b].T).max(dim=-1).values  # [|A|] each A token's most similar B token

@@ -20,6 +20,8 @@ METHODS.add(
         schedule=layer_schedule,
         merge=evoprune_merge,
         needs=frozenset({"received_attention"}),
+        dtype="float32 (similarity, diversity, importance ranking, size-weighted mean)",
+        rounding="sum of r_l = N - round(keep*N) (n_keep_for, half up); per-layer r_l by largest remainder",
         positions=Positions.CONTIGUOUS,  # merged tokens enter the LLM as a shorter image run
         defaults={"schedule": "skip", "ctr": 0.25, "knn": 5, "tau": 1.0, "lambda_d": 1.0, "merge_point": "attention"},
         deviations=(
@@ -31,6 +33,9 @@ METHODS.add(
             "[CLS] is never merged; N_protect counts patch tokens only",
             "schedule runs over the encoder layers that feed the selected features (LLaVA-1.5: 23 of 24 CLIP layers); "
             "a layer asked to merge more than half its tokens passes the excess to an earlier layer",
+            "when fewer than r unprotected a-tokens (or no unprotected b-token) remain, the least important "
+            "importance-protected tokens of the short parity are un-protected until r merges are possible "
+            "(evoprune_ops._make_feasible; not in the paper)",
             "no proportional attention (the paper does not use it)",
             "merged tokens are ordered by the original index of their representative (the surviving b token)",
             "Qwen2.5-VL/Qwen2-VL: merges whole 2x2 merge units (4 ViT rows, one LLM token); unit feature = "

@@ -336,21 +336,34 @@ def merge_pairs(x: torch.Tensor, size: torch.Tensor, rep: torch.Tensor, src: tor
     arange = torch.arange(t, device=x.device).expand(b, t)
     no_merge = torch.zeros(b, t, dtype=torch.bool, device=x.device)
     xf, sf = x.float(), size.float()
-    num = (xf * sf[..., None]).scatter_add(1, dst[..., None].expand(-1, -1, dim),
-                                           (xf * sf[..., None]).gather(1, src[..., None].expand(-1, -1, dim)))
-    new_size = sf.scatter_add(1, dst, sf.gather(1, src))
     received = no_merge.scatter(1, dst, True)
-    x_all = torch.where(received[..., None], num / new_size[..., None], xf).to(x.dtype)
-    size_all = torch.where(received, new_size, sf).to(size.dtype)
-
-    # Survivors sorted by rep; merged src tokens point at their dst's new index.
     merged = no_merge.scatter(1, src, True)
     keep = rep.masked_fill(merged, torch.iinfo(rep.dtype).max).sort(dim=-1, stable=True).indices[:, : t - r]
+    # Only the r source rows and their destinations are touched (ToMe's merge_wavg weights and divides the
+    # whole tensor): kept rows are copied once, each destination gets x*size + sum of its sources' x*size,
+    # then / its new size. Untouched tokens keep their exact values.
+    # flat row indices: index_select is the fast CPU copy (gather with an expanded index is ~6x slower)
+    base = torch.arange(b, device=x.device)[:, None] * t
+    flat = xf.reshape(b * t, dim)
+    out, sk = flat.index_select(0, (keep + base).flatten()), sf.gather(1, keep)  # [B*(T-r), D], a copy
+    new_size = sf.scatter_add(1, dst, sf.gather(1, src))
     old_to_new = torch.full_like(arange, -1).scatter(1, keep, arange[:, : t - r].contiguous())
-    old_to_new = old_to_new.scatter(1, src, old_to_new.gather(1, dst))
+    dst_new = old_to_new.gather(1, dst)
+    at = (dst_new + torch.arange(b, device=x.device)[:, None] * (t - r)).flatten()
+    out[at] = out[at] * sk.gather(1, dst_new).flatten()[:, None]
+    out.index_put_((at,), flat.index_select(0, (src + base).flatten()) * sf.gather(1, src).flatten()[:, None],
+                   accumulate=True)
+    nsk = new_size.gather(1, keep)
+    out[at] = out[at] / nsk.gather(1, dst_new).flatten()[:, None]
+    out = out.view(b, t - r, dim)
+    x_out = out.to(x.dtype)
+    size_out = torch.where(received.gather(1, keep), nsk, sk).to(size.dtype)
+
+    # merged src tokens point at their dst's new index.
+    old_to_new = old_to_new.scatter(1, src, dst_new)
     return MergeResult(
-        x=x_all.gather(1, keep[..., None].expand(-1, -1, dim)),
-        size=size_all.gather(1, keep),
+        x=x_out,
+        size=size_out,
         rep=rep.gather(1, keep),
         old_to_new=old_to_new,
         merged=merged,

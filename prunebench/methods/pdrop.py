@@ -71,6 +71,13 @@ def pdrop_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, **_: 
     defaults={"layers": None},
     intra=IntraSchedule(layers=pdrop_layers, counts=pdrop_counts),
     deviations=(
+        "a budget below one token per stage from K_1 on is unreachable (32 layers, [8, 16, 24], N=576: layer "
+        "average >= 144.75, i.e. keep <= 0.222): the installation flags it `budget unreachable`; layer sets "
+        "[K, 2K, 3K] reaching 192 / 128 / 64 of 576 on 32 layers with lambda nearest the paper's 0.5 "
+        "(pdrop_counts): layers=[5,10,15] (lambda 0.491, avg 192.06), [2,4,6] (0.516, 128.31), [1,2,3] "
+        "(0.411, 63.75)",
+        "GQA: the last-query attention repeats each key head over its query group (repeat_kv, "
+        "stages/attention.py); the official PyramidDrop code has no repeat_kv and would fail on GQA models",
         "budget: keep is read as the layer-averaged visual count (METHODS.md §0.2): lambda is solved so that "
         "(K_1*N + sum_s (K_{s+1}-K_s) * floor(N*lambda^s)) / L is closest to round(keep*N) (bisection; the paper's "
         "default lambda = 0.5 is keep = 0.469 at 576 tokens / 32 layers); lambda is not a parameter",

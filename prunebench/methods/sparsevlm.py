@@ -74,6 +74,10 @@ def stage_extra(n_before: int, n_kept: int, version: str = "1.5", **_: object) -
     defaults={"version": "1.5", "layers": None},
     intra=IntraSchedule(layers=stage_layers, counts=stage_counts, extra=stage_extra),
     deviations=(
+        "a budget below one token per stage from the first stage layer on is unreachable (32 layers, N=576: "
+        "layer average >= 57.94): the installation flags it `budget unreachable`",
+        "GQA: the raters' attention repeats each key head over its query group (repeat_kv, "
+        "stages/attention.py); the official SparseVLM code has no repeat_kv and would fail on GQA models",
         "v1.5 recycling: the clusters are inserted after the last kept visual token (official: after the kept "
         "span of the single image) and count as visual tokens in the schedule and the layer average; their "
         "position is the next contiguous one (official), or, under original positions (M-RoPE families), the "

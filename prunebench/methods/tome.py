@@ -27,8 +27,11 @@ METHODS.add(
         schedule=layer_schedule,
         merge=tome_merge,
         needs=frozenset({"keys"}),
+        dtype="matching similarity in the metric's (model's) dtype, score_dtype=fp32 upcasts; size-weighted mean "
+        "in float32",
+        rounding="sum of r_l = N - round(keep*N) (n_keep_for, half up); per-layer r_l by largest remainder",
         positions=Positions.CONTIGUOUS,  # merged tokens enter the LLM as a shorter image run
-        defaults={"schedule": "mean", "prop_attn": True, "merge_point": "attention"},
+        defaults={"schedule": "mean", "prop_attn": True, "merge_point": "attention", "score_dtype": "model"},
         deviations=(
             "budget: sum of r_l = N - round(keep*N) exactly, by the `mean` schedule (largest-remainder "
             "integers, excess over a layer's 50% cap moved to an earlier layer); ToMe uses one constant r",
@@ -36,6 +39,8 @@ METHODS.add(
             "survivors stay in sequence order (sorted by their representative's original index) instead of "
             "ToMe's [unmerged a, b] concatenation, so the parity split of later layers differs; ties in the "
             "similarity ranking go to the earlier a-token (stable sort)",
+            "matching similarity in the metric's dtype (the model's, as official tome/merge.py); score_dtype=fp32 "
+            "(option) upcasts it to float32 (our former default), which changes merges under fp16/bf16",
             "size-weighted mean computed in float32, untouched tokens keep their exact values",
             "proportional attention (default on) on CLIP/SigLIP families (llava, llava_next, llava_onevision) via "
             "the encoder layer's additive attention mask; NOT applied on Qwen2.5-VL/Qwen2-VL (varlen window "

@@ -16,14 +16,27 @@ from prunebench.methods.evoprune_ops import MergeResult, merge_pairs
 _EPS = 1e-12
 
 
-def bipartite_pairs(metric: torch.Tensor, r: int, protect: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+SCORE_DTYPES = ("model", "fp32")
+
+
+def score_cast(t: torch.Tensor, score_dtype: str) -> torch.Tensor:
+    """The arithmetic dtype of a similarity score: `model` keeps the input's dtype (the official ToMe /
+    VisPruner code computes in the model's dtype), `fp32` upcasts (our former behaviour)."""
+    if score_dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype must be one of {', '.join(SCORE_DTYPES)}, got {score_dtype!r}")
+    return t.float() if score_dtype == "fp32" else t
+
+
+def bipartite_pairs(metric: torch.Tensor, r: int, protect: torch.Tensor | None = None,
+                    score_dtype: str = "model") -> tuple[torch.Tensor, torch.Tensor]:
     """The r (a -> b) merges of bipartite soft matching (ToMe `tome/merge.py`).
 
     metric [B, T, C]; protect [B, T] bool (never merged: rows/columns of protected tokens are -inf,
-    as ToMe does for [CLS]). Returns src [B, r] and dst [B, r]: old indices of the merged a-tokens and
+    as ToMe does for [CLS]); score_dtype: see `score_cast`. Returns src [B, r] and dst [B, r]: old
+    indices of the merged a-tokens and
     of the b-tokens they merge into. Ties in the ranking go to the earlier a (stable sort).
     """
-    m = metric.float()
+    m = score_cast(metric, score_dtype)
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(_EPS)
     scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, Ta, Tb] cosine
     if protect is not None:
@@ -42,11 +55,13 @@ def tome_merge(
     *,
     metric: torch.Tensor,
     protect: torch.Tensor | None = None,
+    score_dtype: str = "model",
 ) -> MergeResult:
     """Merge exactly r tokens per row: x [B, T, D] after self-attention, before the MLP.
 
     size [B, T] float (ToMe size), rep [B, T] long (original index each token stands for; tokens are
-    sorted by rep), metric [B, T, C] (head-mean keys), protect [B, T] bool (e.g. [CLS]).
+    sorted by rep), metric [B, T, C] (head-mean keys), protect [B, T] bool (e.g. [CLS]);
+    score_dtype: the similarity's arithmetic dtype (`score_cast`).
     `importance` is not used (ToMe has none; the argument keeps the merge-callable contract).
     Survivors are returned sorted by rep (ToMe concatenates [unmerged a, b]; see the method card).
     """
@@ -62,7 +77,7 @@ def tome_merge(
     if r == 0:
         return MergeResult(x, size, rep, torch.arange(t, device=x.device).expand(b, t).clone(),
                            torch.zeros_like(user), user)
-    src, dst = bipartite_pairs(metric, r, user)
+    src, dst = bipartite_pairs(metric, r, user, score_dtype)
     return merge_pairs(x, size, rep, src, dst, user)
 
 

@@ -21,9 +21,14 @@ from prunebench.methods.cls_signal import CLS_DEVIATIONS
     stage=Stage.PRE_LLM,
     source="VisPruner (ICCV 2025) §3; Theia-4869/VisPruner llava/model/llava_arch.py encode_images",
     needs=("cls_attention", "vision_features"),
+    dtype="duplication cosine in the vision features' (model's) dtype, score_dtype=fp32 upcasts; attention "
+    "ranking in the signal's dtype",
+    rounding="T = round(keep*N) per image (n_keep_for, half up, >= 1); T_imp = int(T * important_ratio)",
     positions=Positions.CONTIGUOUS,  # pruned in prepare_inputs_labels_for_multimodal: positions close up
-    defaults={"important_ratio": 0.5, "vision_layer": None},
+    defaults={"important_ratio": 0.5, "vision_layer": None, "score_dtype": "model"},
     deviations=(
+        "score_dtype=fp32 (option; default `model`, the official arithmetic in the model's dtype) upcasts the "
+        "duplication cosine to float32, which changes the kept set under fp16/bf16",
         "budget: T = round(keep*N) per image (the official visual_token_num is keep*576)",
         "ties in the attention ranking and the max-similarity ranking are broken by a stable sort (position "
         "order); the official argsort is unstable",
@@ -34,10 +39,14 @@ from prunebench.methods.cls_signal import CLS_DEVIATIONS
         *CLS_DEVIATIONS,
     ),
 )
-def vispruner(ctx: SelectContext, important_ratio: float = 0.5, vision_layer: int | None = None) -> torch.Tensor:
+def vispruner(ctx: SelectContext, important_ratio: float = 0.5, vision_layer: int | None = None,
+              score_dtype: str = "model") -> torch.Tensor:
     if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)) \
             or not 0.0 <= important_ratio < 1.0:
         raise UserError(f"vispruner: important_ratio must be a number in [0, 1) (e.g. 0.5, 0.75), got {important_ratio!r}")
+    if score_dtype not in ("model", "fp32"):
+        raise UserError(f"vispruner: score_dtype must be model or fp32, got {score_dtype!r}")
     attention, features = ctx.signals["cls_attention"], ctx.signals["vision_features"]
-    return torch.stack([vispruner_select(a, f, ctx.n_keep, float(important_ratio))
+    return torch.stack([vispruner_select(a, f, ctx.n_keep, float(important_ratio),
+                                         score_dtype == "fp32")
                         for a, f in zip(attention, features, strict=True)])

@@ -41,6 +41,9 @@ class Installation:
     generator: torch.Generator
     schedule: list[int] | None = None  # per encoder layer merges (vision stage)
     notes: list[str] = field(default_factory=list)
+    # results the run cannot be read as asked, each one line (e.g. `budget unreachable: ...`); filled once the
+    # stage knows its token count (an intra-LLM stage: on the first prompt)
+    flags: list[str] = field(default_factory=list)
     handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     stages: list[PlannedStage] = field(default_factory=list)  # `method=compose`: its stages, in order
 
@@ -136,6 +139,7 @@ def _install_stage(seams: Seams, stage: PlannedStage, positions: Positions, inst
     if method.stage is Stage.INTRA_LLM:
         handles = _own_vision_stage(seams, stage, inst, timer, merges)
         intra = IntraLLM(seams, method, keep, positions, state, timer, inst.generator)
+        intra.flags = inst.flags  # the stage adds `budget unreachable` once it sees its token count
         if method.spec.layer_for_keep is not None:  # the record says which operating point ran
             inst.notes.append(f"{method.name}: layer K={intra.k} of {len(seams.decoder_layers)} for keep={keep}")
         return handles + intra.register()

@@ -172,6 +172,7 @@ class IntraLLM:
                  timer: Timer, generator: torch.Generator) -> None:
         self.seams, self.method, self.keep, self.positions, self.state = seams, method, keep, positions, state
         self.timer, self.generator = timer, generator
+        self.flags: list[str] = []  # `budget unreachable` lines (the installation shares its list)
         if "grid" in method.spec.needs and (seams.vision_grid is None or seams.always_keep is not None):
             # packed any-resolution tokens (LLaVA-NeXT / OneVision: base + tiles + newlines) or dynamic
             # resolution (Qwen, InternVL tiles) have no single h x w layout inside the LLM
@@ -454,6 +455,9 @@ class IntraLLM:
             self.state.intra_selects = self.method.spec.intra_selects(*args, keep=self.keep)
             self.state.intra_plan = self.method.spec.intra_plan(*args, keep=self.keep,
                                                                 selects=self.state.intra_selects)
+            flag = self.method.spec.unreachable_budget(*args)
+            if flag is not None and flag not in self.flags:
+                self.flags.append(flag)
             # n_visual_in: what the prompt held (an earlier pipeline stage may have pruned before the LLM)
             prior, self._n_entry = self.state.counts, n_now
             self.state.counts = TokenCounts(prior.n_visual_in or n_now, n_now, float(n_now),
