@@ -61,7 +61,12 @@ def _latest_per_seed(records: list[RunRecord]) -> list[RunRecord]:
     _name_columns(records)
     best: dict[tuple, RunRecord] = {}
     for r in sorted(records, key=lambda r: r.finished_at or ""):
-        best[(r.model, dataset_label(r), _row_key(r), r.seed)] = r
+        cell = (r.model, dataset_label(r), _row_key(r), r.seed)
+        older = best.get(cell)
+        # another experiment (its job key differs: model path, device, batch size, ...) in the same cell
+        r.shadows = bool(older is not None and (getattr(older, "shadows", False)  # type: ignore[attr-defined]
+                                                or (older.key and r.key and older.key != r.key)))
+        best[cell] = r
     return list(best.values())
 
 
@@ -231,7 +236,9 @@ def _method_cell(key: RowKey, recs: list[RunRecord], variants: int) -> str:
     if variants > 1:
         text += f" {params}"
     seeds = {r.seed for r in recs}
-    return text + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+    text += f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""
+    text += " ⚑" if any(r.flags for r in recs) else ""
+    return text + (" ‡" if any(getattr(r, "shadows", False) for r in recs) else "")
 
 
 # ---------------------------------------------------------------- tables
@@ -257,6 +264,12 @@ def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[lis
               for ds in _datasets(grid) if ds in has_vanilla and ds not in bases]
     if any("†" in row[-3] for row in rows):
         lines.append("† Avg is over fewer datasets than the table shows.")
+    for (keep, method, _), by_ds in grid.items():
+        flags = dict.fromkeys(f for recs in by_ds.values() for r in recs for f in r.flags)
+        lines += [f"⚑ {method} keep={keep:g}: {flag}" for flag in flags]
+    if any(getattr(r, "shadows", False) for by_ds in grid.values() for recs in by_ds.values() for r in recs):
+        lines.append("‡ the results folder also holds runs of this cell with other settings (another job key: "
+                     "model path, device, batch size, ...); only the latest is shown")
     return lines
 
 

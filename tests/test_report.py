@@ -209,3 +209,23 @@ def test_one_setting_is_one_plain_column(tmp_path: Path) -> None:
     config = {"dataset": {"name": "probe", "n": 600}}
     write(tmp_path, vanilla("probe", 90.0, config=config), make(dataset="probe", score=45.0, config=config))
     assert column(report.relative_table(report.collect(tmp_path), "llava"), "probe") == ["90.0", "45.0 (↓50.0%)"]
+
+
+def test_flagged_runs_are_marked(tmp_path: Path) -> None:
+    flagged = make(method="pdrop", keep=0.111, score=40.0)
+    flagged.flags = ["budget unreachable: pdrop at layers [8, 16, 24] of 32 keeps at least 144.75 of 576"]
+    text = report.render(report.collect(write(tmp_path, vanilla(), flagged, make(method="fastv", keep=0.111))))
+    assert "pdrop ⚑" in text and "fastv ⚑" not in text
+    assert "⚑ pdrop keep=0.111: budget unreachable: pdrop at layers [8, 16, 24]" in text
+
+
+def test_runs_of_one_cell_with_other_job_keys_are_said(tmp_path: Path) -> None:
+    old, new = make(score=50.0), make(score=60.0)
+    old.key, new.key = {"model": {"path": "a"}}, {"model": {"path": "b"}}
+    old.finished_at, new.finished_at = "2026-01-01", "2026-01-02"
+    text = report.render(report.collect(write(tmp_path, vanilla(), old, new)))
+    assert "fastv ‡" in text and "only the latest is shown" in text and "60.0" in text
+    same = make(score=55.0)
+    same.key = {"model": {"path": "b"}}
+    text = report.render(report.collect(write(tmp_path / "other", vanilla(), same)))
+    assert "‡" not in text
