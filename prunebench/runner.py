@@ -26,7 +26,7 @@ from prunebench.errors import UserError
 from prunebench.measure import instrument
 from prunebench.methods import ResolvedMethod, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
-from prunebench.models.loader import LoadedModel, load_model, resolve_device
+from prunebench.models.loader import LoadedModel, decoder_layer_count, load_model, resolve_device
 from prunebench.record import (
     LOCK_NAME,
     PREDICTIONS_NAME,
@@ -40,6 +40,7 @@ from prunebench.record import (
     versions,
 )
 from prunebench.stages import Installation, install, planned_stages
+from prunebench.stages.llm import intra_layers_checked
 from prunebench.timing import Timer
 
 
@@ -136,6 +137,7 @@ def _run_locked(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Pat
         return record_path
     dataset = build_dataset(cfg["dataset"])
     device = resolve_device(str(cfg["device"]))
+    check_layers_before_loading(job, cfg["model"])
     if device.type == "cpu" and cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg["cpu_threads"]))
     loaded = load_model(cfg["model"], device)
@@ -165,6 +167,17 @@ def _run_locked(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Pat
     if record.n_failed:
         _say(False, f"[prunebench] warning: {record.n_failed} of {len(rows)} samples failed; see {out / PREDICTIONS_NAME}")
     return record_path
+
+
+def check_layers_before_loading(job: Job, model_cfg: Mapping[str, Any]) -> None:
+    """An intra-LLM stage's layers against the LLM's layer count read from the model's config, so a layer out of
+    range is one line before the weights load (and leaves no record)."""
+    n_layers = decoder_layer_count(model_cfg)
+    if n_layers is None:
+        return
+    for stage in planned_stages(job.method, job.keep):
+        if stage.method.stage is Stage.INTRA_LLM:
+            intra_layers_checked(stage.method, stage.keep, n_layers)
 
 
 def writable_results_dir(value: Any) -> Path:

@@ -198,3 +198,18 @@ def test_a_record_carries_its_key_and_the_report_reads_keyless_records(tiny_path
     del data["key"], data["flags"]  # a record written before job keys
     Path(path).write_text(json.dumps(data))
     assert [r.method for r in collect(tmp_path)] == ["vanilla"]
+
+
+def test_a_layer_out_of_range_is_refused_before_the_model_loads(tiny_path, tmp_path, monkeypatch):
+    from prunebench.models import loader
+
+    assert loader.decoder_layer_count({"path": str(tiny_path)}) == 4
+    assert loader.decoder_layer_count({"weights": "random", "arch": "llava-1.5-7b"}) == 32
+
+    def no_load(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "load_model", no_load)
+    with pytest.raises(UserError, match=r"fastv: layer must be in 1\.\.3 for this model \(4 decoder layers\), got 9"):
+        runner.run(config(tiny_path, tmp_path, "method=fastv", "method.params.layer=9"), quiet=True)
+    assert not list(tmp_path.rglob("record.json"))

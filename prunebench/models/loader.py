@@ -292,6 +292,25 @@ def check_fits(family: Family, config: Any, dtype: torch.dtype, device: torch.de
                     f"{str(dtype).removeprefix('torch.')}, but {free / gib:.1f} GiB is free on {device.type}; {hint}")
 
 
+def decoder_layer_count(cfg: Mapping[str, Any]) -> int | None:
+    """The LLM's decoder layer count from the model's config alone (no weights read), or None when the config is
+    not at hand yet (a hub id, a tiny checkpoint still to build): then the check waits for the model."""
+    if str(cfg.get("weights", "pretrained")) == "random":
+        path = ARCH_DIR / f"{cfg.get('arch') or ''}.json"
+    else:
+        local = _local_path(cfg.get("path"))
+        path = local / "config.json" if local is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    text = data.get("text_config") or data.get("llm_config") or data
+    layers = text.get("num_hidden_layers")
+    return int(layers) if isinstance(layers, int) else None
+
+
 def _missing_weights(cfg: Mapping[str, Any], where: str) -> UserError:
     return UserError(
         f"no weights for model '{cfg['name']}': looked for '{where}' (local directory or Hugging Face cache; "

@@ -156,6 +156,22 @@ def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2
     return kwargs
 
 
+def intra_layers_checked(method: ResolvedMethod, keep: float, n_layers: int) -> list[int]:
+    """The decoder layers an intra-LLM method prunes at on an n_layers LLM, or one line saying why not (also
+    called before the model loads, with the layer count from its config)."""
+    # K from keep (VTW): 0..L-1, or no layer at all when the operating point K = L withdraws nothing
+    layers = method.spec.intra_layers(n_layers, method.params, keep)
+    low = 0 if method.spec.layer_for_keep is not None else 1
+    if not CAPTURED_SIGNALS.isdisjoint(method.spec.needs):
+        low = 1  # the signals come from layer K-1
+    if not all(low <= k < n_layers for k in layers) or sorted(set(layers)) != layers:
+        what = "layer must be" if len(layers) == 1 else "layers must be increasing and"
+        got = layers[0] if len(layers) == 1 else layers
+        raise UserError(f"{method.name}: {what} in {low}..{n_layers - 1} for this model "
+                        f"({n_layers} decoder layers), got {got}")
+    return layers
+
+
 class IntraLLM:
     """Prune visual tokens inside the LLM at layer K = method.params['layer'], or at the ordered layers
     K_1 < K_2 < ... of a multi-layer method (MethodSpec.intra: PyramidDrop, SparseVLM, MustDrop).
@@ -179,16 +195,7 @@ class IntraLLM:
             raise UserError(f"{method.name} needs the visual tokens to form a grid: not supported on the "
                             f"{seams.family} family (its visual tokens reach the LLM packed or at dynamic resolution)")
         n_layers = len(seams.decoder_layers)
-        # K from keep (VTW): 0..L-1, or no layer at all when the operating point K = L withdraws nothing
-        self.layers = method.spec.intra_layers(n_layers, method.params, keep)
-        low = 0 if method.spec.layer_for_keep is not None else 1
-        if not CAPTURED_SIGNALS.isdisjoint(method.spec.needs):
-            low = 1  # the signals come from layer K-1
-        if not all(low <= k < n_layers for k in self.layers) or sorted(set(self.layers)) != self.layers:
-            what = "layer must be" if len(self.layers) == 1 else "layers must be increasing and"
-            got = self.layers[0] if len(self.layers) == 1 else self.layers
-            raise UserError(f"{method.name}: {what} in {low}..{n_layers - 1} for this model "
-                            f"({n_layers} decoder layers), got {got}")
+        self.layers = intra_layers_checked(method, keep, n_layers)
         self.k = self.layers[0] if self.layers else n_layers
         self._n_entry = 0  # visual tokens entering layer K_1 in the current prompt
         self.multi = method.spec.intra is not None
