@@ -329,3 +329,16 @@ def _no_backend(monkeypatch) -> None:
         raise AssertionError("VLMEvalKit or the model was reached before the checks")
 
     monkeypatch.setattr(run, "vlmeval_api", refuse)
+
+
+def test_a_job_folder_answered_on_another_tsv_is_not_resumed(tmp_path: Path) -> None:
+    root, out = tmp_path / "LMUData", tmp_path / "job"
+    _write(root, "MME", value=10)
+    data = run.prepare_data(_cfg("MME", root, md5=None))
+    run.check_job_data(out, data)  # fresh: the folder records its TSV
+    assert guard.read_marker(out / "vlmeval") == data.tsv_md5
+    (out / "predictions.jsonl").write_text('{"index": "0"}\n')
+    run.check_job_data(out, data)  # same content: resumes
+    _write(root, "MME", value=200)
+    with pytest.raises(UserError, match=r"job folder .*job holds answers on another MME\.tsv .*another results_dir"):
+        run.check_job_data(out, run.prepare_data(_cfg("MME", root, md5=None)))

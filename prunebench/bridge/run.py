@@ -111,7 +111,8 @@ def prepare_video_data(cfg: Mapping[str, Any]) -> BridgeData:
     scores.check_mapping(dcfg["score"])
     return BridgeData(name=name, base=base, root=folder, limit=limit, score=dict(dcfg["score"]), scorer="vlmeval",
                       judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)), modality="video",
-                      nframe=nframe, fps=fps, video_llm=bool(dcfg.get("video_llm", False)))
+                      nframe=nframe, fps=fps, video_llm=bool(dcfg.get("video_llm", False)),
+                      tsv_md5=tsv.file_md5(folder / f"{name}.tsv"))
 
 
 def check_backend(api: Any, cfg: Mapping[str, Any], data: BridgeData) -> None:
@@ -225,6 +226,7 @@ def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     job = replace(Job.from_config({**plain, "limit": None}), dataset=data.name, limit=data.limit)
     out = job.directory(Path(str(cfg["results_dir"])))
     record_path = out / RECORD_NAME
+    check_job_data(out, data)  # a job folder answered on another TSV content is not resumed or reused
     if record_path.exists() and load_record(record_path).status == "complete":
         _say(quiet, f"[prunebench] complete, skipped: {record_path}")
         return record_path
@@ -236,6 +238,20 @@ def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
         _fill(record, job, data, table, pred_rows, rows_by_rank, out)
         save_record(out, record)
     return record_path
+
+
+def check_job_data(out: Path, data: BridgeData) -> None:
+    """The job folder's answers (predictions.jsonl, VLMEvalKit's files under vlmeval/) belong to the TSV
+    content it first ran on (`vlmeval/prunebench_tsv.json`); another content is one line, not a resume."""
+    if data.tsv_md5 is None:
+        return
+    work, path = out / "vlmeval", data.root / f"{data.name}.tsv"
+    ran = guard.read_marker(work)
+    if ran is not None and ran != data.tsv_md5:
+        raise UserError(f"job folder {out} holds answers on another {path.name} (MD5 {ran}, now {data.tsv_md5}); "
+                        f"rerun with another results_dir or remove {out}")
+    if ran is None and not any(p.exists() for p in _prediction_files(out)):  # a fresh job: record its TSV
+        guard.write_marker(work, path, data.tsv_md5)
 
 
 def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -336,7 +352,7 @@ def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[d
     record.benchmark = {"backend": "vlmeval", "vlmeval_dataset": data.name, "scored_as": data.base,
                         "model_name": model_name_for(job), "score_mapping": data.score,
                         "judge": (data.judge or {}).get("model", "exact_matching"),
-                        "world_size": len(rows_by_rank), "data_root": str(data.root),
+                        "world_size": len(rows_by_rank), "data_root": str(data.root), "tsv_md5": data.tsv_md5,
                         **({"nframe": data.nframe, "fps": data.fps, "video_llm": data.video_llm}
                            if data.modality == "video" else {})}
     record.status = "complete"
