@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prunebench.bridge import naming, scores, tsv
+from prunebench.bridge import guard, naming, scores, tsv
 from prunebench.bridge.isolate import contained, vlmeval_api
 from prunebench.errors import UserError
 from prunebench.record import PREDICTIONS_NAME
@@ -40,13 +40,12 @@ class BridgeData:
     nframe: int = 0  # video: frames sampled per video by VLMEvalKit (or fps > 0 instead)
     fps: float = -1.0
     video_llm: bool = False  # video: VLMEvalKit sends the video file (decoded here) instead of frames
+    tsv_md5: str | None = None  # MD5 of <root>/<name>.tsv as VLMEvalKit will read it (keys its decoded images)
 
 
 def _limit(cfg: Mapping[str, Any]) -> int | None:
-    value = cfg["dataset"].get("limit") or cfg.get("limit")
-    if value is not None and int(value) < 1:
-        raise UserError(f"limit must be a positive number of samples, got {value}")
-    return None if value is None else int(value)
+    own = guard.check_limit(cfg["dataset"].get("limit"), "dataset.limit")
+    return own if own is not None else guard.check_limit(cfg.get("limit"), "limit")
 
 
 def judge_kwargs(dcfg: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -90,7 +89,8 @@ def prepare_data(cfg: Mapping[str, Any]) -> BridgeData:
     scores.check_mapping(dcfg["score"]) if dcfg.get("scorer", "vlmeval") == "vlmeval" else None
     return BridgeData(name=name, base=dcfg.get("base", dcfg["name"]), root=root, limit=limit,
                       score=dict(dcfg.get("score") or {}), scorer=str(dcfg.get("scorer", "vlmeval")),
-                      judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)))
+                      judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)),
+                      tsv_md5=tsv.file_md5(root / f"{name}.tsv"))
 
 
 def prepare_video_data(cfg: Mapping[str, Any]) -> BridgeData:
@@ -111,28 +111,55 @@ def prepare_video_data(cfg: Mapping[str, Any]) -> BridgeData:
     scores.check_mapping(dcfg["score"])
     return BridgeData(name=name, base=base, root=folder, limit=limit, score=dict(dcfg["score"]), scorer="vlmeval",
                       judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)), modality="video",
-                      nframe=nframe, fps=fps, video_llm=bool(dcfg.get("video_llm", False)))
+                      nframe=nframe, fps=fps, video_llm=bool(dcfg.get("video_llm", False)),
+                      tsv_md5=tsv.file_md5(folder / f"{name}.tsv"))
+
+
+def check_backend(api: Any, cfg: Mapping[str, Any], data: BridgeData) -> None:
+    """What needs VLMEvalKit's tables but not the model: the class that will score the dataset has an
+    `evaluate` (a custom name without `+dataset.base=` has none), before the model loads."""
+    if data.modality == "image" and data.scorer == "vlmeval":
+        dcfg = cfg["dataset"]
+        guard.check_scorer(api, dcfg, str(dcfg["name"]), dcfg.get("base"))
+
+
+def _vlmeval_modules() -> list[Any]:
+    import sys
+
+    return [m for n, m in list(sys.modules.items()) if (n == "vlmeval" or n.startswith("vlmeval.")) and m]
 
 
 def build_vlmeval_dataset(api: Any, data: BridgeData, work: Path | None = None) -> Any:
-    """Build `data.name`; a custom name is registered on its base's class so it routes to that scorer."""
+    """Build `data.name`, never letting VLMEvalKit download over the local TSV or reuse images decoded
+    from another TSV content.
+
+    The local file's MD5 is registered for the name on the class that builds it (a custom name also
+    gets the file as its URL, on its base's class, so it routes to that scorer): VLMEvalKit's own MD5
+    check then accepts the user's file (`dataset.md5=null` included) instead of downloading over it.
+    The built dataset's `img_root` is a folder keyed on the TSV's MD5 (`guard.key_images`).
+    """
     if data.modality == "video":
         from prunebench.bridge import video
 
         assert data.base is not None and work is not None
         return video.build_video_dataset(api, data.base, data.name, data.root, work, data.nframe, data.fps)
-    if data.base is not None and data.name != data.base:
-        owner = next((c for c in api.dataset_classes if data.base in c.supported_datasets()), None)
-        if owner is None:
-            raise UserError(f"VLMEvalKit has no dataset '{data.base}' in this version; valid: a name from "
-                            f"its DATASET_URL tables")
-        path = data.root / f"{data.name}.tsv"
+    path = data.root / f"{data.name}.tsv"
+    md5 = data.tsv_md5 or tsv.file_md5(path)
+    custom = data.base is not None and data.name != data.base
+    owner = guard.resolve_owner(api, data.base if custom else data.name)
+    if custom and owner is None:
+        raise UserError(f"VLMEvalKit has no dataset '{data.base}' in this version; valid: a name from "
+                        f"its DATASET_URL tables")
+    if owner is not None:
         # copy-on-write: a subclass sharing its parent's dict must not register the name there too
-        owner.DATASET_URL = {**owner.DATASET_URL, data.name: str(path)}
-        owner.DATASET_MD5 = {**owner.DATASET_MD5, data.name: tsv.file_md5(path)}
-    dataset = api.build_dataset(data.name)
+        if custom:
+            owner.DATASET_URL = {**owner.DATASET_URL, data.name: str(path)}
+        owner.DATASET_MD5 = {**owner.DATASET_MD5, data.name: md5}
+    with guard.no_download(_vlmeval_modules()), guard.image_cache(data.root, data.name, path, md5):
+        dataset = api.build_dataset(data.name)
     if dataset is None:
         raise UserError(f"VLMEvalKit could not build dataset {data.name} from {data.root}")
+    guard.key_images(dataset, data.root, data.name, path, md5)
     return dataset
 
 
@@ -191,12 +218,15 @@ def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     from prunebench.record import RECORD_NAME, load_record, save_record
     from prunebench.runner import Job, _say
 
+    guard.check_vlmeval_config(cfg["dataset"])  # every dataset parameter's type and range
     data = prepare_data(cfg)  # every data / judge error, before the model loads
     api = vlmeval_api()  # then the backend itself (one line on how to install it)
+    check_backend(api, cfg, data)  # the scorer exists (a custom name needs +dataset.base=)
     plain = _plain(cfg)
     job = replace(Job.from_config({**plain, "limit": None}), dataset=data.name, limit=data.limit)
     out = job.directory(Path(str(cfg["results_dir"])))
     record_path = out / RECORD_NAME
+    check_job_data(out, data)  # a job folder answered on another TSV content is not resumed or reused
     if record_path.exists() and load_record(record_path).status == "complete":
         _say(quiet, f"[prunebench] complete, skipped: {record_path}")
         return record_path
@@ -208,6 +238,20 @@ def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
         _fill(record, job, data, table, pred_rows, rows_by_rank, out)
         save_record(out, record)
     return record_path
+
+
+def check_job_data(out: Path, data: BridgeData) -> None:
+    """The job folder's answers (predictions.jsonl, VLMEvalKit's files under vlmeval/) belong to the TSV
+    content it first ran on (`vlmeval/prunebench_tsv.json`); another content is one line, not a resume."""
+    if data.tsv_md5 is None:
+        return
+    work, path = out / "vlmeval", data.root / f"{data.name}.tsv"
+    ran = guard.read_marker(work)
+    if ran is not None and ran != data.tsv_md5:
+        raise UserError(f"job folder {out} holds answers on another {path.name} (MD5 {ran}, now {data.tsv_md5}); "
+                        f"rerun with another results_dir or remove {out}")
+    if ran is None and not any(p.exists() for p in _prediction_files(out)):  # a fresh job: record its TSV
+        guard.write_marker(work, path, data.tsv_md5)
 
 
 def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -235,6 +279,10 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     from prunebench.stages import install
     from prunebench.timing import Timer
 
+    work = out / "vlmeval"
+    work.mkdir(parents=True, exist_ok=True)
+    with contained(), _lmudata(data.root):  # VLMEvalKit reads (never downloads) the TSV, before the model
+        dataset = build_vlmeval_dataset(api, data, work)
     device = resolve_device(str(cfg["device"]))
     if device.type == "cpu" and cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg["cpu_threads"]))
@@ -244,14 +292,11 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     record = _new_record(job, cfg, loaded)
     if rank == 0:
         save_record(out, record)
-    work = out / "vlmeval"
-    work.mkdir(parents=True, exist_ok=True)
     sink = out / (PREDICTIONS_NAME if world == 1 else f"predictions.rank{rank}.jsonl")
     name = model_name_for(job)
     table, pred_rows = None, []
     timer = Timer(loaded.device)
     with contained(), _lmudata(data.root):
-        dataset = build_vlmeval_dataset(api, data, work)
         with instrument(loaded.model, loaded.seams, timer), \
                 install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer) as inst:
             session = Session(loaded, inst, timer, job.seed, data.max_new_tokens, sink,
@@ -307,7 +352,7 @@ def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[d
     record.benchmark = {"backend": "vlmeval", "vlmeval_dataset": data.name, "scored_as": data.base,
                         "model_name": model_name_for(job), "score_mapping": data.score,
                         "judge": (data.judge or {}).get("model", "exact_matching"),
-                        "world_size": len(rows_by_rank), "data_root": str(data.root),
+                        "world_size": len(rows_by_rank), "data_root": str(data.root), "tsv_md5": data.tsv_md5,
                         **({"nframe": data.nframe, "fps": data.fps, "video_llm": data.video_llm}
                            if data.modality == "video" else {})}
     record.status = "complete"

@@ -6,9 +6,9 @@ Where VLMEvalKit's loaders look (`vlmeval/dataset/videomme.py`, `mvbench.py`, `l
 videos the TSV names; a miss falls back to `snapshot_download` (network). The bridge never lets
 that fallback run: the folder (`data_dir=`, else that snapshot) and every video the TSV names are
 checked before the model loads, and VLMEvalKit's own loader then reads the folder through a private
-hub cache whose only snapshot is that folder. A custom name (a subset, a generated test set) gets a
-subclass of the dataset's class whose `MD5` is that file's, as the image path registers
-`DATASET_MD5` for custom names; everything else (prompt, frame sampling, scorer) is VLMEvalKit's.
+hub cache whose only snapshot is that folder. Every name (the base name, a subset, a generated test set)
+gets a subclass of the dataset's class whose `MD5` is the local file's, as the image path registers
+`DATASET_MD5` for every name it builds; everything else (prompt, frame sampling, scorer) is VLMEvalKit's.
 
 Frames: `nframe` (or `fps`) per dataset YAML, VLMEvalKit's sampling; the sampled frames are written
 as JPEGs under `<LMUData>/images/<name>/` (LMUData = the data folder for the run).
@@ -138,14 +138,14 @@ def private_hub(work: Path, repo_id: str, folder: Path) -> Iterator[None]:
 
 
 def dataset_class(api: Any, base: str, name: str, folder: Path) -> Any:
-    """VLMEvalKit's class for `base`; for a custom name, a subclass accepting that TSV's MD5."""
+    """A subclass of VLMEvalKit's class for `base` accepting the local TSV's MD5, for `name` only."""
     spec = video_set(base)
     owner = next((c for c in api.dataset_classes if c.__name__ == spec.cls), None)
     if owner is None:
         raise UserError(f"VLMEvalKit has no dataset class {spec.cls} in this version; valid: a clone with "
                         f"vlmeval/dataset/{spec.cls.lower()}.py")
-    if name == base:
-        return owner
+    # always the local file's MD5 (the base name too): with dataset.md5=null, VLMEvalKit's own
+    # check_integrity would otherwise fail on the user's TSV and fall back to snapshot_download
     return type(owner.__name__, (owner,), {"MD5": tsv.file_md5(folder / f"{name}.tsv"),
                                            "supported_datasets": classmethod(lambda cls: [name])})
 
