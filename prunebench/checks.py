@@ -119,7 +119,8 @@ def param_kind(group: str, key: str, default: Any) -> Kind:
     if declared is not None:
         return declared
     kind = kind_of(default)
-    return Kind(kind.type, nullable=True) if default is None else kind
+    # a dataset / model setting may be unset (model.path=null, dataset.md5=null); a method parameter may not
+    return Kind(kind.type, nullable=default is None or group != "method")
 
 
 def check_params(group: str, values: Mapping[str, Any], defaults: Mapping[str, Any], *,

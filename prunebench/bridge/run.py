@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -215,8 +215,7 @@ def _prediction_files(out: Path) -> list[Path]:
 
 def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     """Run (or resume, or skip) one VLMEvalKit job; returns the record path (rank 0 writes it)."""
-    from prunebench.record import RECORD_NAME, load_record, save_record
-    from prunebench.runner import Job, _say
+    from prunebench.runner import Job, job_lock, writable_results_dir
 
     guard.check_vlmeval_config(cfg["dataset"])  # every dataset parameter's type and range
     data = prepare_data(cfg)  # every data / judge error, before the model loads
@@ -224,13 +223,23 @@ def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     check_backend(api, cfg, data)  # the scorer exists (a custom name needs +dataset.base=)
     plain = _plain(cfg)
     job = replace(Job.from_config({**plain, "limit": None}), dataset=data.name, limit=data.limit)
-    out = job.directory(Path(str(cfg["results_dir"])))
+    out = job.directory(writable_results_dir(cfg["results_dir"]))
+    rank, world = _rank_world()
+    # one process per job folder (torchrun: rank 0 holds it for all ranks)
+    with job_lock(out, bool(cfg.get("wait", False))) if rank == 0 else nullcontext():
+        return _run_job(cfg, job, data, api, out, rank, world, quiet)
+
+
+def _run_job(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: Any, out: Path, rank: int, world: int,
+             quiet: bool) -> Path:
+    from prunebench.record import RECORD_NAME, save_record
+    from prunebench.runner import _say, reusable
+
     record_path = out / RECORD_NAME
     check_job_data(out, data)  # a job folder answered on another TSV content is not resumed or reused
-    if record_path.exists() and load_record(record_path).status == "complete":
+    if reusable(record_path, job):
         _say(quiet, f"[prunebench] complete, skipped: {record_path}")
         return record_path
-    rank, world = _rank_world()
     if world > 1:
         _init_gloo()
     record, table, pred_rows, rows_by_rank = _infer_and_score(cfg, job, data, api, out, rank, world)
