@@ -342,7 +342,10 @@ def resolve_method(name: str, params: Mapping[str, Any] | None = None, positions
     if unknown:
         valid = ", ".join(sorted(spec.defaults)) or "none"
         raise UserError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; valid: {valid}")
-    check_params("method", params, spec.defaults, prefix="method.params")
+    try:
+        check_params("method", params, spec.defaults, prefix="method.params")
+    except UserError as err:
+        raise UserError(f"{name}: {err}") from None
     merged = {**spec.defaults, **params}
     try:
         pos = Positions(positions) if positions else spec.default_positions(merged)
