@@ -15,25 +15,30 @@ from prunebench.calibrate import candidate_layers, choose_layer, kl_curve, kl_di
 from prunebench.errors import UserError
 from prunebench.methods import METHODS, resolve_method
 from prunebench.methods.base import SelectContext
-from prunebench.methods.dart import dart, dart_budget
+from prunebench.methods.dart import dart, dart_budget, official_visit_order
 from prunebench.methods.vtw import vtw_layer
 from prunebench.stages import install
 
 
-def official_loop(keys: torch.Tensor, feats: torch.Tensor, start: int, n: int, topk: int) -> list[int]:
-    """The official loop for one prompt, in sequence indices: keys [L, C], feats [L, D] (normed),
-    image span [start, start+n), text = everything after. Pivots visited in sorted order (see dart.py)."""
+def official_loop(keys: torch.Tensor, feats: torch.Tensor, start: int, n: int, topk: int,
+                  visit: str = "set") -> list[int]:
+    """The official loop for one prompt, transcribed with Python sets and lists, in sequence indices:
+    keys [L, C], feats [L, D] (normed), image span [start, start+n), text = everything after.
+    visit="set": pivots in the official `list(indices_set)` order; "sorted": ascending (pivot_order=sequence)."""
     l1 = keys.float().abs().sum(-1).tolist()
-    image = sorted(range(start, start + n), key=lambda i: -l1[i])[:4]
+    image = sorted(range(start, start + n), key=lambda i: -l1[i])[:4]  # topk(...).indices order
     text = sorted(range(start + n, keys.shape[0]), key=lambda i: -l1[i])[:4]
     chosen = set(image + text)
     valid = set(range(start, start + n)) - set(image)
-    for item in sorted(chosen):
-        ranked = sorted(valid, key=lambda j: torch.nn.functional.cosine_similarity(
-            feats[item].float(), feats[j].float(), dim=0).item())  # ascending cosine
-        picks = ranked[:topk]
+    valid_list = list(valid)
+    for item in (list(chosen) if visit == "set" else sorted(chosen)):
+        sims = [-torch.nn.functional.cosine_similarity(feats[item].float(), feats[j].float(), dim=0).item()
+                for j in valid_list]
+        top = sorted(range(len(valid_list)), key=lambda i: -sims[i])[:topk]  # cos_sim.topk(TOKEN_TOPK)
+        picks = [valid_list[i] for i in top]
         chosen.update(picks)
         valid.difference_update(picks)
+        valid_list = list(valid)
     chosen.difference_update(text)
     return sorted(chosen)
 
@@ -43,21 +48,59 @@ def _ctx(keys: torch.Tensor, feats: torch.Tensor, start: int, n: int, n_keep: in
     rows = torch.arange(start, start + n)
     after = torch.arange(length) >= start + n
     signals = {"layer_keys": keys[None], "normed_hidden": feats[None], "visual_rows": rows[None],
-               "text_after_visual": after[None]}
+               "text_after_visual": after[None], "sequence_index": torch.arange(length)[None]}
     return SelectContext(tokens=feats[None, start:start + n], n_keep=n_keep, grid=None,
                          generator=torch.Generator(), signals=signals)
 
 
+def _dart(ctx: SelectContext, pivot_order: str = "set") -> torch.Tensor:
+    return dart(ctx, layer=2, pivot_image=4, pivot_text=4, pivot_order=pivot_order)[0]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("n_keep", [12, 20, 29, 40])
-def test_dart_selection_equals_official_loop(seed, n_keep):
+@pytest.mark.parametrize("start", [3, 35])
+def test_dart_selection_equals_official_loop(seed, n_keep, start):
+    """Default pivot_order=set == the official loop (its set order); sequence == the sorted-order loop."""
     g = torch.Generator().manual_seed(seed)
-    start, n, length = 3, 48, 60
+    n, length = 48, start + 57
     keys, feats = torch.randn(length, 16, generator=g), torch.randn(length, 8, generator=g)
+    topk = (n_keep - 4) // 8
     kept = dart(_ctx(keys, feats, start, n, n_keep), layer=2, pivot_image=4, pivot_text=4)[0]
-    expected = official_loop(keys, feats, start, n, (n_keep - 4) // 8)
-    assert (kept + start).tolist() == expected
+    assert (kept + start).tolist() == official_loop(keys, feats, start, n, topk)
     assert kept.numel() == 4 + 8 * ((n_keep - 4) // 8)
+    in_sequence = _dart(_ctx(keys, feats, start, n, n_keep), "sequence")
+    assert (in_sequence + start).tolist() == official_loop(keys, feats, start, n, topk, visit="sorted")
+
+
+def test_dart_pivot_orders_differ():
+    """The two visit orders pick different tokens on some inputs (the finding of issue 13), and the set order
+    is not the sorted one for these indices."""
+    differ = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        start, n, length = 35, 64, 110
+        keys, feats = torch.randn(length, 16, generator=g), torch.randn(length, 8, generator=g)
+        ctx = _ctx(keys, feats, start, n, 36)
+        differ += not torch.equal(_dart(ctx, "set"), _dart(ctx, "sequence"))
+    assert differ > 0
+    assert official_visit_order([40, 10, 22, 5], [99, 72, 105, 60]) != sorted([40, 10, 22, 5, 99, 72, 105, 60])
+
+
+@pytest.mark.parametrize("bad", ["Set", "hash", None])
+def test_dart_bad_pivot_order_is_one_line(bad):
+    g = torch.Generator().manual_seed(0)
+    keys, feats = torch.randn(60, 16, generator=g), torch.randn(60, 8, generator=g)
+    with pytest.raises(UserError, match=r"^dart: pivot_order must be one of: set, sequence \(got .*\)$"):
+        _dart(_ctx(keys, feats, 3, 48, 20), bad)
+
+
+def test_dart_card_states_the_pivot_order():
+    card = resolve_method("dart").describe()
+    assert card["params"]["pivot_order"] == "set"
+    text = " ".join(card["deviations"])
+    assert "pivot_order=set (default)" in text and "pivot_order=sequence" in text
+    assert "each in sequence order; the official loop" not in text  # the matched deviation is gone
 
 
 def test_dart_documented_count():
@@ -114,9 +157,57 @@ def test_dart_signals_and_selection_on_tiny(tiny):
     image = torch.isin(inputs["input_ids"][0], torch.tensor(tiny.seams.image_token_ids)).nonzero()[:, 0]
     start, n = int(image[0]), image.numel()
     assert image.tolist() == list(range(start, start + n)) == seen["visual_rows"][0].tolist()
+    assert seen["sequence_index"][0].tolist() == list(range(inputs["input_ids"].shape[1]))
     n_keep = round(0.5 * n)
     expected = official_loop(keys[0], feats[0], start, n, (n_keep - 4) // 8)
     assert kept_rows[torch.isin(kept_rows, image)].tolist() == expected
+
+
+def _kept_visual(tiny, inputs, keep: float) -> tuple[list[list[int]], list[list[int]]]:
+    """Per prompt: the kept visual tokens (indices into its image block) and the sequence_index DART got for
+    its visual tokens."""
+    method = resolve_method("dart")
+    seen = {}
+
+    def spy(ctx, **params):
+        seen.update(ctx.signals)
+        return METHODS.get("dart").fn(ctx, **params)
+
+    spied = dataclasses.replace(method, spec=dataclasses.replace(method.spec, fn=spy))
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate() gives a padded batch
+    with install(tiny.seams, spied, keep=keep, seed=0) as inst, torch.no_grad():
+        tiny.model(**inputs, position_ids=positions)
+    image = torch.isin(inputs["input_ids"], torch.tensor(tiny.seams.image_token_ids))
+    kept, index = [], []
+    for b, rows in enumerate(inst.state.intra.index):
+        img = image[b].nonzero()[:, 0]
+        kept.append((torch.searchsorted(img, rows[torch.isin(rows, img)])).tolist())
+        index.append(seen["sequence_index"][b, seen["visual_rows"][b]].tolist())
+    return kept, index
+
+
+def test_dart_padded_batch_visits_each_prompt_in_its_own_set_order(tiny):
+    """A left-padded prompt's pivots get their unpadded indices (sequence_index), the ones its batch-1 run (the
+    official setting) gives them, so its set order and its kept tokens are those it gets alone."""
+    from prunebench.data.shapes import make_sample
+
+    questions = ["What color is the background? Answer with one word.",
+                 "How many shapes are in this image, and which one is the largest? Answer in a short sentence."]
+    conv = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
+    prompts = [tiny.processor.apply_chat_template(c, add_generation_prompt=True) for c in conv]
+    images = [make_sample(i, image_size=tiny.image_side).image for i in range(2)]
+    tokenizer = tiny.processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation pads on the left
+    try:
+        batch = tiny.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    assert not bool(batch["attention_mask"][0, 0])  # the shorter prompt is padded in front
+    alone = [_kept_visual(tiny, tiny.processor(images=im, text=p, return_tensors="pt"), 0.5)
+             for im, p in zip(images, prompts, strict=True)]
+    kept, index = _kept_visual(tiny, batch, 0.5)
+    assert index == [one[1][0] for one in alone]
+    assert kept == [one[0][0] for one in alone]
 
 
 def test_vtw_layer_from_keep():

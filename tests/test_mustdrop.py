@@ -12,6 +12,7 @@ from prunebench.errors import UserError
 from prunebench.methods import resolve_method
 from prunebench.methods.mustdrop_ops import key_set, key_set_size, window_merge, window_scores
 from prunebench.stages import install
+from prunebench.stages.vision_signals import encoder_layers
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,16 +52,18 @@ def test_window_scores_match_a_loop():
         torch.testing.assert_close(got[b].double(), torch.tensor(_loop_scores(x[b, 1:], 6, 9, 3), dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("order", ["merged_first", "raster"])
 @pytest.mark.parametrize("threshold", [0.8, 0.95, -1.0, 1.0])
-def test_window_merge_matches_a_loop(threshold):
-    """Windows >= threshold (batch-minimum count, top by score) become one size-weighted token at their
-    last member; the rest untouched; sum(size * x) and sum(size) are conserved."""
+def test_window_merge_matches_a_loop(threshold, order):
+    """Windows >= threshold (batch-minimum count, top by score) become one size-weighted token standing for
+    their last member; the rest untouched; sum(size * x) and sum(size) are conserved. merged_first: the
+    official `cat([x_cls, dst, unm])` order (merged by descending score, then unmerged in raster order)."""
     h, w, d = 6, 9, 5
     x = _toy(2, h, w, d, seed=2, smooth={0, 2, 3})
     g = torch.Generator().manual_seed(5)
     size = torch.randint(1, 4, (2, 1 + h * w), generator=g).float()
     rep = torch.cat([torch.tensor([-1]), torch.arange(h * w)]).expand(2, -1).clone()
-    out = window_merge(x, size, rep, (h, w), 3, threshold)
+    out = window_merge(x, size, rep, (h, w), 3, threshold, order=order)
     wins = _loop_windows(h, w, 3)
     scores = [_loop_scores(x[b, 1:], h, w, 3) for b in range(2)]
     r = min(sum(s >= threshold for s in sc) for sc in scores)
@@ -69,7 +72,13 @@ def test_window_merge_matches_a_loop(threshold):
         gone = {i for k in chosen for i in wins[k][:-1]}
         merged = {wins[k][-1]: wins[k] for k in chosen}
         want_rep = [-1] + [p for p in range(h * w) if p not in gone]
+        if order == "merged_first":
+            dst = [wins[k][-1] for k in chosen]
+            want_rep = [-1] + dst + [p for p in want_rep[1:] if p not in dst]
         assert out.rep[b].tolist() == want_rep
+        for p in range(h * w):  # every old token points at the survivor standing for it
+            stands = next((wins[k][-1] for k in chosen if p in wins[k]), p)
+            assert int(out.rep[b, out.old_to_new[b, 1 + p]]) == stands
         for t, p in enumerate(want_rep):
             members = [p] if p not in merged else merged[p]
             s = [float(size[b, 1 + i]) if p >= 0 else float(size[b, 0]) for i in members]
@@ -157,6 +166,71 @@ def test_window_merge_shortens_the_llm_input(tiny):
     assert [c for _, c in inst.counts.schedule] == [4] * len(inst.counts.schedule)
     assert inst.counts.layer_avg == pytest.approx(4.0)
     assert out.shape[1] == full + 3
+
+
+def _layer0_window_order(tiny, inputs) -> list[int]:
+    """The 4 windows of the tiny 6x6 grid by descending mean off-diagonal cosine of CLIP layer 0's output
+    (a loop), the official `similarity_map.topk(r)` order."""
+    got = {}
+
+    def keep(module, args, out):
+        got.setdefault("x", out[0] if isinstance(out, tuple) else out)
+
+    handle = encoder_layers(tiny.seams)[0].register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            tiny.model(**inputs)
+    finally:
+        handle.remove()
+    scores = _loop_scores(got["x"][0, 1:], 6, 6, 3)
+    return sorted(range(4), key=lambda k: (-scores[k], k))
+
+
+def _llm_image(tiny, inputs, method) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image-block rows of inputs_embeds as the first decoder layer gets them, their protected flags)."""
+    seen = {}
+
+    def spy(module, args, kwargs):
+        if "x" not in seen:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            image = inst.state.image_mask[0]
+            seen["x"], seen["key"] = hidden[0][image].clone(), inst.state.protected[0][image].clone()
+
+    with install(tiny.seams, method, keep=0.5, seed=0) as inst, torch.no_grad():
+        handle = tiny.seams.decoder_layers[0].register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            tiny.model(**inputs)
+        finally:
+            handle.remove()
+    return seen["x"], seen["key"]
+
+
+def test_llm_reads_the_merged_windows_in_the_official_order(tiny):
+    """merge_thr=-1: all four 3x3 windows merge. Default token_order=merged_first: the LLM's image block is the
+    merged windows by descending score (the official order); raster: by window position. Same tokens, and the
+    key-set flag travels with its token."""
+    inputs = tiny.inputs()
+    order = _layer0_window_order(tiny, inputs)
+    assert order != sorted(order)  # the tiny image's windows do not score in raster order
+    params = dict(merge_thr=-1.0, key_ratio=0.25, global_thr=0.0, individual_thr=0.0)
+    official, official_key = _llm_image(tiny, inputs, _md(**params))
+    raster, raster_key = _llm_image(tiny, inputs, _md(token_order="raster", **params))
+    assert official.shape[0] == raster.shape[0] == 4
+    torch.testing.assert_close(official, raster[order], atol=1e-4, rtol=1e-4)
+    assert torch.equal(official_key, raster_key[order]) and int(official_key.sum()) == 1
+
+
+def test_bad_token_order_is_one_line(tiny):
+    with pytest.raises(UserError, match=r"^mustdrop: token_order must be one of: merged_first, raster \(got 'cls'\)$"):
+        with install(tiny.seams, _md(token_order="cls"), keep=0.5, seed=0):
+            pass
+
+
+def test_card_states_the_token_order():
+    card = resolve_method("mustdrop").describe()
+    assert card["params"]["token_order"] == "merged_first"
+    text = " ".join(card["deviations"])
+    assert "token_order=merged_first (default)" in text and "token_order=raster" in text
 
 
 def test_keep_one_installs_no_vision_stage(tiny):

@@ -57,6 +57,8 @@ SIGNALS = {
     "concatenated (k_proj output + that layer's rotary embeddings; no second forward)",
     "normed_hidden": "[B, L, D] hidden states of every prompt row entering LLM layer K, through the LLM's final norm",
     "visual_rows": "[B, N] sequence rows of the visual tokens at layer K (ascending)",
+    "sequence_index": "[B, L] each row's index in its own prompt at layer K, padding not counted (the index a "
+    "batch-1 official loop sees; padding rows get -1 or repeat a neighbour's)",
     "text_after_visual": "[B, L] bool: non-padding rows after the last visual token (the question, the "
     "generation prompt)",
     "cls_attention": "[N] per image (pre-LLM): head-mean softmax row of the vision encoder's [CLS] query over the "

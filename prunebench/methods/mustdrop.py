@@ -10,8 +10,9 @@ head-mean [CLS] attention. The math is in `mustdrop_ops.py`, the hooks in `stage
 Design: one intra-LLM method whose install also adds its vision handler (`vision_stage="mustdrop"`,
 `stages.VISION_STAGES`), not a `compose` pipeline: the key set is not a pruning decision of its own
 but state the LLM stages read, and the three stages share one hyper-parameter set and one record.
-The merge bookkeeping is `VisionMerge`'s (survivors sorted by representative), so merged tokens take
-their representative's slot in the LLM sequence; the key set reaches the LLM entry as a bool per
+The merge bookkeeping is `VisionMerge`'s; by default (`token_order=merged_first`) the encoder and the
+LLM see the official order [CLS, merged windows by score, unmerged in raster order], `token_order=raster`
+puts each token at its representative's raster slot. The key set reaches the LLM entry as a bool per
 surviving visual token and is carried through every LLM stage as protected rows (`key_set` signal).
 
 LLM stages (`llava/model/language_model/modelling_sparse_llama.py`: `LlamaDynamicvitModel.forward`,
@@ -35,6 +36,7 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.methods.base import IntraSchedule, Positions, SelectContext, Stage, register_method
+from prunebench.methods.mustdrop_ops import TOKEN_ORDERS
 
 PAPER_LAYERS = 32
 PAPER_RATING_LAYERS = (2, 6, 10, 14)  # self.pruning_layers
@@ -67,10 +69,12 @@ def thresholds_for(keep: float, global_thr: float | None, individual_thr: float 
 
 
 def vision_stage_on(keep: float, vision_stages: bool, merge_thr: float, window: int, key_ratio: float,
-                    **_: object) -> bool:
+                    token_order: str = "merged_first", **_: object) -> bool:
     """Check the vision-stage hyper-parameters; the stages act when keep < 1 and vision_stages is on."""
     if not isinstance(vision_stages, bool):
         raise UserError(f"mustdrop: vision_stages must be true or false, got {vision_stages!r}")
+    if token_order not in TOKEN_ORDERS:
+        raise UserError(f"mustdrop: token_order must be one of: {', '.join(TOKEN_ORDERS)} (got {token_order!r})")
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise UserError(f"mustdrop: window must be an integer >= 2 (official 3), got {window!r}")
     if not isinstance(merge_thr, (int, float)) or not -1.0 <= merge_thr <= 1.0:
@@ -101,16 +105,20 @@ def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_t
     needs=("rater_attention", "key_set"),
     positions=Positions.CONTIGUOUS,
     defaults={"layers": None, "global_thr": None, "individual_thr": None, "vision_stages": True,
-              "merge_thr": 0.8, "window": 3, "key_ratio": 0.08},
+              "merge_thr": 0.8, "window": 3, "key_ratio": 0.08, "token_order": "merged_first"},
     intra=IntraSchedule(layers=stage_layers, counts=None, final_cache=True),
     vision_stage="mustdrop",
     vision_stage_on=vision_stage_on,
     deviations=(
         "vision stages on LLaVA-1.5 only (one fixed CLIP grid behind [CLS]); other families refuse them at install "
         "and run the LLM stages with vision_stages=false (then nothing is protected)",
-        "window merge: merged tokens stand at their bottom-right member's (the official dst) raster slot and the "
-        "survivors stay in raster order of that slot (official: [merged windows by score, unmerged] order), so the "
-        "LLM sequence order and positions of the image differ; the mean is computed in float32",
+        "window merge: token_order=merged_first (default) keeps the official order [CLS, merged windows by "
+        "descending score (ties to the earlier window), unmerged patches in raster order] in the encoder and in the "
+        "LLM's image block; token_order=raster (this harness's former order) puts every token at its raster slot "
+        "(merged ones at their bottom-right member, the official dst), which changes about half of the final kept "
+        "set at keep 0.111; the size-weighted mean is computed in float32",
+        "token_order=merged_first with positions=original: the image block's slots keep the original positions of "
+        "the sorted survivors, the tokens fill them in the official order (the official code has contiguous ids)",
         "key set: head-mean [CLS] row of the last CLIP layer recomputed from its own q/k under SDPA (official: "
         "eager attentions); top-k ties go to the earlier token; ceil(key_ratio * M), M = patch tokens after the merge",
         "keep = 1.0 runs none of the stages (official: the vision stages always run); keep < 1 runs the vision "

@@ -325,6 +325,11 @@ class IntraLLM:
             out["normed_hidden"] = self.seams.language_model.norm(hidden)
         if "visual_rows" in needs:
             out["visual_rows"] = image_rows
+        if "sequence_index" in needs:  # DART's set of pivot indices: the unpadded index, as batch 1 has it
+            mask = self.state.attention_mask_2d
+            b, length = hidden.shape[:2]
+            out["sequence_index"] = torch.arange(length, device=hidden.device).expand(b, length) if mask is None \
+                else mask.long().cumsum(dim=1).to(hidden.device) - 1
         if "key_set" in needs:  # rows a vision stage protects (none: keep=1.0, or no vision stage ran)
             protected = self.state.protected
             out["key_set"] = torch.zeros_like(image_rows, dtype=torch.bool) if protected is None \

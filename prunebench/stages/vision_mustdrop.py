@@ -6,8 +6,12 @@ layer's head-mean [CLS] attention row over the (merged) patches. The key set the
 bool per visual token to the LLM entry (`CallState.visual_protect`), which turns it into the rows
 the LLM stages never drop (`CallState.protected`, the `key_set` signal).
 
-The merge bookkeeping is `VisionMerge`'s (`MergeState` size / rep, survivors sorted by rep), so the
-merged tokens reach the LLM exactly as ToMe / EvoPrune tokens do: each at its representative's slot.
+The merge bookkeeping is `VisionMerge`'s (`MergeState` size / rep). With the official token order
+(`token_order=merged_first`) the encoder runs on [CLS, merged windows by score, unmerged in raster order]
+and the LLM reads the image in that order: the surviving tokens fill the image block's kept slots (the
+sorted representatives, closed up at the LLM entry) in encoder order, as the official LLaVA code
+concatenates the image features. With `token_order=raster` every token stands at its representative's
+raster slot, as ToMe / EvoPrune tokens do.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class MustDropVision(VisionMerge):
         params = method.params
         self.window, self.threshold, self.ratio = int(params["window"]), float(params["merge_thr"]), \
             float(params["key_ratio"])
+        self.order = str(params["token_order"])
         h, w = seams.vision_grid
         if h % self.window or w % self.window:
             raise UserError(f"{method.name}: window={self.window} does not divide the {h}x{w} patch grid of the "
@@ -72,7 +77,7 @@ class MustDropVision(VisionMerge):
         state: MergeState = self.state.vision
         with self.timer.span("method"):
             out = window_merge(output, state.size, state.rep, self.seams.vision_grid, self.window, self.threshold,
-                               prefix=self.seams.vision_prefix)
+                               prefix=self.seams.vision_prefix, order=self.order)
         self.state.vision = MergeState(size=out.size, rep=out.rep)
         return out.x
 
@@ -91,6 +96,12 @@ class MustDropVision(VisionMerge):
         full = super()._finish(module, args, output)
         if self._key is None or self._key.shape != output.shape[:2]:
             raise RuntimeError("mustdrop: the key set was not computed on the tokens the projector saw")
-        self.state.visual_protect = list(self._key)  # aligned with visual_keep (both in rep order)
+        # The kept slots are the sorted representatives; slot j takes the j-th token in encoder order (its
+        # value and its key-set flag), which is the raster order itself under token_order=raster.
+        reps = self.state.visual_keep
+        self.state.visual_keep = [r.sort().values for r in reps]
+        if self.order != "raster":
+            self.state.visual_values = list(output)
+        self.state.visual_protect = list(self._key)
         self._key = None
         return full
