@@ -248,3 +248,83 @@ def test_torchrun_two_ranks_give_the_same_predictions(tiny_path, tmp_path) -> No
     rec = load_record(next((tmp_path / "two").glob("*/POPE_pbtiny/fastv/*/record.json")))
     assert rec.benchmark["world_size"] == 2 and set(rec.timing["per_rank"]) == {"0", "1"}
     assert rec.timing["n_timed"] == 9 and rec.n_samples == 9
+
+
+# ------------------------------------------------ VLMEvalKit's own files: decoded images, downloads, scorer
+
+
+def _built(tmp_path: Path, d: dict[str, Any]) -> Any:
+    from prunebench.bridge.isolate import contained, vlmeval_api
+    from prunebench.bridge.run import _lmudata, build_vlmeval_dataset, prepare_data
+
+    data = prepare_data({"dataset": d, "limit": None})
+    with contained(), _lmudata(data.root):
+        return build_vlmeval_dataset(vlmeval_api(), data, tmp_path / "work")
+
+
+def _write_mme_images(root: Path, name: str, offset: int) -> None:
+    """write_mme with other pictures (shapes drawn from another seed range)."""
+    from prunebench.data.shapes import build_shapes
+
+    write_mme(root, name)
+    columns, rows = tsv.read_tsv(root / f"{name}.tsv")
+    images = [tsv.encode_png(it.image) for it in build_shapes(len(rows) + offset, seed=7, image_size=48)][offset:]
+    for i, row in enumerate(rows):
+        if len(row["image"]) > tsv.IMAGE_REF_MAX:
+            row["image"] = images[i]
+    tsv.write_tsv(root / f"{name}.tsv", columns, rows)
+
+
+def test_a_replaced_tsv_is_decoded_afresh_by_vlmevalkit(tmp_path) -> None:
+    """VLMEvalKit's real dump_image: the second TSV's images, not the first's, reach the prompt."""
+    from vlmeval.smp import decode_base64_to_image_file
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    write_mme(root, "MME_pbimg")
+    d = dataset_cfg("MME", "MME_pbimg", root)
+    first = _built(tmp_path, d)
+    old = {str(r["index"]): Path(first.dump_image(r)[0]).read_bytes() for r in first.data.to_dict("records")}
+    _write_mme_images(root, "MME_pbimg", offset=3)
+    second = _built(tmp_path, d)
+    rows = second.data.to_dict("records")
+    new = {str(r["index"]): Path(second.dump_image(r)[0]).read_bytes() for r in rows}
+    for r in rows:  # each file is what VLMEvalKit decodes from this TSV's base64 (JPEG, so compared as files)
+        fresh = tmp_path / "fresh" / f"{r['index']}.jpg"
+        fresh.parent.mkdir(exist_ok=True)
+        decode_base64_to_image_file(r["image"], str(fresh))
+        assert new[str(r["index"])] == fresh.read_bytes()
+    assert sum(new[k] != old[k] for k in new) == len(new)
+    assert Path(second.img_root).parent == root / "images" and second.img_root != first.img_root
+
+
+def test_md5_null_on_mme_reads_the_users_file_and_never_downloads(tmp_path, monkeypatch) -> None:
+    """dataset=MME dataset.md5=null: VLMEvalKit's own MD5 check used to download over MME.tsv."""
+    import vlmeval.dataset.image_base as image_base
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    write_mme(root, "MME")
+    before = (root / "MME.tsv").read_bytes()
+    calls = []
+    monkeypatch.setattr(image_base, "download_file", lambda url, filename=None: calls.append((url, filename)))
+    d = yaml.safe_load((CONFIG_DIR / "dataset" / "MME.yaml").read_text())
+    d.update(md5=None, data_dir=str(root))
+    dataset = _built(tmp_path, d)
+    assert calls == [] and (root / "MME.tsv").read_bytes() == before and len(dataset) == 28
+
+
+def test_custom_name_without_base_stops_before_the_model_loads(tiny_path, tmp_path, monkeypatch) -> None:
+    from prunebench.bridge.run import run_vlmeval
+    from prunebench.errors import UserError
+    from prunebench.models import loader
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    write_mme(root, "MyMME_local")
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    d = yaml.safe_load((CONFIG_DIR / "dataset" / "MME.yaml").read_text())
+    d.update(name="MyMME_local", md5=None, data_dir=str(root))  # dataset=MME dataset.name=MyMME_local
+    with pytest.raises(UserError, match=r"MyMME_local is not a dataset VLMEvalKit knows.*\+dataset\.base=MME"):
+        run_vlmeval(config(tiny_path, tmp_path / "results", d), quiet=True)
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("record.json"))
