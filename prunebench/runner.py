@@ -84,7 +84,7 @@ class Job:
         return hashlib.sha1(json.dumps(self.key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def directory(self, results_dir: Path) -> Path:
-        """results/<model>/<dataset>[-nLIMIT]/<method>[-<params hash>]/keep<k>-seed<s>."""
+        """results/<model>/<dataset>[-nLIMIT]/<method>[-<params hash>]/keep<k>-seed<s>-<key hash>."""
         data = self.dataset + (f"-n{self.limit}" if self.limit else "")
         method = self.method.name
         official = self.method.spec.default_positions(self.method.params)
@@ -106,6 +106,7 @@ def job_key(cfg: Mapping[str, Any], method: ResolvedMethod, keep: float) -> dict
     key = {k: v for k, v in plain.items() if k not in _NOT_IN_KEY and k not in ("method", "keep")}
     key["method"] = {"name": method.name, "params": dict(method.params), "positions": method.positions.value}
     key["keep"] = repr(float(keep))
+    key["device"] = resolve_device(str(plain.get("device", "auto"))).type  # auto: the machine's, cpu or cuda
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
