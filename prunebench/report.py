@@ -57,17 +57,61 @@ def collect(root: Path) -> list[RunRecord]:
 
 
 def _latest_per_seed(records: list[RunRecord]) -> list[RunRecord]:
-    """One record per (model, dataset column, method, params, keep, seed): the last finished."""
+    """One record per (model section, dataset column, method, params, keep, seed): the last finished."""
+    _name_sections(records)
     _name_columns(records)
     best: dict[tuple, RunRecord] = {}
     for r in sorted(records, key=lambda r: r.finished_at or ""):
-        cell = (r.model, dataset_label(r), _row_key(r), r.seed)
+        cell = (section_of(r), dataset_label(r), _row_key(r), r.seed)
         older = best.get(cell)
         # another experiment (its job key differs: model path, device, batch size, ...) in the same cell
         r.shadows = bool(older is not None and (getattr(older, "shadows", False)  # type: ignore[attr-defined]
                                                 or (older.key and r.key and older.key != r.key)))
         best[cell] = r
     return list(best.values())
+
+
+_RUN_SETTINGS = ("device", "batch_size", "cpu_threads", "warmup")  # a job-key field that changes the timing
+
+
+def _model_settings(r: RunRecord) -> dict[str, Any]:
+    """What the record ran on: its model config (name aside) and the run settings of its job key (the
+    record's config for records older than the key); unset values are left out."""
+    source = r.key or r.config or {}
+    model = {k: v for k, v in (source.get("model") or {}).items() if k != "name"}
+    runs = {k: source.get(k) for k in _RUN_SETTINGS}
+    return {k: v for k, v in {**model, **runs}.items() if v is not None}
+
+
+def _name_sections(records: list[RunRecord]) -> None:
+    """Give each record its model section (the attribute `section`, not a schema field).
+
+    Runs of one model whose model or run settings differ (`model.dtype`, `model.path`, the device, the batch
+    size, ...) measured different things, so they are different sections, named by the settings that differ:
+    `llava15(dtype=bfloat16)` beside `llava15(dtype=float16)`, never one table mixing them.
+    """
+    settings = {id(r): _model_settings(r) for r in records}
+    by_model: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        by_model[r.model].append(r)
+    for name, recs in by_model.items():
+        keys = sorted({k for r in recs for k in settings[id(r)]},
+                      key=lambda k: (k in _RUN_SETTINGS, _RUN_SETTINGS.index(k) if k in _RUN_SETTINGS else 0, k))
+        differ = [k for k in keys if len({json.dumps(settings[id(r)].get(k), sort_keys=True, default=str)
+                                          for r in recs if k in settings[id(r)]}) > 1]
+        for r in recs:
+            own = [f"{k}={_setting(settings[id(r)][k])}" for k in differ if k in settings[id(r)]]
+            r.section = name + (f"({', '.join(own)})" if own else "")  # type: ignore[attr-defined]
+
+
+def section_of(r: RunRecord) -> str:
+    """The record's model section: its model name, with the settings that set it apart (`_name_sections`)."""
+    return getattr(r, "section", None) or r.model
+
+
+def _sections(records: list[RunRecord]) -> list[str]:
+    _name_sections(records)
+    return sorted({section_of(r) for r in records})
 
 
 _NOT_SETTINGS = {"name", "data_dir", "limit"}  # the limit is the record's own `[:N]`; data_dir is where, not what
@@ -114,7 +158,7 @@ def _row_order(key: RowKey) -> tuple:
 def _grid(records: list[RunRecord], model: str) -> Grid:
     grid: Grid = defaultdict(lambda: defaultdict(list))
     for r in records:
-        if r.model == model:
+        if section_of(r) == model:
             grid[_row_key(r)][dataset_label(r)].append(r)
     return {k: dict(grid[k]) for k in sorted(grid, key=_row_order)}
 
@@ -269,7 +313,7 @@ def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[lis
         lines += [f"⚑ {method} keep={keep:g}: {flag}" for flag in flags]
     if any(getattr(r, "shadows", False) for by_ds in grid.values() for recs in by_ds.values() for r in recs):
         lines.append("‡ the results folder also holds runs of this cell with other settings (another job key: "
-                     "model path, device, batch size, ...); only the latest is shown")
+                     "position policy, an older record's settings, ...); only the latest is shown")
     return lines
 
 
@@ -357,7 +401,7 @@ def _complete(records: list[RunRecord]) -> list[RunRecord]:
 
 def _noise_lines(records: list[RunRecord], model: str) -> list[str]:
     notes = [r.notes[0] if r.notes else "accuracy_meaningful is False"
-             for r in records if r.model == model and not r.accuracy_meaningful]
+             for r in records if section_of(r) == model and not r.accuracy_meaningful]
     return [f"> accuracy is noise: {n}" for n in dict.fromkeys(notes)]
 
 
@@ -391,7 +435,7 @@ def _incomplete_line(records: list[RunRecord]) -> str | None:
 def render(records: list[RunRecord], fmt: str = "github") -> str:
     """The full report: one section per model, then a footer for incomplete runs."""
     complete = _complete(records)
-    models = sorted({r.model for r in complete})
+    models = _sections(complete)
     parts = [_model_section(complete, m, fmt) for m in models] or ["no complete runs yet"]
     footer = _incomplete_line(records)
     return "\n\n".join(parts + ([footer] if footer else [])) + "\n"
@@ -419,7 +463,7 @@ def plot(records: list[RunRecord], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     complete = _complete(records)
-    models = sorted({r.model for r in complete})
+    models = _sections(complete)
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         _plot_model(ax, complete, model)
@@ -435,7 +479,7 @@ def _plot_model(ax, records: list[RunRecord], model: str) -> None:
         ax.plot([k for k, _ in points], [rel for _, rel in points], marker="o", label=method)
     ax.axhline(100, color="gray", linestyle="--", linewidth=1, label="vanilla (keep 1.0)")
     ax.set_xlim(0, 1.05)
-    noise = any(not r.accuracy_meaningful for r in records if r.model == model)
+    noise = any(not r.accuracy_meaningful for r in records if section_of(r) == model)
     ax.set_title(model + ("\n(accuracy is noise)" if noise else ""), color="red" if noise else "black")
     ax.set_xlabel("keep (fraction of visual tokens)")
     ax.set_ylabel("relative accuracy vs vanilla (%)")

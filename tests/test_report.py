@@ -221,11 +221,37 @@ def test_flagged_runs_are_marked(tmp_path: Path) -> None:
 
 def test_runs_of_one_cell_with_other_job_keys_are_said(tmp_path: Path) -> None:
     old, new = make(score=50.0), make(score=60.0)
-    old.key, new.key = {"model": {"path": "a"}}, {"model": {"path": "b"}}
+    old.key = {"model": {"path": "b"}, "method": {"name": "fastv", "positions": "original"}}
+    new.key = {"model": {"path": "b"}, "method": {"name": "fastv", "positions": "keep"}}
     old.finished_at, new.finished_at = "2026-01-01", "2026-01-02"
     text = report.render(report.collect(write(tmp_path, vanilla(), old, new)))
     assert "fastv ‡" in text and "only the latest is shown" in text and "60.0" in text
     same = make(score=55.0)
-    same.key = {"model": {"path": "b"}}
+    same.key = {"model": {"path": "b"}, "method": {"name": "fastv", "positions": "keep"}}
     text = report.render(report.collect(write(tmp_path / "other", vanilla(), same)))
     assert "‡" not in text
+
+
+def test_runs_on_other_model_settings_are_other_sections(tmp_path: Path) -> None:
+    """Runs of one model in float16 and in bfloat16 (or on another device) are two sections, each compared with
+    its own vanilla run, never one table whose cells mix them."""
+    def on(dtype: str, device: str = "cuda") -> dict:
+        return {"model": {"name": "llava", "dtype": dtype, "path": None}, "device": device, "batch_size": 1}
+
+    write(tmp_path, vanilla(score=80.0, key=on("float16")), make(score=40.0, key=on("float16")),
+          vanilla(score=90.0, key=on("bfloat16")), make(score=45.0, key=on("bfloat16")),
+          vanilla(score=70.0, key=on("float16", "cpu")))
+    text = report.render(report.collect(tmp_path))
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections == ["## llava(dtype=bfloat16, device=cuda)", "## llava(dtype=float16, device=cpu)",
+                        "## llava(dtype=float16, device=cuda)"]
+    bf16 = text.split("## llava(dtype=bfloat16, device=cuda)")[1].split("## ")[0]
+    assert column(bf16, "gqa") == ["90.0", "45.0 (↓50.0%)"] and "‡" not in text
+    cpu = text.split("## llava(dtype=float16, device=cpu)")[1].split("## ")[0]
+    assert column(cpu, "gqa") == ["70.0"]
+
+
+def test_one_model_setting_is_one_plain_section(tmp_path: Path) -> None:
+    key = {"model": {"name": "llava", "dtype": "float16"}, "device": "cuda"}
+    text = report.render(report.collect(write(tmp_path, vanilla(key=key), make(key=key))))
+    assert [line for line in text.splitlines() if line.startswith("## ")] == ["## llava"]
