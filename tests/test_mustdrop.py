@@ -128,19 +128,14 @@ def test_key_set_reaches_the_llm_and_is_never_dropped(tiny, tiny_path):
     n = eager.n_visual(inputs)
     want = _eager_cls_key_set(eager, inputs, 0.25)
     method = _md(merge_thr=1.0, key_ratio=0.25, global_thr=1.0, individual_thr=1.0)
-    seen = {}
 
-    def spy(module, args, kwargs):
-        if inst.state.phase == "prefill" and "key" not in seen and inst.state.protected is not None:
+    def key_set(inst, hidden):
+        if inst.state.phase == "prefill" and inst.state.protected is not None:
             image = inst.state.image_mask[0]
-            seen["key"] = inst.state.protected[0][image].nonzero()[:, 0].tolist()
+            return {"key": inst.state.protected[0][image].nonzero()[:, 0].tolist()}
+        return None
 
-    with install(tiny.seams, method, keep=0.5, seed=0) as inst, torch.no_grad():
-        handle = tiny.seams.decoder_layers[0].register_forward_pre_hook(spy, with_kwargs=True)
-        try:
-            tiny.model(**inputs)
-        finally:
-            handle.remove()
+    inst, seen = _at_first_decoder_layer(tiny, method, inputs, key_set)
     assert seen["key"] == want and 0 < len(want) < n
     assert inst.state.stage_counts["entry"].n_visual_out == n  # nothing merged
     image_rows = torch.isin(inputs["input_ids"][0], torch.tensor(tiny.seams.image_token_ids)).nonzero()[:, 0]
@@ -186,15 +181,14 @@ def _layer0_window_order(tiny, inputs) -> list[int]:
     return sorted(range(4), key=lambda k: (-scores[k], k))
 
 
-def _llm_image(tiny, inputs, method) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image-block rows of inputs_embeds as the first decoder layer gets them, their protected flags)."""
-    seen = {}
+def _at_first_decoder_layer(tiny, method, inputs, grab) -> tuple[object, dict]:
+    """One forward with `method` installed at keep 0.5; `grab(inst, hidden)` sees each call of the first decoder
+    layer until it returns a dict. Returns (the installation, that dict)."""
+    seen: dict = {}
 
     def spy(module, args, kwargs):
-        if "x" not in seen:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            image = inst.state.image_mask[0]
-            seen["x"], seen["key"] = hidden[0][image].clone(), inst.state.protected[0][image].clone()
+        if not seen:
+            seen.update(grab(inst, args[0] if args else kwargs["hidden_states"]) or {})
 
     with install(tiny.seams, method, keep=0.5, seed=0) as inst, torch.no_grad():
         handle = tiny.seams.decoder_layers[0].register_forward_pre_hook(spy, with_kwargs=True)
@@ -202,6 +196,16 @@ def _llm_image(tiny, inputs, method) -> tuple[torch.Tensor, torch.Tensor]:
             tiny.model(**inputs)
         finally:
             handle.remove()
+    return inst, seen
+
+
+def _llm_image(tiny, inputs, method) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image-block rows of inputs_embeds as the first decoder layer gets them, their protected flags)."""
+    def image_rows(inst, hidden):
+        image = inst.state.image_mask[0]
+        return {"x": hidden[0][image].clone(), "key": inst.state.protected[0][image].clone()}
+
+    _, seen = _at_first_decoder_layer(tiny, method, inputs, image_rows)
     return seen["x"], seen["key"]
 
 

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prunebench.bridge.isolate import scoped_env
 from prunebench.errors import UserError
 
 MARKER = "prunebench_tsv.json"
@@ -240,16 +241,8 @@ def check_localized(root: Path, name: str, tsv_path: Path, md5: str) -> bool:
 def image_cache(root: Path, name: str, tsv_path: Path, md5: str) -> Iterator[None]:
     """Around the dataset build: FORCE_LOCAL when a >1 GB TSV must be localized afresh, then the marker."""
     fresh = check_localized(root, name, tsv_path, md5)
-    before = os.environ.get("FORCE_LOCAL")
-    if fresh:
-        os.environ["FORCE_LOCAL"] = "1"
-    try:
+    with scoped_env("FORCE_LOCAL", "1" if fresh else None):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("FORCE_LOCAL", None)
-        else:
-            os.environ["FORCE_LOCAL"] = before
     if fresh:
         write_marker(root / "images" / name, tsv_path, md5)
 

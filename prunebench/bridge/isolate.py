@@ -66,6 +66,21 @@ def restore(state: ProcessState) -> None:
 
 
 @contextmanager
+def scoped_env(name: str, value: str | None) -> Iterator[None]:
+    """$name set to `value` inside the block (None: left as it is), then exactly as it was before."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@contextmanager
 def contained() -> Iterator[None]:
     """Run VLMEvalKit code; whatever global state it changes is undone on exit."""
     state = snapshot()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prunebench.bridge import guard, naming, scores, tsv
-from prunebench.bridge.isolate import contained, vlmeval_api
+from prunebench.bridge.isolate import contained, scoped_env, vlmeval_api
 from prunebench.errors import UserError
 from prunebench.record import PREDICTIONS_NAME
 
@@ -194,15 +194,8 @@ def shapes_score(pred_rows: list[dict[str, Any]]) -> tuple[float, dict[str, floa
 @contextmanager
 def _lmudata(root: Path) -> Iterator[None]:
     """VLMEvalKit reads $LMUData (LMUDataRoot); point it at data_dir for the run only."""
-    before = os.environ.get("LMUData")
-    os.environ["LMUData"] = str(root)
-    try:
+    with scoped_env("LMUData", str(root)):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("LMUData", None)
-        else:
-            os.environ["LMUData"] = before
 
 
 def _rank_world() -> tuple[int, int]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prunebench.bridge import tsv
+from prunebench.bridge.isolate import scoped_env
 from prunebench.errors import UserError
 
 
@@ -126,15 +127,8 @@ def private_hub(work: Path, repo_id: str, folder: Path) -> Iterator[None]:
         link.unlink()
     link.symlink_to(folder.resolve(), target_is_directory=True)
     (repo / "refs" / "main").write_text("local")
-    before = os.environ.get("HF_HUB_CACHE")
-    os.environ["HF_HUB_CACHE"] = str(hub)
-    try:
+    with scoped_env("HF_HUB_CACHE", str(hub)):
         yield
-    finally:
-        if before is None:
-            os.environ.pop("HF_HUB_CACHE", None)
-        else:
-            os.environ["HF_HUB_CACHE"] = before
 
 
 def dataset_class(api: Any, base: str, name: str, folder: Path) -> Any:
