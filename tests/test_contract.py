@@ -375,9 +375,9 @@ def test_fidelity_deviations_declared() -> None:
         assert any("repeat_kv" in d for d in METHODS.get(name).deviations), name
 
 
-@pytest.mark.parametrize("name", ["tome", "evoprune", "vispruner"])
+@pytest.mark.parametrize("name", METHODS.names())
 def test_card_declares_dtype_and_budget_rounding(name: str) -> None:
-    """Issue 13 (started: these three so far): the card carries its arithmetic dtype and budget rounding."""
+    """Issue 13: every registered method's card carries its arithmetic dtype and budget rounding."""
     from prunebench.methods.base import resolve_method
 
     card = resolve_method(name).describe()

@@ -28,6 +28,8 @@ from prunebench.methods.base import Positions, SelectContext, Stage, register_me
     stage=Stage.PRE_LLM,
     source="papers/adaptive-mi-diversity-pruning.txt §3 eqs. 3-4 (alignment), 8-16 (greedy diversity); no code",
     needs=("text_embeddings",),
+    dtype="L2 alignment and cosine diversity in float32 (float64 inputs stay float64)",
+    rounding="N2 = round(keep*N) per image (n_keep_for, half up, >= 1); N1 = max(floor(stage1_ratio*N), N2)",
     positions=Positions.CONTIGUOUS,  # pre-LLM, LLaVA prepare_inputs style: positions close up
     defaults={"stage1_ratio": 0.8},
     deviations=(

@@ -181,8 +181,8 @@ class MethodSpec:
     # it acts in this run (None: whenever keep < 1).
     vision_stage: str | None = None
     vision_stage_on: Callable[..., bool] | None = None
-    # The card's arithmetic dtype of the scoring and the budget rounding, one line each ("" = not yet declared;
-    # issue 13 asks every method to declare both)
+    # The card's arithmetic dtype of the scoring and the budget rounding, one line each: required of every
+    # registered method (issue 13; tests/test_contract.py checks the registry)
     dtype: str = ""
     rounding: str = ""
 

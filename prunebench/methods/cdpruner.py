@@ -37,6 +37,8 @@ from prunebench.methods.cdpruner_ops import cdpruner_select
     source="arXiv 2506.10967 §3 (conditional DPP, fast greedy MAP); Theia-4869/CDPruner llava/model/llava_arch.py "
     "encode_images",
     needs=("text_embeddings",),
+    dtype="relevance, kernel and greedy DPP in float32 (float64 inputs stay float64)",
+    rounding="round(keep*N) per image (n_keep_for, half up, >= 1)",
     positions=Positions.CONTIGUOUS,  # pruned in prepare_inputs_labels_for_multimodal: positions close up
     defaults={"negate_relevance": False, "theta": None},
     deviations=(

@@ -105,6 +105,9 @@ METHODS.add(
         stage=Stage.PIPELINE,
         source="UniPruneBench Table 5 (two-stage pruning: a pre-LLM then an intra-LLM method)",
         defaults={"stages": [{"name": "random_pre", "keep": None}, {"name": "fastv", "keep": None}]},
+        dtype="each stage's own (its card under method_card.stages)",
+        rounding="per stage, its own rounding of keep_s x the tokens entering it (round(keep_s*N_s), half up, "
+        ">= 1); null stage keeps share keep geometrically",
         deviations=(
             "each stage's keep is a fraction of the tokens entering it (round-half-up, >= 1); the overall "
             "count is the chain of roundings, not round(keep * N)",

@@ -113,6 +113,10 @@ def dart_select(
     source="Wen et al. 2025 §3 (DART); ZichenWen1/DART (fork xqy1111111/DART) "
     "llava/model/language_model/modeling_llama_self.py get_retained_image_token",
     needs=("layer_keys", "normed_hidden", "visual_rows", "text_after_visual", "sequence_index"),
+    dtype="layer K-1 post-RoPE keys and normed hidden states in the model's dtype; L1 norms and cosines in "
+    "float32",
+    rounding="k = round(keep*N) at layer K (n_keep_for); kept = p + P*floor((k - p)/P), p = min(pivot_image, k), "
+    "P = pivot_image + pivot_text (4 + 8*floor((k-4)/8), dart_budget); keep=1.0 keeps all",
     positions=Positions.ORIGINAL,  # the official code sets position_ids = kept original indices
     defaults={"layer": 2, "pivot_image": 4, "pivot_text": 4, "pivot_order": "set"},
     budget=dart_budget,

@@ -14,6 +14,8 @@ from prunebench.methods.divprune_ops import divprune_select
     "divprune",
     stage=Stage.PRE_LLM,
     source="Alvar et al. 2025 §3 (max-min diversity); vbdi/divprune LLaVA/llava/model/llava_arch.py DivPrune",
+    dtype="cosine distance and max-min greedy in float32",
+    rounding="round(keep*N) per image (n_keep_for, half up, >= 1)",
     positions=Positions.CONTIGUOUS,  # pruned in prepare_inputs_labels_for_multimodal: positions close up
     deviations=("budget: k = round(keep*N) per image (the official ratio 0.098 is keep=0.098)",),
 )

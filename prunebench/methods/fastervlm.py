@@ -18,6 +18,9 @@ from prunebench.methods.cls_signal import CLS_DEVIATIONS
     stage=Stage.PRE_LLM,
     source="arXiv 2412.01818 §3; Theia-4869/FasterVLM llava/model/llava_arch.py encode_images",
     needs=("cls_attention",),
+    dtype="[CLS] row (no-[CLS] families: received attention) from the encoder layer's q/k in the model's dtype; "
+    "q.k logits, softmax and head mean in float32 (stages/attention.py upcasts); top-k on the float32 row",
+    rounding="round(keep*N) per image (n_keep_for, half up, >= 1)",
     positions=Positions.CONTIGUOUS,  # pruned in prepare_inputs_labels_for_multimodal: positions close up
     defaults={"vision_layer": None},
     deviations=(

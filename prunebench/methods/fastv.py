@@ -19,6 +19,9 @@ from prunebench.methods.base import Positions, SelectContext, Stage, register_me
     stage=Stage.INTRA_LLM,
     source="Chen et al. 2024 §4 (FastV, K=2); pkunlp-icler/FastV src/transformers/.../modeling_llama.py",
     needs=("last_query_attention",),
+    dtype="last-token row from layer K-1's q/k projections + RoPE in the model's dtype; q.k logits, softmax and "
+    "head mean in float32 (stages/attention.py upcasts q and k)",
+    rounding="round(keep*N) of the visual tokens entering layer K (n_keep_for, half up, >= 1)",
     positions=Positions.ORIGINAL,
     defaults={"layer": 2},
     deviations=(

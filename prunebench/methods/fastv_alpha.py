@@ -34,6 +34,10 @@ def alpha_scores(attention: torch.Tensor, tokens: torch.Tensor, last: torch.Tens
     stage=Stage.INTRA_LLM,
     source="papers/are-we-solving-the-right-problem.txt §6.3 eq. 6 + footnote 2 (alpha balance on FastV)",
     needs=("last_query_attention", "last_token_hidden"),
+    dtype="last-token row from layer K-1's q/k projections + RoPE in the model's dtype; q.k logits, softmax and "
+    "head mean in float32 (stages/attention.py upcasts q and k); cosine to the last token's hidden state and "
+    "min-max balance in float32",
+    rounding="round(keep*N) of the visual tokens entering layer K (n_keep_for, half up, >= 1)",
     positions=Positions.ORIGINAL,  # as FastV
     defaults={"layer": 2, "alpha": 0.5},
     deviations=(

@@ -18,6 +18,9 @@ from prunebench.methods.base import Positions, SelectContext, Stage, register_me
     stage=Stage.INTRA_LLM,
     source="papers/are-we-solving-the-right-problem.txt §5.1 (FastV_VIS, Table 3); no code released",
     needs=("last_visual_query_attention",),
+    dtype="last-visual-token row (causal) from layer K-1's q/k projections + RoPE in the model's dtype; q.k "
+    "logits, softmax and head mean in float32 (stages/attention.py upcasts q and k)",
+    rounding="round(keep*N) of the visual tokens entering layer K (n_keep_for, half up, >= 1)",
     positions=Positions.ORIGINAL,  # as FastV
     defaults={"layer": 2},
     deviations=(

@@ -49,6 +49,10 @@ def window_fastv_select(scores: torch.Tensor, grid: tuple[int, int], k: int, win
     stage=Stage.INTRA_LLM,
     source="papers/are-we-solving-the-right-problem.txt §4.2, App. B Algorithm 3 (Window FastV); no code released",
     needs=("last_query_attention", "grid"),
+    dtype="last-token row from layer K-1's q/k projections + RoPE in the model's dtype; q.k logits, softmax and "
+    "head mean in float32 (stages/attention.py upcasts q and k); window means in float32",
+    rounding="round(keep*N) of the visual tokens entering layer K (n_keep_for, half up, >= 1); quota floor(k/W) "
+    "per window, remainder to the windows of highest mean score",
     positions=Positions.ORIGINAL,  # as FastV
     defaults={"layer": 2, "windows": 4},
     deviations=(

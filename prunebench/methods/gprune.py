@@ -22,6 +22,8 @@ from prunebench.methods.gprune_ops import check_gprune_params, gprune_scores
     "gprune",
     stage=Stage.PRE_LLM,
     source="G-Prune (Jiang et al. 2025) graph propagation, METHODS.md card; jytmelon/G-Prune LLaVA-NeXT/llava/model/llava_arch.py",
+    dtype="cosine graph, softmax propagation and scores in float32 (float64 inputs stay float64)",
+    rounding="round(keep*N) per image (n_keep_for, half up, >= 1)",
     positions=Positions.CONTIGUOUS,  # pruned in prepare_inputs_labels_for_multimodal: positions close up
     defaults={"tau": 0.5, "temperature": 0.03, "iterations": 5},
     deviations=(

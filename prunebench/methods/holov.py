@@ -21,6 +21,11 @@ from prunebench.methods.cls_signal import CLS_DEVIATIONS
     stage=Stage.PRE_LLM,
     source="HoloV (NeurIPS 2025); obananas/HoloV llava/model/utils.py HoloV, llava/model/llava_arch.py",
     needs=("cls_attention",),
+    dtype="[CLS] row (no-[CLS] families: received attention) from the encoder layer's q/k in the model's dtype; "
+    "q.k logits, softmax and head mean in float32 (stages/attention.py upcasts); chunk similarity variance and "
+    "scores in float32",
+    rounding="k = round(keep*N) per image (n_keep_for, half up, >= 1); chunk budgets floor(k*score_p/sum), "
+    "remainder +1 to the top chunks",
     positions=Positions.CONTIGUOUS,  # tokens replaced in prepare_inputs_labels_for_multimodal: contiguous
     defaults={"alpha": 0.09, "vision_layer": None},
     deviations=(

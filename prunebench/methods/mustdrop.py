@@ -103,6 +103,10 @@ def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_t
     "llava/model/language_model/modelling_sparse_llama.py (pruning_layers [2, 6, 10, 14], dual_attention_filter, "
     "decoding-stage KV selection); thresholds from README / scripts/v1_5/eval/textvqa_*.sh",
     needs=("rater_attention", "key_set"),
+    dtype="text rows from layer l's q/k + RoPE in the model's dtype, logits, softmax and head mean in float32; "
+    "window cosine, key-set [CLS] row and merge in float32",
+    rounding="no token count: thresholds (the official pair of the budget nearest keep*576, or given) decide "
+    "each stage's count (adaptive, >= 1 per stage)",
     positions=Positions.CONTIGUOUS,
     defaults={"layers": None, "global_thr": None, "individual_thr": None, "vision_stages": True,
               "merge_thr": 0.8, "window": 3, "key_ratio": 0.08, "token_order": "merged_first"},

@@ -67,6 +67,10 @@ def pdrop_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, **_: 
     source="Xing et al. 2025 §3.2-3.3 (PyramidDrop); Cooperx521/PyramidDrop llava/model/modeling_llama_pdrop.py "
     "pdrop_rank_drop (inference: last instruction token as query, image_token_ratio_list [1, l, l^2, l^3])",
     needs=("layer_last_query_attention",),
+    dtype="layer K's input_layernorm, q (last token) / k projections and RoPE in the model's dtype; q.k logits, "
+    "softmax and head mean in float32 (stages/attention.py upcasts q and k)",
+    rounding="keep read as the layer average: lambda solved (bisection) so the average is closest to "
+    "round(keep*N); stage s keeps max(1, floor(N*lambda^s))",
     positions=Positions.CONTIGUOUS,
     defaults={"layers": None},
     intra=IntraSchedule(layers=pdrop_layers, counts=pdrop_counts),
@@ -89,6 +93,9 @@ def pdrop_counts(n_layers: int, stages: list[int], n_in: int, n_keep: int, **_: 
         "(move the layers to reach it, as the paper suggests)",
         "the query row is formed for the last prompt token only and softmaxed over all keys in float32 "
         "(official: the row of prompt_len + image_tokens - 1 after padding removal, the same token at batch 1)",
+        "dtype: q.k logits, softmax and head mean in float32 (q, k upcast after RoPE); official pdrop_rank_drop "
+        "takes the logits in the model's dtype (fp16), softmaxes in float32 and casts the probabilities back to "
+        "the model's dtype before the head mean and topk, which can change the kept set under fp16/bf16",
         "the official `self.image_tokens` count is per sample from the LLaVA prompt; here N is the number of "
         "visual placeholder tokens entering the LLM (all images of the prompt ranked together)",
     ),

@@ -55,6 +55,9 @@ def pooling_select(tokens: torch.Tensor, grid: tuple[int, int], k: int) -> torch
     stage=Stage.INTRA_LLM,
     source="papers/are-we-solving-the-right-problem.txt §4 fn. 1, App. B Algorithm 4 (Pooling at layer K=2)",
     needs=("grid",),
+    dtype="per-window L1 norm of the hidden states in float32",
+    rounding="round(keep*N) of the visual tokens entering layer K (n_keep_for, half up, >= 1); m x n >= k "
+    "windows, the k best picks kept",
     positions=Positions.ORIGINAL,  # Algorithm 4 gathers X[[0:s) u I u [e:L]]; no renumbering is written
     defaults={"layer": 2},
     deviations=(

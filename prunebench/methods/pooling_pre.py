@@ -42,6 +42,9 @@ def _centres(n_out: int, n_in: int) -> torch.Tensor:
     stage=Stage.PRE_LLM,
     source="METHODS.md Pooling; UniPruneBench methods/Pool_PreLLM.py (adaptive_avg_pool2d after the projector)",
     needs=("grid",),
+    dtype="average pooling in float32 (adaptive_avg_pool2d on upcast tokens), cast back to the model's dtype",
+    rounding="round(keep*N) per image (n_keep_for, half up, >= 1); pooled to an m x n = k grid (first k windows "
+    "when none fits)",
     positions=Positions.CONTIGUOUS,
     deviations=(
         "any budget k, not only squares: rectangular adaptive pooling to m x n = k (factorisation closest to the "

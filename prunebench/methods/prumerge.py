@@ -100,6 +100,10 @@ def _run(select: Callable[[torch.Tensor, int], torch.Tensor], adaptive_select: C
     stage=Stage.PRE_LLM,
     source="Shang et al. 2024 §3; 42Shawn/LLaVA-PruMerge clip_encoder.py token_prune_merge_advanced",
     needs=NEEDS,
+    dtype="full-width [CLS] row from q/k in the model's dtype, logits and softmax in float32; key cosine and "
+    "merge in float32 (cast back to the model's dtype)",
+    rounding="k = round(keep*N) per image (n_keep_for, half up, >= 1) patches + 1 aggregate token; "
+    "adaptive=true: the IQR outlier count (>= 1), keep ignored",
     positions=Positions.CONTIGUOUS,  # official: rebuilt sequence in prepare_inputs_labels_for_multimodal
     defaults=DEFAULTS,
     deviations=("fixed budget (official if_adaptive=False, reduction_ratio = keep): the top-k patches by [CLS] "
@@ -120,6 +124,10 @@ def prumerge(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer:
     source="Shang et al. 2024 §3.3 (PruMerge+); 42Shawn/LLaVA-PruMerge clip_encoder.py "
     "token_prune_merge_advanced_plus; fixed budget as EffiVLM-Bench (METHODS.md)",
     needs=NEEDS,
+    dtype="full-width [CLS] row from q/k in the model's dtype, logits and softmax in float32; IQR, key cosine "
+    "and merge in float32 (cast back to the model's dtype)",
+    rounding="k = round(keep*N) per image (n_keep_for, half up, >= 1) patches (top min(IQR outliers, k), "
+    "uniform fill) + 1 aggregate token; adaptive=true: outliers + grid, keep ignored",
     positions=Positions.CONTIGUOUS,
     defaults=DEFAULTS,
     deviations=("fixed budget (EffiVLM-Bench's reading): the top min(IQR outliers, k) patches by [CLS] attention, "

@@ -48,6 +48,8 @@ def check_order(order: object) -> str:
     stage=Stage.PRE_LLM,
     source="papers/uniprunebench.txt §3.2 (Random, pre-LLM); UniPruneBench methods/Random_PreLLM.py "
     "(InternVL path) and custom_qwenvl.py (Qwen2.5-VL path)",
+    dtype="no scoring (seeded random permutation)",
+    rounding="round(keep*N) per image (n_keep_for, half up, >= 1)",
     positions=Positions.CONTIGUOUS,
     defaults={"order": "raster"},
     deviations=(
@@ -74,6 +76,8 @@ def random_pre(ctx: SelectContext, order: str) -> torch.Tensor | Selection:
     "random_intra",
     stage=Stage.INTRA_LLM,
     source="papers/uniprunebench.txt §3.2 (Random, intra-LLM, K=2); UniPruneBench methods/Random_IntraLLM.py",
+    dtype="no scoring (seeded random permutation)",
+    rounding="round(keep*N) of the visual tokens entering layer K (n_keep_for, half up, >= 1)",
     positions=Positions.CONTIGUOUS,  # UniPruneBench renumbers 1-D RoPE positions (METHODS.md §0.1)
     defaults={"layer": 2},
 )

@@ -69,6 +69,10 @@ def stage_extra(n_before: int, n_kept: int, version: str = "1.5", **_: object) -
     source="Zhang et al. 2025 §3.2-3.4 (v1.5) / SparseVLM+ §4.2-4.3 (v2.0); Gumpest/SparseVLMs branches v1.5, v2.0: "
     "llava/model/language_model/modelling_sparse_llama.py, score.py, utils.py",
     needs=("rater_attention", "raters", "rope_prior"),
+    dtype="rater rows from layer l's q/k projections + RoPE in the model's dtype; q.k logits, softmax, v2.0 RoPE "
+    "prior, head/rater means and raters' V.T softmax in float32; recycling in float32",
+    rounding="keep read as the layer average round(keep*N): official table at N=576 and a tabled budget, else "
+    "table fractions x a solved scale, floored, in [1, N]; v1.5 adds int((int(0.3*dropped)+1)/10)+1 clusters",
     positions=Positions.CONTIGUOUS,  # v1.5 truncates position_ids; v2.0 gathers the original ones
     positions_for=lambda version="1.5", **_: Positions.ORIGINAL if _version(version) == "2.0" else Positions.CONTIGUOUS,
     defaults={"version": "1.5", "layers": None},
@@ -97,6 +101,10 @@ def stage_extra(n_before: int, n_kept: int, version: str = "1.5", **_: object) -
         "raters: the text tokens after the last visual token of the prompt (official: after the single image); "
         "scores in float32; v2.0 head selection per batch row (official: batch row 0)",
         "v2.0 priority heads: min(14, H) heads (official 14 of LLaVA-7B's 32)",
+        "dtype: the rater rows' q.k logits, softmax, v2.0 RoPE prior and head / rater means in float32 (q, k "
+        "upcast after RoPE), the raters' V.T softmax too; official computes all of them in the model's dtype "
+        "(v1.5: the flash_attn copy is .half(), fp16 matmul and torch.softmax; v2.0: utils.py "
+        "scaled_dot_product_attention, no upcast), which can change the kept set under fp16/bf16",
     ),
 )
 def sparsevlm(ctx: SelectContext, version: str, layers: list[int] | None) -> torch.Tensor | Insertion:

@@ -4,4 +4,6 @@ from __future__ import annotations
 
 from prunebench.methods.base import METHODS, MethodSpec, Stage
 
-METHODS.add("vanilla", MethodSpec(name="vanilla", stage=Stage.NONE, source="no pruning"))
+METHODS.add("vanilla", MethodSpec(name="vanilla", stage=Stage.NONE, source="no pruning",
+                                  dtype="no scoring (nothing is pruned)",
+                                  rounding="no budget: all N visual tokens kept"))

@@ -28,6 +28,11 @@ from prunebench.methods.visionzip_ops import CONTEXTUAL_SHARE, visionzip_merge, 
     stage=Stage.PRE_LLM,
     source="Yang et al. 2025 §3.2-3.3; dvlab-research/VisionZip visionzip/clip_encoder.py, utils.py, main.py",
     needs=("cls_attention", "cls_keys", "projector_input"),
+    dtype="[CLS] row (no-[CLS] families: received attention) from the encoder layer's q/k in the model's dtype; "
+    "q.k logits, softmax and head mean in float32 (stages/attention.py upcasts); key cosine and contextual "
+    "merge in float32 (merged values cast back to the model's dtype)",
+    rounding="k = round(keep*N) per image (n_keep_for, half up, >= 1); C = round(k*contextual_share) "
+    "(half up; 10/64), D = k - C",
     positions=Positions.CONTIGUOUS,  # official: rebuilt sequence in prepare_inputs_labels_for_multimodal
     defaults={"contextual_share": CONTEXTUAL_SHARE, "vision_layer": None},
     deviations=(

@@ -21,8 +21,8 @@ from prunebench.methods.cls_signal import CLS_DEVIATIONS
     stage=Stage.PRE_LLM,
     source="VisPruner (ICCV 2025) §3; Theia-4869/VisPruner llava/model/llava_arch.py encode_images",
     needs=("cls_attention", "vision_features"),
-    dtype="duplication cosine in the vision features' (model's) dtype, score_dtype=fp32 upcasts; attention "
-    "ranking in the signal's dtype",
+    dtype="duplication cosine in the vision features' (model's) dtype, score_dtype=fp32 upcasts (LLaVA-NeXT / "
+    "OneVision: float32 always, their packed signals are float32); attention ranking in float32 (the [CLS] row)",
     rounding="T = round(keep*N) per image (n_keep_for, half up, >= 1); T_imp = int(T * important_ratio)",
     positions=Positions.CONTIGUOUS,  # pruned in prepare_inputs_labels_for_multimodal: positions close up
     defaults={"important_ratio": 0.5, "vision_layer": None, "score_dtype": "model"},

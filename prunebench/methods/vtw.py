@@ -40,6 +40,8 @@ def vtw_budget(n_in: int, n_keep: int, **_: object) -> int:
     "vtw",
     stage=Stage.INTRA_LLM,
     source="Lin et al. AAAI 2025 (VTW); lzhxmu/VTW llava/model/language_model/VTW.py VTWLlamaModel.forward",
+    dtype="no scoring (every visual token withdrawn at layer K)",
+    rounding="no token count: K = round(keep*L) (half up; layer=K overrides keep), all N withdrawn at K",
     positions=Positions.ORIGINAL,  # pe_type="keep", the official default
     defaults={"layer": None},
     budget=vtw_budget,
