@@ -5,7 +5,9 @@ from __future__ import annotations
 
 CLS_DEVIATIONS = (
     "[CLS] attention recomputed from the encoder layer's own q/k (SDPA stays on) instead of output_attentions "
-    "(eager); the same numbers (tests/test_cls_methods.py checks it against eager attention)",
+    "(eager); the same numbers in fp32 (tests/test_cls_methods.py checks it against eager attention); the logits "
+    "are taken in fp32 where eager attention takes them in the model's dtype, so under fp16/bf16 the values differ "
+    "in the last bits and a near-tie can rank otherwise",
     "InternVL: a visual token is a 2x2 pixel-shuffle group of InternViT patches; its [CLS] attention is the mean "
     "over the group's 4 patches",
     "Qwen2.5-VL / Qwen2-VL have no [CLS]: substitute = mean attention each patch RECEIVES at that ViT block "

@@ -27,7 +27,9 @@ from prunebench.methods.base import Positions, SelectContext, Stage, register_me
     deviations=(
         "budget: k = round(keep*N) tokens kept at layer K (the paper's R = 1 - keep); the FLOPs-equivalent "
         "mapping k' = (L*k - K*N)/(L-K) is not applied",
-        "attention row recomputed from layer K-1 q/k instead of eager output_attentions (same values)",
+        "attention row recomputed from layer K-1 q/k instead of eager output_attentions: the same row in fp32; "
+        "eager attention takes the q.k logits in the model's dtype, so under fp16/bf16 the values differ in the "
+        "last bits and a near-tie can rank otherwise",
     ),
 )
 def fastv(ctx: SelectContext, layer: int) -> torch.Tensor:

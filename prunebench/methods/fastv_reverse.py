@@ -27,7 +27,9 @@ from prunebench.methods.base import Positions, SelectContext, Stage, register_me
     deviations=(
         "non-canonical: a sanity check of FastV's attention ranking (bottom-k), not a proposed method",
         "budget: k = round(keep*N) kept at layer K (Algorithm 2 writes floor(N*r))",
-        "attention row recomputed from layer K-1 q/k instead of eager output_attentions (same values)",
+        "attention row recomputed from layer K-1 q/k instead of eager output_attentions: the same row in fp32; "
+        "eager attention takes the q.k logits in the model's dtype, so under fp16/bf16 the values differ in the "
+        "last bits and a near-tie can rank otherwise",
     ),
 )
 def fastv_reverse(ctx: SelectContext, layer: int) -> torch.Tensor:
