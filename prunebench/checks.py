@@ -113,23 +113,24 @@ def _bad(name: str, value: Any, kind: Kind) -> UserError:
     return UserError(f"{name} must be {kind.expects()}, got {shown}")
 
 
-def param_kind(group: str, key: str, default: Any) -> Kind:
-    """A dataset / model / method parameter's kind: its declared range, else its default's kind."""
-    declared = PARAM_RANGES.get(group, {}).get(key)
-    if declared is not None:
-        return declared
+def param_kind(group: str, key: str, default: Any, declared: Mapping[str, Kind] | None = None) -> Kind:
+    """A dataset / model / method parameter's kind: its declared kind (the caller's, e.g. a method's own, else
+    `PARAM_RANGES`), else its default's kind."""
+    own = (declared or {}).get(key) or PARAM_RANGES.get(group, {}).get(key)
+    if own is not None:
+        return own
     kind = kind_of(default)
     # a dataset / model setting may be unset (model.path=null, dataset.md5=null); a method parameter may not
     return Kind(kind.type, nullable=default is None or group != "method")
 
 
 def check_params(group: str, values: Mapping[str, Any], defaults: Mapping[str, Any], *,
-                 prefix: str | None = None) -> None:
-    """Check every given parameter of a group against its default's kind (keys absent from defaults are
-    the caller's to refuse; here they get their declared range, if any)."""
+                 prefix: str | None = None, declared: Mapping[str, Kind] | None = None) -> None:
+    """Check every given parameter of a group against its declared kind or its default's kind (keys absent
+    from defaults are the caller's to refuse; here they get their declared range, if any)."""
     for key, value in values.items():
         if key in defaults or key in PARAM_RANGES.get(group, {}):
-            check_value(f"{prefix or group}.{key}", value, param_kind(group, key, defaults.get(key)))
+            check_value(f"{prefix or group}.{key}", value, param_kind(group, key, defaults.get(key), declared))
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

@@ -42,6 +42,12 @@ def test_unknown_group_choice_names_valid_ones():
          "no shipped architecture 'nope'"),
         (["device=tpu"], "device must be one of"),
         (["method=fastv", "method.params.layer=99"], "fastv: layer must be in 1..3"),
+        (["method=random_pre", "method.params.order=zigzag"],
+         "random_pre: method.params.order must be one of: raster, shuffled, got 'zigzag'"),
+        (["method=tome", "method.params.score_dtype=fp16"],
+         "tome: method.params.score_dtype must be one of: model, fp32, got 'fp16'"),
+        (["method=mustdrop", "method.params.token_order=cls"],
+         "mustdrop: method.params.token_order must be one of: merged_first, raster, got 'cls'"),
     ],
 )
 def test_user_mistakes_are_one_line(args, message, tmp_path):

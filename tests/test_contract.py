@@ -382,3 +382,19 @@ def test_card_declares_dtype_and_budget_rounding(name: str) -> None:
 
     card = resolve_method(name).describe()
     assert card["dtype"] and card["budget_rounding"]
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if METHODS.get(n).kinds])
+def test_declared_kinds_accept_the_defaults_and_refuse_other_values(name: str) -> None:
+    """A method's declared parameter kinds name real parameters, accept the documented defaults, and refuse
+    a value outside them when the method is resolved (before anything loads)."""
+    from prunebench.errors import UserError
+    from prunebench.methods.base import resolve_method
+
+    spec = METHODS.get(name)
+    assert set(spec.kinds) <= set(spec.defaults)
+    resolve_method(name, dict(spec.defaults))
+    for key, kind in spec.kinds.items():
+        bad = "not-a-choice" if kind.choices else (kind.low - 1 if kind.low is not None else None)
+        with pytest.raises(UserError, match=rf"^{name}: method\.params\.{key} must be "):
+            resolve_method(name, {key: bad})

@@ -89,10 +89,9 @@ def test_dart_pivot_orders_differ():
 
 @pytest.mark.parametrize("bad", ["Set", "hash", None])
 def test_dart_bad_pivot_order_is_one_line(bad):
-    g = torch.Generator().manual_seed(0)
-    keys, feats = torch.randn(60, 16, generator=g), torch.randn(60, 8, generator=g)
-    with pytest.raises(UserError, match=r"^dart: pivot_order must be one of: set, sequence \(got .*\)$"):
-        _dart(_ctx(keys, feats, 3, 48, 20), bad)
+    """Refused when the method is resolved, before anything loads."""
+    with pytest.raises(UserError, match=r"^dart: method.params.pivot_order must be one of: set, sequence, got .+$"):
+        resolve_method("dart", {"pivot_order": bad})
 
 
 def test_dart_card_states_the_pivot_order():

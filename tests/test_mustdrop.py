@@ -225,7 +225,8 @@ def test_llm_reads_the_merged_windows_in_the_official_order(tiny):
 
 
 def test_bad_token_order_is_one_line(tiny):
-    with pytest.raises(UserError, match=r"^mustdrop: token_order must be one of: merged_first, raster \(got 'cls'\)$"):
+    with pytest.raises(UserError, match=r"^mustdrop: method.params.token_order must be one of: merged_first, raster, "
+                                         r"got 'cls'$"):
         with install(tiny.seams, _md(token_order="cls"), keep=0.5, seed=0):
             pass
 

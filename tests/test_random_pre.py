@@ -9,8 +9,6 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.methods import resolve_method
-from prunebench.methods.base import SelectContext
-from prunebench.methods.random import random_pre
 from prunebench.stages import install
 
 
@@ -88,9 +86,9 @@ def test_keep_one_is_vanilla_under_either_order(tiny, order):
 
 @pytest.mark.parametrize("bad", ["Shuffled", "random", 1, None])
 def test_bad_order_is_one_line(bad):
-    ctx = SelectContext(tokens=torch.zeros(1, 8, 4), n_keep=3, grid=None, generator=torch.Generator())
-    with pytest.raises(UserError, match=r"^random_pre: order must be one of: raster, shuffled \(got .*\)$"):
-        random_pre(ctx, order=bad)
+    """Refused when the method is resolved, before anything loads."""
+    with pytest.raises(UserError, match=r"^random_pre: method.params.order must be one of: raster, shuffled, got .+$"):
+        resolve_method("random_pre", {"order": bad})
 
 
 def test_card_states_rounding_and_order():

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from prunebench.checks import check_params
+from prunebench.checks import Kind, check_params
 from prunebench.errors import UserError
 from prunebench.registry import Registry
 
@@ -185,6 +185,9 @@ class MethodSpec:
     # registered method (issue 13; tests/test_contract.py checks the registry)
     dtype: str = ""
     rounding: str = ""
+    # What a parameter accepts beyond its default's type (a string's choices, a number's range), checked when
+    # the method is resolved, before anything loads
+    kinds: Mapping[str, Kind] = field(default_factory=dict)
 
     def runs_vision_stage(self, keep: float, params: Mapping[str, Any]) -> bool:
         if self.vision_stage is None:
@@ -283,6 +286,7 @@ def register_method(
     vision_stage_on: Callable[..., bool] | None = None,
     dtype: str = "",
     rounding: str = "",
+    kinds: Mapping[str, Kind] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -299,6 +303,7 @@ def register_method(
                 defaults=dict(defaults or {}), deviations=deviations, budget=budget,
                 layer_for_keep=layer_for_keep, intra=intra, positions_for=positions_for,
                 vision_stage=vision_stage, vision_stage_on=vision_stage_on, dtype=dtype, rounding=rounding,
+                kinds=dict(kinds or {}),
             ),
         )
         return fn
@@ -345,7 +350,7 @@ def resolve_method(name: str, params: Mapping[str, Any] | None = None, positions
         valid = ", ".join(sorted(spec.defaults)) or "none"
         raise UserError(f"method '{name}' has no parameter(s) {', '.join(sorted(unknown))}; valid: {valid}")
     try:
-        check_params("method", params, spec.defaults, prefix="method.params")
+        check_params("method", params, spec.defaults, prefix="method.params", declared=spec.kinds)
     except UserError as err:
         raise UserError(f"{name}: {err}") from None
     merged = {**spec.defaults, **params}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from prunebench.checks import Kind
 from prunebench.errors import UserError
 from prunebench.methods.base import Positions, SelectContext, Stage, register_method
 
@@ -46,7 +47,7 @@ PIVOT_ORDERS = ("set", "sequence")
 
 def check_pivot_order(pivot_order: object) -> str:
     if pivot_order not in PIVOT_ORDERS:
-        raise UserError(f"dart: pivot_order must be one of: {', '.join(PIVOT_ORDERS)} (got {pivot_order!r})")
+        raise ValueError(f"dart_select: pivot_order must be one of {PIVOT_ORDERS}, got {pivot_order!r}")
     return str(pivot_order)
 
 
@@ -119,6 +120,7 @@ def dart_select(
     "P = pivot_image + pivot_text (4 + 8*floor((k-4)/8), dart_budget); keep=1.0 keeps all",
     positions=Positions.ORIGINAL,  # the official code sets position_ids = kept original indices
     defaults={"layer": 2, "pivot_image": 4, "pivot_text": 4, "pivot_order": "set"},
+    kinds={"pivot_order": Kind("str", choices=PIVOT_ORDERS)},
     budget=dart_budget,
     deviations=(
         "budget: TOPK = floor((k - 4) / 8) from the harness budget k = round(keep*N), so kept = "
@@ -147,7 +149,6 @@ def dart(ctx: SelectContext, layer: int, pivot_image: int, pivot_text: int, pivo
     """signals: layer_keys [B, L, C], normed_hidden [B, L, D], visual_rows [B, N], text_after_visual
     [B, L], sequence_index [B, L] -> [B, k'] kept visual indices, sorted; k' = dart_budget(N, ctx.n_keep)."""
     del layer  # consumed by the intra-LLM stage
-    check_pivot_order(pivot_order)
     n = ctx.tokens.shape[1]
     n_out = dart_budget(n, ctx.n_keep, pivot_image=pivot_image, pivot_text=pivot_text)
     if n_out >= n:

@@ -8,8 +8,9 @@ The math lives in `evoprune_ops.py`; the stage hooks are in `stages/vision.py`.
 
 from __future__ import annotations
 
+from prunebench.checks import Kind
 from prunebench.methods.base import METHODS, MethodSpec, Positions, Stage
-from prunebench.methods.evoprune_ops import evoprune_merge, layer_schedule
+from prunebench.methods.evoprune_ops import MERGE_POINTS, evoprune_merge, layer_schedule
 
 METHODS.add(
     "evoprune",
@@ -24,6 +25,7 @@ METHODS.add(
         rounding="sum of r_l = N - round(keep*N) (n_keep_for, half up); per-layer r_l by largest remainder",
         positions=Positions.CONTIGUOUS,  # merged tokens enter the LLM as a shorter image run
         defaults={"schedule": "skip", "ctr": 0.25, "knn": 5, "tau": 1.0, "lambda_d": 1.0, "merge_point": "attention"},
+        kinds={"merge_point": Kind("str", choices=MERGE_POINTS)},
         deviations=(
             "attention importance = mean attention RECEIVED (column mean over queries and heads); the paper's "
             "formula averages rows, which is constant 1/N (METHODS.md EvoPrune card)",

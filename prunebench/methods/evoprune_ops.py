@@ -28,6 +28,9 @@ VALID_STRATEGIES = (
 )
 _STRATEGY_RE = re.compile(r"^\s*(mean|skip|first|last|increasing|decreasing)\s*(?:\[\s*([^\]]*?)\s*\])?\s*$")
 
+# Where a vision merge acts in an encoder layer: between attention and MLP (ToMe), or between layers
+MERGE_POINTS = ("attention", "layer")
+
 
 def _bad_strategy(strategy: str, why: str) -> ValueError:
     return ValueError(f"bad EvoPrune layer strategy {strategy!r} ({why}); valid forms: {VALID_STRATEGIES}")

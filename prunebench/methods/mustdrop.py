@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from prunebench.checks import Kind
 from prunebench.errors import UserError
 from prunebench.methods.base import IntraSchedule, Positions, SelectContext, Stage, register_method
 from prunebench.methods.mustdrop_ops import TOKEN_ORDERS
@@ -73,8 +74,6 @@ def vision_stage_on(keep: float, vision_stages: bool, merge_thr: float, window: 
     """Check the vision-stage hyper-parameters; the stages act when keep < 1 and vision_stages is on."""
     if not isinstance(vision_stages, bool):
         raise UserError(f"mustdrop: vision_stages must be true or false, got {vision_stages!r}")
-    if token_order not in TOKEN_ORDERS:
-        raise UserError(f"mustdrop: token_order must be one of: {', '.join(TOKEN_ORDERS)} (got {token_order!r})")
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise UserError(f"mustdrop: window must be an integer >= 2 (official 3), got {window!r}")
     if not isinstance(merge_thr, (int, float)) or not -1.0 <= merge_thr <= 1.0:
@@ -110,6 +109,7 @@ def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_t
     positions=Positions.CONTIGUOUS,
     defaults={"layers": None, "global_thr": None, "individual_thr": None, "vision_stages": True,
               "merge_thr": 0.8, "window": 3, "key_ratio": 0.08, "token_order": "merged_first"},
+    kinds={"token_order": Kind("str", choices=TOKEN_ORDERS)},
     intra=IntraSchedule(layers=stage_layers, counts=None, final_cache=True),
     vision_stage="mustdrop",
     vision_stage_on=vision_stage_on,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prunebench.errors import UserError
+from prunebench.checks import Kind
 from prunebench.methods.base import Positions, SelectContext, Selection, Stage, register_method
 
 ORDERS = ("raster", "shuffled")
@@ -37,12 +37,6 @@ def shuffled_selection(tokens: torch.Tensor, drawn: torch.Tensor) -> Selection:
     return Selection(index=drawn.sort(dim=-1).values, tokens=values)
 
 
-def check_order(order: object) -> str:
-    if order not in ORDERS:
-        raise UserError(f"random_pre: order must be one of: {', '.join(ORDERS)} (got {order!r})")
-    return str(order)
-
-
 @register_method(
     "random_pre",
     stage=Stage.PRE_LLM,
@@ -52,6 +46,7 @@ def check_order(order: object) -> str:
     rounding="round(keep*N) per image (n_keep_for, half up, >= 1)",
     positions=Positions.CONTIGUOUS,
     defaults={"order": "raster"},
+    kinds={"order": Kind("str", choices=ORDERS)},
     deviations=(
         "budget: k = round-half-up(keep*N), at least 1 (n_keep_for, as every method here); UniPruneBench keeps "
         "int(keep*N) (floor; InternVL: at least 1, and the first tile and the other tiles each floored apart), so "
@@ -67,7 +62,7 @@ def check_order(order: object) -> str:
     ),
 )
 def random_pre(ctx: SelectContext, order: str) -> torch.Tensor | Selection:
-    if check_order(order) == "raster" or ctx.n_keep >= ctx.tokens.shape[1]:
+    if order == "raster" or ctx.n_keep >= ctx.tokens.shape[1]:
         return random_select(ctx)
     return shuffled_selection(ctx.tokens, random_draw(ctx))
 

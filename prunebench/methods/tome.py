@@ -13,9 +13,10 @@ encoder layer's own attention mask (SDPA stays on). The math is in `tome_ops.py`
 
 from __future__ import annotations
 
+from prunebench.checks import Kind
 from prunebench.methods.base import METHODS, MethodSpec, Positions, Stage
-from prunebench.methods.evoprune_ops import layer_schedule
-from prunebench.methods.tome_ops import tome_merge
+from prunebench.methods.evoprune_ops import MERGE_POINTS, layer_schedule
+from prunebench.methods.tome_ops import SCORE_DTYPES, tome_merge
 
 METHODS.add(
     "tome",
@@ -32,6 +33,7 @@ METHODS.add(
         rounding="sum of r_l = N - round(keep*N) (n_keep_for, half up); per-layer r_l by largest remainder",
         positions=Positions.CONTIGUOUS,  # merged tokens enter the LLM as a shorter image run
         defaults={"schedule": "mean", "prop_attn": True, "merge_point": "attention", "score_dtype": "model"},
+        kinds={"score_dtype": Kind("str", choices=SCORE_DTYPES), "merge_point": Kind("str", choices=MERGE_POINTS)},
         deviations=(
             "budget: sum of r_l = N - round(keep*N) exactly, by the `mean` schedule (largest-remainder "
             "integers, excess over a layer's 50% cap moved to an earlier layer); ToMe uses one constant r",

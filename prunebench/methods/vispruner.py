@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from prunebench.checks import Kind
 from prunebench.errors import UserError
 from prunebench.methods.base import Positions, SelectContext, Stage, register_method
 from prunebench.methods.cls_ops import vispruner_select
 from prunebench.methods.cls_signal import CLS_DEVIATIONS
+from prunebench.methods.tome_ops import SCORE_DTYPES
 
 
 @register_method(
@@ -26,6 +28,7 @@ from prunebench.methods.cls_signal import CLS_DEVIATIONS
     rounding="T = round(keep*N) per image (n_keep_for, half up, >= 1); T_imp = int(T * important_ratio)",
     positions=Positions.CONTIGUOUS,  # pruned in prepare_inputs_labels_for_multimodal: positions close up
     defaults={"important_ratio": 0.5, "vision_layer": None, "score_dtype": "model"},
+    kinds={"score_dtype": Kind("str", choices=SCORE_DTYPES)},
     deviations=(
         "score_dtype=fp32 (option; default `model`, the official arithmetic in the model's dtype) upcasts the "
         "duplication cosine to float32, which changes the kept set under fp16/bf16",
@@ -44,8 +47,6 @@ def vispruner(ctx: SelectContext, important_ratio: float = 0.5, vision_layer: in
     if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)) \
             or not 0.0 <= important_ratio < 1.0:
         raise UserError(f"vispruner: important_ratio must be a number in [0, 1) (e.g. 0.5, 0.75), got {important_ratio!r}")
-    if score_dtype not in ("model", "fp32"):
-        raise UserError(f"vispruner: score_dtype must be model or fp32, got {score_dtype!r}")
     attention, features = ctx.signals["cls_attention"], ctx.signals["vision_features"]
     return torch.stack([vispruner_select(a, f, ctx.n_keep, float(important_ratio),
                                          score_dtype == "fp32")
