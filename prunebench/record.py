@@ -15,7 +15,9 @@ Fields (schema_version 1):
                    (means; optional, absent for single-stage methods)
                    intra-LLM: llm_schedule ([layer K_s, mean visual tokens from K_s on] per stage)
   timing           total_s, vision_s, method_s, prefill_s, decode_s: sums over samples;
-                   median: the same per sample, medians; n_timed, warmup (samples run untimed first);
+                   median: the same per sample, medians, and ttft_s (generate entry -> first token's
+                   logits) and tpot_s (decode_s per decode step) medians; n_new_tokens (sum) and
+                   median_new_tokens; n_timed, warmup (samples run untimed first);
                    clock ("cuda_events" | "perf_counter")
   memory           peak_gpu_bytes (max over samples) or None on CPU
   predictions      file name of the per-sample predictions (JSON lines) beside the record
@@ -40,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -52,6 +55,10 @@ RECORD_NAME = "record.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 LOCK_NAME = ".lock"
 TIMED_FIELDS = ("total_s", "vision_s", "method_s", "prefill_s", "decode_s")
+# Per-sample latencies summarised by their medians only (a sum of them means nothing): time to first token
+# (generate entry -> first token's logits) and time per output token (decode_s / decode steps; null with one
+# generated token)
+LATENCY_FIELDS = ("ttft_s", "tpot_s")
 
 
 @dataclass
@@ -98,6 +105,20 @@ class RunRecord:
         if version != SCHEMA_VERSION:
             raise ValueError(f"record schema_version {version} is not {SCHEMA_VERSION}")
         return cls(**data)
+
+
+def timing_summary(rows: list[dict[str, Any]], clock: str) -> dict[str, Any]:
+    """The record's `timing` from per-sample rows: sums and medians of the stage times, medians of the
+    latencies, and the generated-token count (a field that older rows lack is summarised over the rest)."""
+    def seen(values: list[Any]) -> list[float]:
+        return [v for v in values if v is not None]
+
+    times = {f: seen([r["timing"].get(f) for r in rows]) for f in (*TIMED_FIELDS, *LATENCY_FIELDS)}
+    tokens = seen([r.get("n_new_tokens") for r in rows])
+    return {**{f: sum(times[f]) for f in TIMED_FIELDS if times[f]},
+            "median": {f: statistics.median(v) for f, v in times.items() if v},
+            "n_timed": len(rows), "clock": clock,
+            "n_new_tokens": sum(tokens), "median_new_tokens": statistics.median(tokens) if tokens else None}
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

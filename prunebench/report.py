@@ -26,7 +26,7 @@ from prunebench.record import RECORD_NAME, RunRecord, load_record
 
 DEFAULT_ROOT = Path("results")
 FORMATS = {"markdown": "pipe", "github": "github", "plain": "plain"}
-TIMING_COLUMNS = ("vision_s", "method_s", "prefill_s", "decode_s", "total_s")
+TIMING_COLUMNS = ("vision_s", "method_s", "prefill_s", "decode_s", "total_s", "ttft_s", "tpot_s")
 DASH = "—"
 
 # (keep, method, method_params as sorted JSON): one table row

@@ -31,12 +31,12 @@ from prunebench.record import (
     LOCK_NAME,
     PREDICTIONS_NAME,
     RECORD_NAME,
-    TIMED_FIELDS,
     RunRecord,
     load_record,
     now,
     read_jsonl,
     save_record,
+    timing_summary,
     versions,
 )
 from prunebench.stages import Installation, install, planned_stages
@@ -422,6 +422,7 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
         output = model.generate(**inputs, generation_config=gen)
         timer.stop("total")
     seconds, forwards = timer.seconds(), timer.spans("forward")
+    decode_s = sum(forwards[1:])
     prompt_len = inputs["input_ids"].shape[1]
     text = tok.decode(output[0, prompt_len:], skip_special_tokens=True).strip()
     entry = inst.state.entry
@@ -429,7 +430,8 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
         "text": text,
         "timing": {"total_s": seconds.get("total", 0.0), "vision_s": seconds.get("vision", 0.0),
                    "method_s": seconds.get("method", 0.0), "prefill_s": forwards[0] if forwards else 0.0,
-                   "decode_s": sum(forwards[1:])},
+                   "decode_s": decode_s, "ttft_s": timer.first_to_first("total", "forward"),
+                   "tpot_s": decode_s / (len(forwards) - 1) if len(forwards) > 1 else None},
         "n_new_tokens": int(output.shape[1] - prompt_len),
         "prompt_len": prompt_len,
         "llm_prompt_len": prompt_len if entry is None else int(entry.index.shape[1]),
@@ -446,7 +448,7 @@ def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loa
     if ok:
         scored = dataset.score(ok)
         record.score, record.metrics = scored.score, scored.metrics
-        record.timing = _timing(ok, loaded)
+        record.timing = timing_summary(ok, "cuda_events" if loaded.device.type == "cuda" else "perf_counter")
         record.tokens = _tokens(ok)
         peaks = [r["peak_gpu_bytes"] for r in ok if r.get("peak_gpu_bytes") is not None]
         record.memory = {"peak_gpu_bytes": max(peaks) if peaks else None}
@@ -454,13 +456,6 @@ def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loa
         record.notes.append("keep*N rounded to 0 visual tokens: 1 token was kept instead")
     record.status = "complete"
     record.finished_at = now()
-
-
-def _timing(rows: list[dict[str, Any]], loaded: LoadedModel) -> dict[str, Any]:
-    sums = {f: sum(r["timing"][f] for r in rows) for f in TIMED_FIELDS}
-    medians = {f: statistics.median(r["timing"][f] for r in rows) for f in TIMED_FIELDS}
-    clock = "cuda_events" if loaded.device.type == "cuda" else "perf_counter"
-    return {**sums, "median": medians, "n_timed": len(rows), "clock": clock}
 
 
 def _tokens(rows: list[dict[str, Any]]) -> dict[str, Any]:

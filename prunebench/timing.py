@@ -63,6 +63,18 @@ class Timer:
         return [b - a for a, b in self._spans[name]]  # type: ignore[operator]
 
 
+    def first_to_first(self, begin: str, end: str) -> float | None:
+        """Seconds from the first opening of span `begin` to the first closing of span `end` (None when
+        either never ran): from `generate` entry to the first token's logits is the time to first token."""
+        if not self._spans.get(begin) or not self._spans.get(end):
+            return None
+        a, b = self._spans[begin][0][0], self._spans[end][0][1]
+        if self.cuda:
+            torch.cuda.synchronize()
+            return a.elapsed_time(b) / 1e3  # type: ignore[attr-defined]
+        return b - a  # type: ignore[operator]
+
+
 class NullTimer(Timer):
     """A timer that records nothing (for `install` used outside the runner)."""
 

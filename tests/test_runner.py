@@ -14,7 +14,7 @@ from prunebench import (
 )
 from prunebench.cli import CONFIG_DIR
 from prunebench.errors import UserError
-from prunebench.record import SCHEMA_VERSION, TIMED_FIELDS, load_record
+from prunebench.record import LATENCY_FIELDS, SCHEMA_VERSION, TIMED_FIELDS, load_record
 
 
 def config(tiny_path: Path, results: Path, *overrides: str):
@@ -37,13 +37,35 @@ def test_record_is_complete_and_honest(tiny_path, tmp_path):
     assert rec.tokens["n_visual_in"] == 36 and rec.tokens["n_visual_out"] == 9
     assert rec.tokens["llm_prompt_len"] == rec.tokens["prompt_len"] - 27
     assert all(rec.timing[f] >= 0 for f in TIMED_FIELDS) and rec.timing["prefill_s"] > 0
-    assert set(rec.timing["median"]) == set(TIMED_FIELDS) and rec.timing["clock"] == "perf_counter"
+    assert set(TIMED_FIELDS) | {"ttft_s"} <= set(rec.timing["median"]) <= set(TIMED_FIELDS) | set(LATENCY_FIELDS)
+    assert rec.timing["clock"] == "perf_counter"
     assert not rec.accuracy_meaningful and "noise" in rec.notes[0]
     assert 0 <= rec.score <= 100 and set(rec.metrics) <= {"background", "existence", "count", "color", "position"}
     assert rec.versions["transformers"] and rec.config["keep"] == 0.25 and rec.method_card["source"]
     rows = lines(path.parent / rec.predictions)
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
     assert all(r["n_visual_out"] == 9 and r["error"] is None for r in rows)
+
+
+def test_time_to_first_token_and_per_output_token(tiny_path, tmp_path):
+    """TTFT runs from generate entry to the first token's logits: it holds the prefill forward (vision and
+    method inside it) and lies within the whole call; TPOT times each decode step; the record gives the
+    generated-token count and the latencies' medians."""
+    import statistics
+
+    path = runner.run(config(tiny_path, tmp_path, "method=fastv", "keep=0.25", "dataset.max_new_tokens=4"),
+                      quiet=True)
+    rec = load_record(path)
+    rows = lines(path.parent / rec.predictions)
+    for r in rows:
+        t = r["timing"]
+        assert t["prefill_s"] <= t["ttft_s"] <= t["total_s"]
+        if r["n_new_tokens"] > 1:
+            assert t["tpot_s"] == pytest.approx(t["decode_s"] / (r["n_new_tokens"] - 1))
+        else:
+            assert t["tpot_s"] is None
+    assert rec.timing["median"]["ttft_s"] == statistics.median(r["timing"]["ttft_s"] for r in rows)
+    assert rec.timing["n_new_tokens"] == sum(r["n_new_tokens"] for r in rows)
 
 
 def test_vision_stage_record_has_schedule(tiny_path, tmp_path):

@@ -9,7 +9,6 @@ over all samples and per-rank figures kept.
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -19,7 +18,7 @@ from typing import Any
 from prunebench.bridge import guard, naming, scores, tsv
 from prunebench.bridge.isolate import contained, scoped_env, vlmeval_api
 from prunebench.errors import UserError
-from prunebench.record import PREDICTIONS_NAME
+from prunebench.record import PREDICTIONS_NAME, timing_summary
 
 JUDGE_ENV = "OPENAI_API_KEY"
 
@@ -163,20 +162,12 @@ def build_vlmeval_dataset(api: Any, data: BridgeData, work: Path | None = None) 
     return dataset
 
 
-def _timing(rows: list[dict[str, Any]], clock: str) -> dict[str, Any]:
-    from prunebench.record import TIMED_FIELDS
-
-    sums = {f: sum(r["timing"][f] for r in rows) for f in TIMED_FIELDS}
-    medians = {f: statistics.median(r["timing"][f] for r in rows) for f in TIMED_FIELDS}
-    return {**sums, "median": medians, "n_timed": len(rows), "clock": clock}
-
-
 def merged_timing(rows_by_rank: Mapping[int, list[dict[str, Any]]], clock: str) -> dict[str, Any]:
     """Sums and medians over every sample of every rank; per-rank figures kept when there are several."""
     every = [r for rows in rows_by_rank.values() for r in rows]
-    timing = _timing(every, clock) if every else {}
+    timing = timing_summary(every, clock) if every else {}
     if len(rows_by_rank) > 1:
-        timing["per_rank"] = {str(k): _timing(v, clock) for k, v in sorted(rows_by_rank.items()) if v}
+        timing["per_rank"] = {str(k): timing_summary(v, clock) for k, v in sorted(rows_by_rank.items()) if v}
     return timing
 
 
