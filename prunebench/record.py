@@ -19,7 +19,9 @@ Fields (schema_version 1):
                    logits) and tpot_s (decode_s per decode step) medians; n_new_tokens (sum) and
                    median_new_tokens; n_timed, warmup (samples run untimed first);
                    clock ("cuda_events" | "perf_counter")
-  memory           peak_gpu_bytes (max over samples) or None on CPU
+  memory           peak_gpu_bytes (max over samples) or None on CPU; kv_bytes_prefill / kv_bytes_end: the
+                   key/value bytes the cache object holds after the prefill forward and when generate
+                   returns (means per sample, summed over layers), kv_layer_bytes_prefill / _end per layer
   predictions      file name of the per-sample predictions (JSON lines) beside the record
   method_card      stage, params, position policy, source, stated deviations; pipelines also
                    stages (each stage's card plus its keep)
@@ -119,6 +121,19 @@ def timing_summary(rows: list[dict[str, Any]], clock: str) -> dict[str, Any]:
             "median": {f: statistics.median(v) for f, v in times.items() if v},
             "n_timed": len(rows), "clock": clock,
             "n_new_tokens": sum(tokens), "median_new_tokens": statistics.median(tokens) if tokens else None}
+
+
+def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record's `memory` from per-sample rows: the peak GPU bytes, and the KV-cache bytes after prefill and
+    at the end of decoding, summed over layers and per layer (means per sample; rows without them left out)."""
+    peaks = [r["peak_gpu_bytes"] for r in rows if r.get("peak_gpu_bytes") is not None]
+    out: dict[str, Any] = {"peak_gpu_bytes": max(peaks) if peaks else None}
+    for when in ("prefill", "end"):
+        layers = [r[f"kv_layer_bytes_{when}"] for r in rows if r.get(f"kv_layer_bytes_{when}")]
+        if layers and len({len(x) for x in layers}) == 1:
+            per_layer = [statistics.fmean(column) for column in zip(*layers, strict=True)]
+            out[f"kv_bytes_{when}"], out[f"kv_layer_bytes_{when}"] = sum(per_layer), per_layer
+    return out
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from prunebench.checks import check_options, check_params, yaml_defaults
 from prunebench.data.datasets import Dataset, Item, build_dataset
 from prunebench.errors import UserError
-from prunebench.measure import instrument
+from prunebench.measure import instrument, kv_cache_bytes, prefill_cache_bytes
 from prunebench.methods import ResolvedMethod, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
 from prunebench.models.loader import LoadedModel, decoder_layer_count, load_model, resolve_device
@@ -33,6 +33,7 @@ from prunebench.record import (
     RECORD_NAME,
     RunRecord,
     load_record,
+    memory_summary,
     now,
     read_jsonl,
     save_record,
@@ -417,10 +418,11 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
     if cuda:
         torch.cuda.reset_peak_memory_stats(loaded.device)
     timer.reset()
-    with torch.inference_mode():
+    with torch.inference_mode(), prefill_cache_bytes(model) as kv:
         timer.start("total")
         output = model.generate(**inputs, generation_config=gen)
         timer.stop("total")
+    kv_end = kv_cache_bytes(kv.get("cache"))
     seconds, forwards = timer.seconds(), timer.spans("forward")
     decode_s = sum(forwards[1:])
     prompt_len = inputs["input_ids"].shape[1]
@@ -439,6 +441,7 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
         **({"vision_merge_schedule": list(inst.schedule)} if inst.schedule is not None else {}),
         **({"stages": inst.stage_counts} if inst.stages else {}),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
+        "kv_layer_bytes_prefill": kv.get("prefill", []), "kv_layer_bytes_end": kv_end,
     }
 
 
@@ -450,8 +453,7 @@ def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loa
         record.score, record.metrics = scored.score, scored.metrics
         record.timing = timing_summary(ok, "cuda_events" if loaded.device.type == "cuda" else "perf_counter")
         record.tokens = _tokens(ok)
-        peaks = [r["peak_gpu_bytes"] for r in ok if r.get("peak_gpu_bytes") is not None]
-        record.memory = {"peak_gpu_bytes": max(peaks) if peaks else None}
+        record.memory = memory_summary(ok)
     if any(r.get("clamped_to_one") for r in ok):
         record.notes.append("keep*N rounded to 0 visual tokens: 1 token was kept instead")
     record.status = "complete"

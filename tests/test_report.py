@@ -255,3 +255,9 @@ def test_one_model_setting_is_one_plain_section(tmp_path: Path) -> None:
     key = {"model": {"name": "llava", "dtype": "float16"}, "device": "cuda"}
     text = report.render(report.collect(write(tmp_path, vanilla(key=key), make(key=key))))
     assert [line for line in text.splitlines() if line.startswith("## ")] == ["## llava"]
+
+
+def test_kv_column_is_vanilla_over_method_kv_bytes_after_prefill(tmp_path: Path) -> None:
+    write(tmp_path, vanilla(memory={"kv_bytes_prefill": 4000.0}), make(memory={"kv_bytes_prefill": 1000.0}),
+          make(method="random", memory={}))
+    assert column(report.relative_table(report.collect(tmp_path), "llava"), "KV ×") == ["1.00×", "4.00×", "—"]

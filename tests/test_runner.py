@@ -156,3 +156,23 @@ def test_qwen_record_states_the_position_policy(tmp_path, tmp_path_factory):
     assert rec.model == "tiny_qwen25vl" and rec.n_failed == 0
     assert rec.tokens["n_visual_in"] == 16 and rec.tokens["n_visual_out"] == 8
     assert rec.positions == "original" and any("M-RoPE" in n or "multi-axis" in n for n in rec.notes)
+
+
+def test_kv_cache_bytes_follow_the_tokens_entering_the_llm(tiny_path, tmp_path):
+    """KV-cache bytes are read from the cache object: after prefill they are the vanilla bytes scaled by the
+    sequence entering the LLM (a pre-LLM method shortens every layer alike); an intra-LLM method keeps layers
+    below K full; decoding adds one row per generated token but the last."""
+    base = load_record(runner.run(config(tiny_path, tmp_path, "method=vanilla", "keep=1.0"), quiet=True))
+    pre_path = runner.run(config(tiny_path, tmp_path, "method=random_pre", "keep=0.25"), quiet=True)
+    pre = load_record(pre_path)
+    ratio = pre.memory["kv_bytes_prefill"] / base.memory["kv_bytes_prefill"]
+    assert ratio == pytest.approx(pre.tokens["llm_prompt_len"] / base.tokens["llm_prompt_len"])
+    per_layer = pre.memory["kv_layer_bytes_prefill"]
+    assert len(per_layer) == 4 and len(set(per_layer)) == 1
+    for r in lines(pre_path.parent / pre.predictions):
+        grown = sum(r["kv_layer_bytes_end"]) / sum(r["kv_layer_bytes_prefill"])
+        assert grown == pytest.approx((r["llm_prompt_len"] + r["n_new_tokens"] - 1) / r["llm_prompt_len"])
+    fastv = load_record(runner.run(config(tiny_path, tmp_path, "method=fastv", "keep=0.25",
+                                          "method.params.layer=2"), quiet=True))
+    full, pruned = fastv.memory["kv_layer_bytes_prefill"][:2], fastv.memory["kv_layer_bytes_prefill"][2:]
+    assert full == base.memory["kv_layer_bytes_prefill"][:2] and max(pruned) < min(full)
