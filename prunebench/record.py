@@ -19,6 +19,9 @@ Fields (schema_version 1):
                    logits) and tpot_s (decode_s per decode step) medians; n_new_tokens (sum) and
                    median_new_tokens; n_timed, warmup (samples run untimed first);
                    clock ("cuda_events" | "perf_counter")
+  flops            means per sample, FlopCounterMode in a separate untimed pass (prunebench/flops.py): total,
+                   vision, method, llm_prefill (the first decoder-stack call), decode; analytic_llm_prefill
+                   (FastV's count at each layer's real length); n_counted ({} in older records)
   memory           peak_gpu_bytes (max over samples) or None on CPU; kv_bytes_prefill / kv_bytes_end: the
                    key/value bytes the cache object holds after the prefill forward and when generate
                    returns (means per sample, summed over layers), kv_layer_bytes_prefill / _end per layer
@@ -96,6 +99,7 @@ class RunRecord:
     started_at: str = ""
     finished_at: str | None = None
     key: dict[str, Any] = field(default_factory=dict)
+    flops: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

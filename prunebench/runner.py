@@ -23,6 +23,7 @@ from tqdm import tqdm
 from prunebench.checks import check_options, check_params, yaml_defaults
 from prunebench.data.datasets import Dataset, Item, build_dataset
 from prunebench.errors import UserError
+from prunebench.flops import count_flops, flops_summary
 from prunebench.measure import instrument, kv_cache_bytes, prefill_cache_bytes
 from prunebench.methods import ResolvedMethod, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
@@ -428,7 +429,7 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
     prompt_len = inputs["input_ids"].shape[1]
     text = tok.decode(output[0, prompt_len:], skip_special_tokens=True).strip()
     entry = inst.state.entry
-    return {
+    row = {
         "text": text,
         "timing": {"total_s": seconds.get("total", 0.0), "vision_s": seconds.get("vision", 0.0),
                    "method_s": seconds.get("method", 0.0), "prefill_s": forwards[0] if forwards else 0.0,
@@ -443,6 +444,10 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
         "kv_layer_bytes_prefill": kv.get("prefill", []), "kv_layer_bytes_end": kv_end,
     }
+    inst.reseed(reseed)  # the same picks again, counted in a separate untimed pass
+    with torch.inference_mode():
+        row["flops"] = count_flops(lambda: model.generate(**inputs, generation_config=gen), loaded.seams, timer)
+    return row
 
 
 def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loaded: LoadedModel) -> None:
@@ -454,6 +459,7 @@ def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loa
         record.timing = timing_summary(ok, "cuda_events" if loaded.device.type == "cuda" else "perf_counter")
         record.tokens = _tokens(ok)
         record.memory = memory_summary(ok)
+        record.flops = flops_summary(ok)
     if any(r.get("clamped_to_one") for r in ok):
         record.notes.append("keep*N rounded to 0 visual tokens: 1 token was kept instead")
     record.status = "complete"

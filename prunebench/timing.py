@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -19,13 +19,28 @@ import torch
 class Timer:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.cuda = torch.device(device).type == "cuda"
+        self._count: Callable[[], float] | None = None
         self.reset()
 
     def reset(self) -> None:
         self._open: dict[str, object] = {}
         self._spans: dict[str, list[tuple[object, object]]] = defaultdict(list)
 
+    @contextmanager
+    def counting(self, count: Callable[[], float]) -> Iterator[None]:
+        """Inside the block every mark reads `count()` instead of the clock (a FLOP counter's running
+        total), so the same hooks measure FLOPs per span; marks before it are dropped, the clock comes back."""
+        cuda, self.cuda, self._count = self.cuda, False, count
+        self.reset()
+        try:
+            yield
+        finally:
+            self.cuda, self._count = cuda, None
+            self.reset()
+
     def _now(self) -> object:
+        if self._count is not None:
+            return self._count()
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()

@@ -18,6 +18,7 @@ from typing import Any
 from prunebench.bridge import guard, naming, scores, tsv
 from prunebench.bridge.isolate import contained, scoped_env, vlmeval_api
 from prunebench.errors import UserError
+from prunebench.flops import flops_summary
 from prunebench.record import PREDICTIONS_NAME, memory_summary, timing_summary
 
 JUDGE_ENV = "OPENAI_API_KEY"
@@ -343,6 +344,7 @@ def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[d
     record.timing = merged_timing(rows_by_rank, clock)
     record.tokens = _tokens(every) if every else {}
     record.memory = memory_summary(every)
+    record.flops = flops_summary(every)
     record.benchmark = {"backend": "vlmeval", "vlmeval_dataset": data.name, "scored_as": data.base,
                         "model_name": model_name_for(job), "score_mapping": data.score,
                         "judge": (data.judge or {}).get("model", "exact_matching"),

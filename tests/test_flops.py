@@ -1,0 +1,69 @@
+"""FLOPs per stage: FlopCounterMode in an untimed pass, beside FastV's analytic count at each layer's length."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from prunebench import (
+    methods,  # noqa: F401
+    runner,
+)
+from prunebench.cli import CONFIG_DIR
+from prunebench.flops import layer_flops
+from prunebench.record import load_record
+from prunebench.timing import Timer
+
+
+def run(tiny_path: Path, results: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny_llava", "dataset=shapes", f"model.path={tiny_path}",
+                                           f"results_dir={results}", "limit=3", "device=cpu", "baseline=false",
+                                           "dataset.image_size=48", *overrides])
+    path = runner.run(cfg, quiet=True)
+    rec = load_record(path)
+    return rec, [json.loads(x) for x in (path.parent / rec.predictions).read_text().splitlines()]
+
+
+def test_layer_formula_is_fastv_with_the_models_shapes():
+    """4nd² + 2n²d + 2ndm multiply-adds for MHA and a 2-matrix MLP; GQA shrinks k/v; a gated MLP has 3."""
+    n, d, m = 10, 8, 32
+    assert layer_flops(n, d, d, m, 2) == 2 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    assert layer_flops(n, d, d // 4, m, 3) == 2 * (2 * n * d * d + 2 * n * d * d // 4 + 2 * n * n * d + 3 * n * d * m)
+
+
+def test_measured_prefill_matches_the_analytic_count_and_pruning_shrinks_both(tiny_path, tmp_path):
+    vanilla, v_rows = run(tiny_path, tmp_path, "method=vanilla", "keep=1.0")
+    pruned, p_rows = run(tiny_path, tmp_path, "method=random_pre", "keep=0.25")
+    for rows in (v_rows, p_rows):
+        for r in rows:
+            f = r["flops"]
+            assert f["llm_prefill"] == pytest.approx(f["analytic_llm_prefill"], rel=0.01)
+            assert f["total"] >= f["vision"] + f["llm_prefill"] + f["decode"] and f["vision"] > 0
+            assert f["layer_lengths"] == [r["llm_prompt_len"]] * len(f["layer_lengths"])
+    measured = pruned.flops["llm_prefill"] / vanilla.flops["llm_prefill"]
+    analytic = pruned.flops["analytic_llm_prefill"] / vanilla.flops["analytic_llm_prefill"]
+    assert measured == pytest.approx(analytic, rel=0.10) and measured < 0.6
+    assert pruned.flops["vision"] == vanilla.flops["vision"]  # a pre-LLM method leaves the encoder alone
+
+
+def test_intra_llm_method_is_counted_at_each_layers_length(tiny_path, tmp_path):
+    rec, rows = run(tiny_path, tmp_path, "method=fastv", "keep=0.25", "method.params.layer=2")
+    for r in rows:
+        lengths = r["flops"]["layer_lengths"]
+        assert lengths[:2] == [r["prompt_len"]] * 2 and lengths[2:] == [r["prompt_len"] - 27] * (len(lengths) - 2)
+    assert rec.flops["method"] > 0 and rec.flops["n_counted"] == 3
+
+
+def test_counting_leaves_the_clock_as_it_was():
+    timer, count = Timer("cpu"), iter(range(0, 100, 10))
+    with timer.counting(lambda: next(count)):
+        with timer.span("llm"):
+            pass
+        assert timer.spans("llm") == [10]
+    with timer.span("x"):
+        pass
+    assert timer.spans("llm") == [] and 0 <= timer.spans("x")[0] < 1
