@@ -211,6 +211,11 @@ def _kv_prefill(recs: list[RunRecord]) -> float | None:
     return _mean([float(v) for v in values if v])
 
 
+def _prefill_flops(recs: list[RunRecord]) -> float | None:
+    values = [(r.flops or {}).get("vision", 0) + (r.flops or {}).get("llm_prefill", 0) for r in recs]
+    return _mean([float(v) for v in values if v])
+
+
 def _speedup(by_ds: dict[str, list[RunRecord]], base: dict[str, list[RunRecord]],
              measure: Callable[[list[RunRecord]], float | None] = _median_prefill) -> float | None:
     """Geometric mean over datasets of vanilla's measure / this row's (median prefill time by default)."""
@@ -301,10 +306,11 @@ def _table_row(key: RowKey, by_ds: dict[str, list[RunRecord]], base: dict[str, l
     recs = [r for rs in by_ds.values() for r in rs]
     stage = "/".join(sorted({r.stage for r in recs})) or DASH
     cells = [_score_cell(by_ds[ds], bases.get(ds), is_vanilla) if ds in by_ds else DASH for ds in datasets]
-    speed, kv = _speedup(by_ds, base), _speedup(by_ds, base, _kv_prefill)
+    speed, kv, flops = _speedup(by_ds, base), _speedup(by_ds, base, _kv_prefill), \
+        _speedup(by_ds, base, _prefill_flops)
     return [str(key[0]), _method_cell(key, recs, variants), stage, *cells,
             _avg_cell(by_ds, bases, is_vanilla, len(datasets)), f"{speed:.2f}×" if speed else DASH,
-            f"{kv:.2f}×" if kv else DASH, _tokens_cell(recs)]
+            f"{flops:.2f}×" if flops else DASH, f"{kv:.2f}×" if kv else DASH, _tokens_cell(recs)]
 
 
 def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[list[str]]) -> list[str]:
@@ -313,7 +319,7 @@ def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[lis
              for ds in _datasets(grid) if ds not in has_vanilla]
     lines += [f"vanilla scores 0 on {model} / {ds}: relative scores are undefined"
               for ds in _datasets(grid) if ds in has_vanilla and ds not in bases]
-    if any("†" in row[-4] for row in rows):
+    if any("†" in row[-5] for row in rows):
         lines.append("† Avg is over fewer datasets than the table shows.")
     for (keep, method, _), by_ds in grid.items():
         flags = dict.fromkeys(f for recs in by_ds.values() for r in recs for f in r.flags)
@@ -336,7 +342,7 @@ def relative_table(records: list[RunRecord], model: str, fmt: str = "github") ->
     if floor is not None:  # beside vanilla: the scores a model gets without looking
         at = sum(1 for key in grid if key[1] == "vanilla" and key[0] >= 1.0)
         rows.insert(at, floor)
-    headers = ["keep", "method", "stage", *datasets, "Avg", "prefill ×", "KV ×", "tokens"]
+    headers = ["keep", "method", "stage", *datasets, "Avg", "prefill ×", "FLOPs ×", "KV ×", "tokens"]
     table = tabulate(rows, headers=headers, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
     notes = _notes_under(grid, model, _base_scores(base), rows)
     return "\n\n".join([table, *(["\n".join(notes)] if notes else [])])
@@ -354,7 +360,7 @@ def _floor_row(base: dict[str, list[RunRecord]], datasets: list[str]) -> list[st
         cells.append(f"{_mean(values):.1f}" if values else DASH)
     if all(c == DASH for c in cells):
         return None
-    return [DASH, "blind floor (no visual tokens)", DASH, *cells, DASH, DASH, DASH, "0"]
+    return [DASH, "blind floor (no visual tokens)", DASH, *cells, DASH, DASH, DASH, DASH, "0"]
 
 
 MEASURED_MARGIN = 25.0  # points above the blind floor for a category to count as measured (issue 6)

@@ -261,3 +261,9 @@ def test_kv_column_is_vanilla_over_method_kv_bytes_after_prefill(tmp_path: Path)
     write(tmp_path, vanilla(memory={"kv_bytes_prefill": 4000.0}), make(memory={"kv_bytes_prefill": 1000.0}),
           make(method="random", memory={}))
     assert column(report.relative_table(report.collect(tmp_path), "llava"), "KV ×") == ["1.00×", "4.00×", "—"]
+
+
+def test_flops_column_is_vanilla_over_method_vision_plus_prefill_flops(tmp_path: Path) -> None:
+    write(tmp_path, vanilla(flops={"vision": 100.0, "llm_prefill": 300.0}),
+          make(flops={"vision": 100.0, "llm_prefill": 100.0}), make(method="random", flops={}))
+    assert column(report.relative_table(report.collect(tmp_path), "llava"), "FLOPs ×") == ["1.00×", "2.00×", "—"]
