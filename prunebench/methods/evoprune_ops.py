@@ -335,38 +335,34 @@ def merge_pairs(x: torch.Tensor, size: torch.Tensor, rep: torch.Tensor, src: tor
     mean (ToMe `merge_wavg`), in float32; untouched tokens keep their exact values. Survivors are sorted
     by rep; x [B, T, D], size [B, T], rep [B, T]; protected [B, T] is only reported."""
     b, t, dim = x.shape
-    r = src.shape[1]
-    arange = torch.arange(t, device=x.device).expand(b, t)
-    no_merge = torch.zeros(b, t, dtype=torch.bool, device=x.device)
-    xf, sf = x.float(), size.float()
-    received = no_merge.scatter(1, dst, True)
-    merged = no_merge.scatter(1, src, True)
-    keep = rep.masked_fill(merged, torch.iinfo(rep.dtype).max).sort(dim=-1, stable=True).indices[:, : t - r]
-    # Only the r source rows and their destinations are touched (ToMe's merge_wavg weights and divides the
-    # whole tensor): kept rows are copied once, each destination gets x*size + sum of its sources' x*size,
-    # then / its new size. Untouched tokens keep their exact values.
-    # flat row indices: index_select is the fast CPU copy (gather with an expanded index is ~6x slower)
-    base = torch.arange(b, device=x.device)[:, None] * t
-    flat = xf.reshape(b * t, dim)
-    out, sk = flat.index_select(0, (keep + base).flatten()), sf.gather(1, keep)  # [B*(T-r), D], a copy
-    new_size = sf.scatter_add(1, dst, sf.gather(1, src))
-    old_to_new = torch.full_like(arange, -1).scatter(1, keep, arange[:, : t - r].contiguous())
+    n = t - src.shape[1]
+    merged = torch.zeros(b, t, dtype=torch.bool, device=x.device).scatter_(1, src, True)
+    keep = rep.masked_fill(merged, torch.iinfo(rep.dtype).max).sort(dim=-1, stable=True).indices[:, :n]
+    new_index = torch.arange(n, device=x.device).expand(b, n)
+    old_to_new = torch.full((b, t), -1, device=x.device).scatter_(1, keep, new_index)
     dst_new = old_to_new.gather(1, dst)
-    at = (dst_new + torch.arange(b, device=x.device)[:, None] * (t - r)).flatten()
-    out[at] = out[at] * sk.gather(1, dst_new).flatten()[:, None]
-    out.index_put_((at,), flat.index_select(0, (src + base).flatten()) * sf.gather(1, src).flatten()[:, None],
-                   accumulate=True)
-    nsk = new_size.gather(1, keep)
-    out[at] = out[at] / nsk.gather(1, dst_new).flatten()[:, None]
-    out = out.view(b, t - r, dim)
-    x_out = out.to(x.dtype)
-    size_out = torch.where(received.gather(1, keep), nsk, sk).to(size.dtype)
+    old_to_new.scatter_(1, src, dst_new)  # merged src tokens point at their dst's new index
 
-    # merged src tokens point at their dst's new index.
-    old_to_new = old_to_new.scatter(1, src, dst_new)
+    sf = size.float()
+    src_size, kept_size = sf.gather(1, src), sf.gather(1, keep)
+    size_out = kept_size.scatter_add(1, dst_new, src_size)  # ToMe: size = merge(size)
+
+    # Only the r sources and their destinations are touched (ToMe's merge_wavg weights and divides the whole
+    # tensor): kept rows are copied once, in x's dtype; each distinct destination becomes (x*size + its
+    # sources' x*size, added in src order) / its new size, in float32. Flat row indices: index_select is the
+    # fast CPU copy (gather with an expanded index is ~6x slower). float64 is rounded to float32 first.
+    row = torch.arange(b, device=x.device)[:, None]
+    fits = torch.promote_types(x.dtype, torch.float32) == torch.float32  # float32 holds x exactly
+    flat = (x if fits else x.float()).reshape(b * t, dim)
+    out = flat.index_select(0, (keep + row * t).view(-1))  # [B*(T-r), D]
+    at, slot = torch.unique(dst_new + row * n, return_inverse=True)  # distinct destinations in out
+    acc = out.index_select(0, at).float() * kept_size.view(-1).index_select(0, at)[:, None]
+    sources = flat.index_select(0, (src + row * t).view(-1)).float() * src_size.view(-1, 1)
+    acc.index_put_((slot.view(-1),), sources, accumulate=True)
+    out.index_copy_(0, at, (acc / size_out.view(-1).index_select(0, at)[:, None]).to(out.dtype))
     return MergeResult(
-        x=x_out,
-        size=size_out,
+        x=out.view(b, n, dim).to(x.dtype),
+        size=size_out.to(size.dtype),
         rep=rep.gather(1, keep),
         old_to_new=old_to_new,
         merged=merged,
