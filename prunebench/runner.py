@@ -344,7 +344,7 @@ def _predict_all(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[It
             install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer) as inst:
         if todo:
             for item in items[: int(cfg.get("warmup", 1))]:
-                _generate(loaded, dataset, item, inst, timer, job.seed)  # untimed warm-up
+                _generate(loaded, dataset, item, inst, timer, job.seed, count=False)  # untimed warm-up
         truncate_torn_tail(path)
         with path.open("a") as sink:
             for item in tqdm(todo, desc=f"{job.method.name} keep={job.keep:g}", disable=quiet or None,
@@ -382,7 +382,7 @@ def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installatio
 
 
 def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,
-              seed: int) -> tuple[str, dict[str, Any]]:
+              seed: int, count: bool = True) -> tuple[str, dict[str, Any]]:
     processor = loaded.processor
     visual = {"type": "video"} if item.frames else {"type": "image"}
     conversation = [{"role": "user", "content": [visual, {"type": "text", "text": item.question}]}]
@@ -393,16 +393,18 @@ def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installat
         kind = "videos" if item.frames else "images"
         raise UserError(f"the processor of model '{loaded.name}' produced no pixels for {kind} "
                         f"(its {kind[:-1]} processor is missing or unsupported here)")
-    extra = generate_timed(loaded, inputs, inst, timer, seed * 1_000_003 + item.index, dataset.max_new_tokens)
+    extra = generate_timed(loaded, inputs, inst, timer, seed * 1_000_003 + item.index, dataset.max_new_tokens,
+                           flops=count)
     return extra.pop("text"), {**extra, "n_frames": len(item.frames) if item.frames else 0}
 
 
 def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: Timer, reseed: int,
-                   max_new_tokens: int) -> dict[str, Any]:
+                   max_new_tokens: int, flops: bool = True) -> dict[str, Any]:
     """Greedy generation of one prepared sample under the installed method, with the stage timings.
 
     -> {"text", "timing", token counts, ...}: the per-sample fields of predictions.jsonl (shared by
-    the built-in runner and the VLMEvalKit bridge, so both time exactly the same thing).
+    the built-in runner and the VLMEvalKit bridge, so both time exactly the same thing). `flops`: count the
+    sample's FLOPs in a second, untimed pass (off for warm-up runs, whose rows are not kept).
     """
     from transformers import GenerationConfig
 
@@ -444,9 +446,10 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
         "kv_layer_bytes_prefill": kv.get("prefill", []), "kv_layer_bytes_end": kv_end,
     }
-    inst.reseed(reseed)  # the same picks again, counted in a separate untimed pass
-    with torch.inference_mode():
-        row["flops"] = count_flops(lambda: model.generate(**inputs, generation_config=gen), loaded.seams, timer)
+    if flops:  # the same picks again, counted in a separate untimed pass
+        inst.reseed(reseed)
+        with torch.inference_mode():
+            row["flops"] = count_flops(lambda: model.generate(**inputs, generation_config=gen), loaded.seams, timer)
     return row
 
 

@@ -225,20 +225,10 @@ def test_vtw_bad_layer_refused_at_install(tiny):
 
 def _llm_entry(tiny, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """inputs_embeds and position ids entering the LLM in a vanilla forward."""
-    seen = {}
+    from conftest import llm_input
 
-    def pre(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"]
-        seen["pos"] = kwargs.get("position_ids")
-
-    handle = tiny.seams.language_model.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            tiny.model(**inputs)
-    finally:
-        handle.remove()
-    pos = seen["pos"] if seen["pos"] is not None else torch.arange(seen["embeds"].shape[1])[None]
-    return seen["embeds"], pos
+    seen = llm_input(tiny, inputs)
+    return seen["embeds"], seen["pos"]
 
 
 def test_vtw_at_layer_0_equals_the_llm_without_visual_rows(tiny):

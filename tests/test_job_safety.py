@@ -69,10 +69,10 @@ def test_ctrl_c_says_what_is_saved(tiny_path, tmp_path, monkeypatch):
     cfg = config(tiny_path, tmp_path, "method=random_pre", "keep=0.5", "warmup=0")
     real = runner._generate
 
-    def interrupted(loaded, dataset, item, *args):
+    def interrupted(loaded, dataset, item, *args, **kwargs):
         if item.index == 2:
             raise KeyboardInterrupt
-        return real(loaded, dataset, item, *args)
+        return real(loaded, dataset, item, *args, **kwargs)
 
     monkeypatch.setattr(runner, "_generate", interrupted)
     with pytest.raises(Interrupted, match=r"interrupted: 2 of 4 samples .* rerun the same command to resume"):

@@ -6,35 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import llm_input
 
 from prunebench.errors import UserError
 from prunebench.methods import resolve_method
 from prunebench.stages import install
-
-
-def llm_input(tiny, inputs, method=None, keep: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
-    """inputs_embeds and position_ids as the first decoder layer receives them (after the entry hook)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def spy(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"].clone()
-        pos = kwargs.get("position_ids")
-        seen["pos"] = torch.arange(seen["embeds"].shape[1])[None] if pos is None else pos.clone()
-
-    def run():
-        handle = tiny.seams.language_model.register_forward_pre_hook(spy, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                tiny.model(**inputs)
-        finally:
-            handle.remove()
-
-    if method is None:
-        run()
-    else:
-        with install(tiny.seams, method, keep=keep, seed=seed):
-            run()
-    return seen
 
 
 def image_block(tiny, inputs) -> tuple[int, int]:

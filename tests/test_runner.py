@@ -87,11 +87,11 @@ def test_crash_then_rerun_resumes_without_duplicates(tiny_path, tmp_path, monkey
     cfg = config(tiny_path, tmp_path, "method=random_intra", "keep=0.5", "warmup=0")
     real, calls = runner._generate, []
 
-    def crashing(loaded, dataset, item, *args):
+    def crashing(loaded, dataset, item, *args, **kwargs):
         calls.append(item.index)
         if item.index == 2:
             raise KeyboardInterrupt  # the process dies mid-run
-        return real(loaded, dataset, item, *args)
+        return real(loaded, dataset, item, *args, **kwargs)
 
     monkeypatch.setattr(runner, "_generate", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -108,10 +108,10 @@ def test_crash_then_rerun_resumes_without_duplicates(tiny_path, tmp_path, monkey
 def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeypatch):
     real = runner._generate
 
-    def flaky(loaded, dataset, item, *args):
+    def flaky(loaded, dataset, item, *args, **kwargs):
         if item.index == 1:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(loaded, dataset, item, *args)
+        return real(loaded, dataset, item, *args, **kwargs)
 
     monkeypatch.setattr(runner, "_generate", flaky)
     cfg = config(tiny_path, tmp_path, "method=divprune", "keep=0.5")

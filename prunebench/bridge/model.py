@@ -47,7 +47,8 @@ class Session:
         from prunebench.runner import generate_timed
 
         for _ in range(self.warmup):
-            generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens)
+            generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens,
+                           flops=False)
         self.warmup = 0
         extra = generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens)
         frames = _n_frames(inputs) if video else 0
