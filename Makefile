@@ -9,7 +9,7 @@ ARGS   ?=
 METHODS ?= random_pre,pooling_pre,divprune,fastervlm,random_intra,fastv,dart
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench lint clean vlmeval-check vlmeval-test probe probe-qwen probe-internvl
+.PHONY: setup demo test sweep report bench bench-throughput lint clean vlmeval-check vlmeval-test probe probe-qwen probe-internvl
 
 setup: $(STAMP)
 
@@ -36,6 +36,9 @@ report: setup
 
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)
+
+bench-throughput: setup  ## samples/s and tokens/s at batch 1 / 4 / 16, vanilla vs pruned (CPU, 1 thread; ~20 min)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_throughput.py $(ARGS)
 
 # The committed probes' recipes (their cards): the LLaVA probe ran the script's defaults; the Qwen2.5-VL and
 # InternVL3 probes, half of A-D and 1200 / 800 E steps (CPU time), the InternVL3 one with length jitter. ARGS come

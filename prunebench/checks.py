@@ -52,6 +52,7 @@ OPTIONS: dict[str, Kind] = {
     "cpu_threads": Kind("int", 0, nullable=True),
     "warmup": Kind("int", 0),
     "batch_size": Kind("int", 1),
+    "control": Kind("int", 0),
     "report": Kind("bool"),
     "wait": Kind("bool"),
 }

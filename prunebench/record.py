@@ -115,16 +115,46 @@ class RunRecord:
 
 def timing_summary(rows: list[dict[str, Any]], clock: str) -> dict[str, Any]:
     """The record's `timing` from per-sample rows: sums and medians of the stage times, medians of the
-    latencies, and the generated-token count (a field that older rows lack is summarised over the rest)."""
+    latencies, the generated-token count, and throughput (a field that older rows lack is summarised over the
+    rest). Rows of one batch (`batch_of`: its first sample's index) share its times: a sum counts each batch
+    once; a median runs over samples (each waited for its whole batch)."""
     def seen(values: list[Any]) -> list[float]:
         return [v for v in values if v is not None]
 
+    once = list({r.get("batch_of", ("row", i)): r for i, r in enumerate(rows)}.values())
     times = {f: seen([r["timing"].get(f) for r in rows]) for f in (*TIMED_FIELDS, *LATENCY_FIELDS)}
+    sums = {f: sum(v) for f in TIMED_FIELDS if (v := seen([r["timing"].get(f) for r in once]))}
     tokens = seen([r.get("n_new_tokens") for r in rows])
-    return {**{f: sum(times[f]) for f in TIMED_FIELDS if times[f]},
+    total = sums.get("total_s")
+    return {**sums,
             "median": {f: statistics.median(v) for f, v in times.items() if v},
-            "n_timed": len(rows), "clock": clock,
-            "n_new_tokens": sum(tokens), "median_new_tokens": statistics.median(tokens) if tokens else None}
+            "n_timed": len(rows), "n_batches": len(once), "clock": clock,
+            "n_new_tokens": sum(tokens), "median_new_tokens": statistics.median(tokens) if tokens else None,
+            "samples_per_s": len(rows) / total if total else None,
+            "tokens_per_s": sum(tokens) / total if total and tokens else None}
+
+
+# Speed ratios from paired timing: vanilla's time / the method's, per field (> 1: the method is faster).
+PAIRED_FIELDS = ("total_s", "prefill_s", "ttft_s", "vision_s")
+
+
+def paired_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record's `timing.paired`: medians over the batches that also ran unpruned in the same process
+    (`control`, interleaved; the order alternates after / before) of vanilla time / method time. `total_s`'s
+    ratio is the throughput ratio at the job's batch size. {} when no sample has a control."""
+    once = list({r.get("batch_of", ("row", i)): r for i, r in enumerate(rows) if r.get("control")}.values())
+    if not once:
+        return {}
+    ratios = {}
+    for f in PAIRED_FIELDS:
+        pairs = [r["control"]["timing"].get(f) / r["timing"][f] for r in once
+                 if r["timing"].get(f) and r["control"]["timing"].get(f)]
+        if pairs:
+            ratios[f] = statistics.median(pairs)
+    return {"n_pairs": len(once), "n_samples": sum(1 for r in rows if r.get("control")),
+            "vanilla_over_method": ratios,
+            "vanilla_median": {f: statistics.median(v) for f in PAIRED_FIELDS
+                               if (v := [r["control"]["timing"][f] for r in once if r["control"]["timing"].get(f)])}}
 
 
 def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -36,12 +36,13 @@ from prunebench.record import (
     load_record,
     memory_summary,
     now,
+    paired_summary,
     read_jsonl,
     save_record,
     timing_summary,
     versions,
 )
-from prunebench.stages import Installation, install, planned_stages
+from prunebench.stages import Installation, batch_refusal, install, planned_stages
 from prunebench.stages.llm import intra_layers_checked
 from prunebench.timing import Timer
 
@@ -69,8 +70,10 @@ class Job:
         limit = cfg.get("limit")
         if limit is not None and int(limit) < 1:
             raise UserError(f"limit must be a positive number of samples, got {limit}")
-        if int(cfg.get("batch_size", 1)) != 1:
-            raise UserError("batch_size > 1 is not supported yet for LLaVA-1.5 runs; use batch_size=1")
+        if int(cfg.get("batch_size", 1)) > 1:
+            refusal = batch_refusal(method)
+            if refusal is not None:
+                raise UserError(f"batch_size={cfg['batch_size']}: {refusal}; use batch_size=1")
         model = str(cfg["model"]["name"])
         if cfg["model"].get("weights") == "random":
             model += "-random"  # never mixed with (or resumed from) pretrained runs
@@ -124,6 +127,9 @@ def run(cfg: Mapping[str, Any], *, quiet: bool = False, wait: bool | None = None
     """Run (or resume, or skip) one job; returns the record path. The job holds a lock on its folder while it
     runs (`wait`: wait for another process holding it instead of refusing; default the `wait` option)."""
     if cfg["dataset"].get("kind") == "vlmeval":  # the optional VLMEvalKit backend
+        if int(cfg.get("batch_size", 1)) != 1:
+            raise UserError(f"batch_size={cfg['batch_size']}: the VLMEvalKit backend asks the model one sample at "
+                            f"a time; use batch_size=1")
         from prunebench.bridge.run import run_vlmeval
 
         return run_vlmeval(cfg, quiet=quiet)
@@ -263,7 +269,7 @@ def _new_record(job: Job, cfg: Mapping[str, Any], loaded: LoadedModel) -> RunRec
         stage=job.method.stage.value, positions=job.method.positions.value, keep=job.keep, seed=job.seed,
         limit=job.limit, method_card=job.method.describe(), config=resolved, versions=versions(),
         device=_device_info(loaded.device), started_at=now(), accuracy_meaningful=loaded.accuracy_meaningful,
-        key=dict(job.key),
+        key=dict(job.key), batch_size=int(cfg.get("batch_size", 1)),
     )
     if loaded.weights == "random":
         record.notes.append("random weights (model.weights=random): accuracy is noise; use this run for latency only")
@@ -340,20 +346,107 @@ def _predict(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item],
 def _predict_all(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[Item], todo: list[Item],
                  rows: dict[int, dict[str, Any]], path: Path, timer: Timer, cfg: Mapping[str, Any],
                  quiet: bool) -> Installation:
-    with instrument(loaded.model, loaded.seams, timer), \
-            install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer) as inst:
+    size = int(cfg.get("batch_size", 1))
+    groups = batches(todo, size)
+    controls = control_batches(len(groups), 0 if job.method.stage is Stage.NONE else
+                               -(-int(cfg.get("control", 0)) // size))
+    method = Reinstallable(loaded, job, timer)
+    with instrument(loaded.model, loaded.seams, timer), method:
+        first = method.on()  # installed (and checked on this model) even when nothing is left to run
         if todo:
-            for item in items[: int(cfg.get("warmup", 1))]:
-                _generate(loaded, dataset, item, inst, timer, job.seed, count=False)  # untimed warm-up
+            warm = items[: int(cfg.get("warmup", 1))]
+            for batch in batches(warm, size):  # untimed warm-up, at the job's batch size
+                _generate(loaded, dataset, batch, method.on(), timer, job.seed, count=False)
+                if controls:
+                    method.off()
+                    _control(loaded, dataset, batch, timer, job.seed)
         truncate_torn_tail(path)
-        with path.open("a") as sink:
-            for item in tqdm(todo, desc=f"{job.method.name} keep={job.keep:g}", disable=quiet or None,
-                             leave=False):
-                row = _sample(loaded, dataset, item, inst, timer, job.seed)
-                sink.write(json.dumps(row) + "\n")
+        with path.open("a") as sink, tqdm(total=len(todo), desc=f"{job.method.name} keep={job.keep:g}",
+                                          disable=quiet or None, leave=False, unit="sample") as bar:
+            for at, batch in enumerate(groups):
+                before = at in controls and controls.index(at) % 2 == 1  # alternate: vanilla first, then after
+                control = None
+                if before:
+                    method.off()
+                    control = _control(loaded, dataset, batch, timer, job.seed, "before")
+                out = _sample(loaded, dataset, batch, method.on(), timer, job.seed)
+                if at in controls and not before:
+                    method.off()
+                    control = _control(loaded, dataset, batch, timer, job.seed, "after")
+                for item, row in zip(batch, out, strict=True):
+                    if control is not None and row.get("error") is None:
+                        row["control"] = control
+                    sink.write(json.dumps(row) + "\n")
+                    rows[item.index] = row
                 sink.flush()
-                rows[item.index] = row
-    return inst
+                bar.update(len(batch))
+    return first
+
+
+class Reinstallable:
+    """The job's method on the model, taken off for a vanilla control and put back (`on()` installs it if it
+    is off). `first` is the first installation (its notes, positions and schedule describe the job); the flags
+    of every installation are gathered there."""
+
+    def __init__(self, loaded: LoadedModel, job: Job, timer: Timer) -> None:
+        self.loaded, self.job, self.timer = loaded, job, timer
+        self.first: Installation | None = None
+        self._cm: Any = None
+        self._inst: Installation | None = None
+
+    def on(self) -> Installation:
+        if self._inst is None:
+            self._cm = install(self.loaded.seams, self.job.method, self.job.keep, seed=self.job.seed, timer=self.timer)
+            self._inst = self._cm.__enter__()
+            if self.first is None:
+                self.first = self._inst
+            else:
+                self._inst.flags = self.first.flags  # one list: a later install's flags reach the record
+        return self._inst
+
+    def off(self) -> None:
+        if self._cm is not None:
+            cm, self._cm, self._inst = self._cm, None, None
+            cm.__exit__(None, None, None)
+
+    def __enter__(self) -> Reinstallable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.off()
+
+
+def control_batches(n_batches: int, n_controls: int) -> list[int]:
+    """Positions of the batches that also run unpruned: n_controls of n_batches, spread evenly from the first."""
+    n = min(n_batches, n_controls)
+    return sorted({i * n_batches // n for i in range(n)}) if n else []
+
+
+def _control(loaded: LoadedModel, dataset: Dataset, batch: list[Item], timer: Timer, seed: int,
+             order: str = "warm-up") -> dict[str, Any] | None:
+    """The batch again without the method (vanilla), timed exactly as the job's own samples: the paired
+    control behind the record's speed ratios. None when it fails (the sample's own row is unaffected)."""
+    reseeds = [seed * 1_000_003 + item.index for item in batch]
+    try:
+        with install(loaded.seams, resolve_method("vanilla"), 1.0, seed=seed, timer=timer) as vanilla:
+            out = generate_batch_timed(loaded, _inputs(loaded, batch), vanilla, timer, reseeds,
+                                       dataset.max_new_tokens, flops=False)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a control that fails is left out of the pairs
+        return None
+    return {"timing": out[0]["timing"], "order": order, "n_new_tokens": [r["n_new_tokens"] for r in out]}
+
+
+def batches(items: list[Item], size: int) -> list[list[Item]]:
+    """Consecutive groups of at most `size` samples; a group never mixes image and video samples."""
+    out: list[list[Item]] = []
+    for item in items:
+        if out and len(out[-1]) < size and bool(out[-1][-1].frames) == bool(item.frames):
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
 
 
 def truncate_torn_tail(path: Path) -> None:
@@ -366,36 +459,58 @@ def truncate_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def _sample(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,
-            seed: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"index": item.index, "category": item.category, "question": item.question,
-                           "answer": item.answer}
+def _sample(loaded: LoadedModel, dataset: Dataset, batch: list[Item], inst: Installation, timer: Timer,
+            seed: int) -> list[dict[str, Any]]:
+    """The prediction rows of one batch of samples. A batch that fails is retried one sample at a time, so a
+    failing sample is recorded with its error and the others still run (their rows say batch_size 1)."""
+    base = [{"index": it.index, "category": it.category, "question": it.question, "answer": it.answer}
+            for it in batch]
     try:
-        text, extra = _generate(loaded, dataset, item, inst, timer, seed)
+        outs = _generate(loaded, dataset, batch, inst, timer, seed)
     except UserError:
         raise  # the whole job is wrong, not this sample
     except Exception as err:  # recorded with the sample; rerunning the command retries it
-        row.update(error=f"{type(err).__name__}: {err}", prediction=None, correct=False)
-        return row
-    row.update(prediction=text, correct=dataset.is_correct(text, item), error=None, **extra)
-    return row
+        if len(batch) > 1:
+            return [row for item in batch for row in _sample(loaded, dataset, [item], inst, timer, seed)]
+        base[0].update(error=f"{type(err).__name__}: {err}", prediction=None, correct=False)
+        return base
+    for row, item, (text, extra) in zip(base, batch, outs, strict=True):
+        row.update(prediction=text, correct=dataset.is_correct(text, item), error=None, **extra)
+        if len(batch) > 1:  # the rows of one batch share its timings (summed once in the record)
+            row["batch_of"] = batch[0].index
+    return base
 
 
-def _generate(loaded: LoadedModel, dataset: Dataset, item: Item, inst: Installation, timer: Timer,
-              seed: int, count: bool = True) -> tuple[str, dict[str, Any]]:
+def _generate(loaded: LoadedModel, dataset: Dataset, batch: list[Item], inst: Installation, timer: Timer,
+              seed: int, count: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    reseeds = [seed * 1_000_003 + item.index for item in batch]
+    inputs = _inputs(loaded, batch)
+    singles = [_inputs(loaded, [item]) for item in batch] if count and len(batch) > 1 else None
+    outs = generate_batch_timed(loaded, inputs, inst, timer, reseeds, dataset.max_new_tokens,
+                                flops=singles if singles is not None else count)
+    return [(out.pop("text"), {**out, "n_frames": len(item.frames) if item.frames else 0})
+            for out, item in zip(outs, batch, strict=True)]
+
+
+def _inputs(loaded: LoadedModel, batch: list[Item]) -> Any:
+    """The processor's tensors for a batch of samples (several: left-padded, as generation needs)."""
     processor = loaded.processor
-    visual = {"type": "video"} if item.frames else {"type": "image"}
-    conversation = [{"role": "user", "content": [visual, {"type": "text", "text": item.question}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    media = {"videos": [list(item.frames)]} if item.frames else {"images": item.image}
-    inputs = processor(text=prompt, return_tensors="pt", **media).to(loaded.device)
+    video = bool(batch[0].frames)
+    visual = {"type": "video"} if video else {"type": "image"}
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [visual, {"type": "text", "text": item.question}]}], add_generation_prompt=True)
+        for item in batch]
+    if len(batch) == 1:  # exactly the single-sample call, no padding arguments
+        media = {"videos": [list(batch[0].frames)]} if video else {"images": batch[0].image}
+        inputs = processor(text=prompts[0], return_tensors="pt", **media)
+    else:
+        media = {"videos": [list(it.frames) for it in batch]} if video else {"images": [it.image for it in batch]}
+        inputs = processor(text=prompts, return_tensors="pt", padding=True, padding_side="left", **media)
     if not any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
-        kind = "videos" if item.frames else "images"
+        kind = "videos" if video else "images"
         raise UserError(f"the processor of model '{loaded.name}' produced no pixels for {kind} "
                         f"(its {kind[:-1]} processor is missing or unsupported here)")
-    extra = generate_timed(loaded, inputs, inst, timer, seed * 1_000_003 + item.index, dataset.max_new_tokens,
-                           flops=count)
-    return extra.pop("text"), {**extra, "n_frames": len(item.frames) if item.frames else 0}
+    return inputs.to(loaded.device)
 
 
 def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: Timer, reseed: int,
@@ -405,6 +520,18 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
     -> {"text", "timing", token counts, ...}: the per-sample fields of predictions.jsonl (shared by
     the built-in runner and the VLMEvalKit bridge, so both time exactly the same thing). `flops`: count the
     sample's FLOPs in a second, untimed pass (off for warm-up runs, whose rows are not kept).
+    """
+    return generate_batch_timed(loaded, inputs, inst, timer, [reseed], max_new_tokens, flops=flops)[0]
+
+
+def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: Timer, reseeds: list[int],
+                         max_new_tokens: int, flops: bool | list[Any] = True) -> list[dict[str, Any]]:
+    """Greedy generation of a prepared batch (B rows, left-padded when B > 1), one row dict per sample.
+
+    Times are the batch's (what each of its samples waits for: `batch_size` says how many shared it); token
+    counts are the row's own; KV bytes are the row's share of the batch's cache (1/B, padding included).
+    `flops`: True counts the batch (B = 1) in a second untimed pass; a list of single-sample inputs counts each
+    sample alone, so a sample's FLOPs do not depend on its batch; False counts nothing.
     """
     from transformers import GenerationConfig
 
@@ -416,7 +543,8 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                            bos_token_id=tok.bos_token_id)
-    inst.reseed(reseed)
+    b = inputs["input_ids"].shape[0]
+    inst.reseed_rows(reseeds)
     cuda = loaded.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(loaded.device)
@@ -425,32 +553,62 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
         timer.start("total")
         output = model.generate(**inputs, generation_config=gen)
         timer.stop("total")
-    kv_end = kv_cache_bytes(kv.get("cache"))
+    kv_prefill = [n // b for n in kv.get("prefill", [])]
+    kv_end = [n // b for n in kv_cache_bytes(kv.get("cache"))]
     seconds, forwards = timer.seconds(), timer.spans("forward")
     decode_s = sum(forwards[1:])
-    prompt_len = inputs["input_ids"].shape[1]
-    text = tok.decode(output[0, prompt_len:], skip_special_tokens=True).strip()
+    timing = {"total_s": seconds.get("total", 0.0), "vision_s": seconds.get("vision", 0.0),
+              "method_s": seconds.get("method", 0.0), "prefill_s": forwards[0] if forwards else 0.0,
+              "decode_s": decode_s, "ttft_s": timer.first_to_first("total", "forward"),
+              "tpot_s": decode_s / (len(forwards) - 1) if len(forwards) > 1 else None}
+    width = inputs["input_ids"].shape[1]
+    real = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [width] * b
     entry = inst.state.entry
-    row = {
-        "text": text,
-        "timing": {"total_s": seconds.get("total", 0.0), "vision_s": seconds.get("vision", 0.0),
-                   "method_s": seconds.get("method", 0.0), "prefill_s": forwards[0] if forwards else 0.0,
-                   "decode_s": decode_s, "ttft_s": timer.first_to_first("total", "forward"),
-                   "tpot_s": decode_s / (len(forwards) - 1) if len(forwards) > 1 else None},
-        "n_new_tokens": int(output.shape[1] - prompt_len),
-        "prompt_len": prompt_len,
-        "llm_prompt_len": prompt_len if entry is None else int(entry.index.shape[1]),
-        **inst.counts.as_dict(),
-        **({"vision_merge_schedule": list(inst.schedule)} if inst.schedule is not None else {}),
-        **({"stages": inst.stage_counts} if inst.stages else {}),
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated(loaded.device) if cuda else None,
-        "kv_layer_bytes_prefill": kv.get("prefill", []), "kv_layer_bytes_end": kv_end,
-    }
-    if flops:  # the same picks again, counted in a separate untimed pass
-        inst.reseed(reseed)
+    counts = inst.state.row_counts if len(inst.state.row_counts) == b else [inst.counts]
+    peak = torch.cuda.max_memory_allocated(loaded.device) if cuda else None
+    rows = []
+    for row in range(b):
+        new = _generated(output[row, width:], tok.eos_token_id)
+        llm_len = int(real[row]) if entry is None else \
+            int(entry.index.shape[1] - (0 if entry.pad is None else entry.pad[row].sum()))
+        rows.append({
+            "text": tok.decode(new, skip_special_tokens=True).strip(),
+            "timing": dict(timing),
+            "n_new_tokens": int(new.numel()),
+            "prompt_len": int(real[row]),
+            "llm_prompt_len": llm_len,
+            **counts[row].as_dict(),
+            **({"vision_merge_schedule": list(inst.schedule)} if inst.schedule is not None else {}),
+            **({"stages": inst.stage_counts} if inst.stages else {}),
+            "peak_gpu_bytes": peak,
+            "kv_layer_bytes_prefill": kv_prefill, "kv_layer_bytes_end": kv_end,
+            "batch_size": b,
+        })
+    if flops is True and b > 1:
+        raise ValueError("a batch's FLOPs are counted per sample: pass its single-sample inputs")
+    if flops is True:  # the same picks again, counted in a separate untimed pass
+        inst.reseed_rows(reseeds)
         with torch.inference_mode():
-            row["flops"] = count_flops(lambda: model.generate(**inputs, generation_config=gen), loaded.seams, timer)
-    return row
+            rows[0]["flops"] = count_flops(lambda: model.generate(**inputs, generation_config=gen), loaded.seams, timer)
+    elif flops:  # each sample alone, at batch size 1
+        for row, single, reseed in zip(rows, flops, reseeds, strict=True):
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in single:
+                    single[key] = single[key].to(loaded.dtype)
+            inst.reseed_rows([reseed])
+            with torch.inference_mode():
+                row["flops"] = count_flops(lambda single=single: model.generate(**single, generation_config=gen),
+                                           loaded.seams, timer)
+    return rows
+
+
+def _generated(tokens: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:
+    """A row's generated tokens up to and including its first end-of-sequence token (what follows is the
+    padding a batch adds to rows that finished early)."""
+    if eos is None:
+        return tokens
+    stops = torch.isin(tokens, torch.tensor(eos if isinstance(eos, list) else [eos], device=tokens.device))
+    return tokens[: int(stops.nonzero()[0, 0]) + 1] if bool(stops.any()) else tokens
 
 
 def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loaded: LoadedModel) -> None:
@@ -460,6 +618,7 @@ def _finish(record: RunRecord, rows: list[dict[str, Any]], dataset: Dataset, loa
         scored = dataset.score(ok)
         record.score, record.metrics = scored.score, scored.metrics
         record.timing = timing_summary(ok, "cuda_events" if loaded.device.type == "cuda" else "perf_counter")
+        record.timing["paired"] = paired_summary(ok)
         record.tokens = _tokens(ok)
         record.memory = memory_summary(ok)
         record.flops = flops_summary(ok)

@@ -44,12 +44,17 @@ class Tiny:
     seams: Any
     image_side: int
 
-    def inputs(self, question: str = "What color is the background? Answer with one word.", seed: int = 0):
+    def inputs(self, question: str = "What color is the background? Answer with one word.", seed: int = 0,
+               batch: int = 1):
+        """One prompt with one image; batch > 1: that sample repeated in every row of a batch."""
         from prunebench.data.shapes import make_sample
 
         image = make_sample(seed, image_size=self.image_side).image
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = self.processor.apply_chat_template(conv, add_generation_prompt=True)
+        if batch > 1:
+            return self.processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt",
+                                  padding=True, padding_side="left")
         return self.processor(images=image, text=prompt, return_tensors="pt")
 
     def n_visual(self, inputs) -> int:

@@ -14,7 +14,7 @@ import torch
 from prunebench.errors import UserError
 from prunebench.methods import METHODS, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
-from prunebench.stages import install
+from prunebench.stages import batch_refusal, install
 from prunebench.stages.vision_signals import VISION_SIGNALS
 
 # Pipelines (`method=compose`) chain these; their contract is in tests/test_compose.py.
@@ -97,15 +97,15 @@ def layer_lengths(fam, fn) -> list[int]:
 
 
 def fixed_tokens(fam, inputs) -> int:
-    """Visual tokens a family keeps outside the budget (LLaVA-NeXT/OneVision row newlines),
-    counted on the model's own packed features."""
+    """Visual tokens a family keeps outside the budget (LLaVA-NeXT/OneVision row newlines) in row 0's
+    image, counted on the model's own packed features."""
     if fam.seams.always_keep is None:
         return 0
     fn = fam.model.model.get_image_features
     params = inspect.signature(fn).parameters
     with torch.no_grad():
         packed = fn(**{k: v for k, v in inputs.items() if k in params}).pooler_output
-    return int(sum(fam.seams.always_keep(x).sum() for x in packed))
+    return int(fam.seams.always_keep(packed[0]).sum())  # row 0's image (one image per row)
 
 
 def max_vision_merges(fam, n_in: int) -> int:
@@ -120,10 +120,27 @@ def hooks_left(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+# The contract at batch 1 and at batch 2 (the same sample in both rows: every row must get what row 0 gets;
+# tests/test_batch.py checks rows that differ against each sample alone).
+BATCHES = [1, 2]
+
+
+def batchable(name: str, batch: int) -> None:
+    if batch > 1 and batch_refusal(resolve_method(name)) is not None:
+        pytest.skip(f"{name} runs at batch size 1 (refused in one line: tests/test_batch.py)")
+
+
+def assert_rows_agree(inst, batch: int) -> None:
+    """Every row of a batch of identical samples has row 0's counts."""
+    assert len(inst.state.row_counts) == batch and all(c == inst.counts for c in inst.state.row_counts)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", PRUNING)
-def test_keep_one_is_identical_to_vanilla(fam, name):
+def test_keep_one_is_identical_to_vanilla(fam, name, batch):
     require(fam, name)
-    inputs = fam.inputs()
+    batchable(name, batch)
+    inputs = fam.inputs(batch=batch)
     ref_logits, ref_tokens = prefill_logits(fam.model, inputs), generate(fam.model, inputs)
     with install(fam.seams, resolve_method(name), keep=1.0, seed=0):
         logits, tokens = prefill_logits(fam.model, inputs), generate(fam.model, inputs)
@@ -131,12 +148,14 @@ def test_keep_one_is_identical_to_vanilla(fam, name):
     assert torch.equal(tokens, ref_tokens)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("keep", [0.5, 0.111, 0.01])
 @pytest.mark.parametrize("name", PRUNING)
-def test_keep_gives_exact_documented_count(fam, name, keep):
+def test_keep_gives_exact_documented_count(fam, name, keep, batch):
     require(fam, name)
+    batchable(name, batch)
     method = resolve_method(name)
-    inputs = fam.inputs()
+    inputs = fam.inputs(batch=batch)
     full = inputs["input_ids"].shape[1]
     n_in = fam.n_visual(inputs)
     fixed = fixed_tokens(fam, inputs) if method.stage is Stage.PRE_LLM else 0
@@ -175,6 +194,7 @@ def test_keep_gives_exact_documented_count(fam, name, keep):
         n_keep = plan[-1][1]
     assert inst.counts.n_visual_in == n_in and inst.counts.n_visual_out == n_keep
     assert inst.counts.n_fixed == fixed
+    assert_rows_agree(inst, batch)
     assert inst.counts.clamped == clamped
     pruned = full - n_in + n_keep
     if plan is not None:
@@ -222,10 +242,12 @@ def test_model_is_restored_after_removal(fam, fam_path, name):
     assert torch.equal(generate(used.model, inputs), generate(fresh.model, inputs))
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("name", PRUNING)
-def test_deterministic_under_seed(fam, name):
+def test_deterministic_under_seed(fam, name, batch):
     require(fam, name)
-    inputs = fam.inputs()
+    batchable(name, batch)
+    inputs = fam.inputs(batch=batch)
     runs = []
     for _ in range(2):
         with install(fam.seams, resolve_method(name), keep=0.25, seed=7):
@@ -273,11 +295,13 @@ SUFFIX_FREE = [(n, p) for n in PRUNING if SUFFIX_SIGNALS.isdisjoint(METHODS.get(
                for p in ("original", "contiguous")]
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize(("name", "positions"), SUFFIX_FREE)
-def test_cached_decode_matches_full_recompute(fam, name, positions):
+def test_cached_decode_matches_full_recompute(fam, name, positions, batch):
     """KV-cached decode after pruning (masks, positions per policy) == recomputing from scratch."""
     require(fam, name)
-    inputs = fam.inputs()
+    batchable(name, batch)
+    inputs = fam.inputs(batch=batch)
     method = resolve_method(name, positions=positions)
     with install(fam.seams, method, keep=0.25, seed=0) as inst:
         inst.reseed(0)

@@ -69,10 +69,10 @@ def test_ctrl_c_says_what_is_saved(tiny_path, tmp_path, monkeypatch):
     cfg = config(tiny_path, tmp_path, "method=random_pre", "keep=0.5", "warmup=0")
     real = runner._generate
 
-    def interrupted(loaded, dataset, item, *args, **kwargs):
-        if item.index == 2:
+    def interrupted(loaded, dataset, batch, *args, **kwargs):
+        if any(it.index == 2 for it in batch):
             raise KeyboardInterrupt
-        return real(loaded, dataset, item, *args, **kwargs)
+        return real(loaded, dataset, batch, *args, **kwargs)
 
     monkeypatch.setattr(runner, "_generate", interrupted)
     with pytest.raises(Interrupted, match=r"interrupted: 2 of 4 samples .* rerun the same command to resume"):

@@ -87,11 +87,11 @@ def test_crash_then_rerun_resumes_without_duplicates(tiny_path, tmp_path, monkey
     cfg = config(tiny_path, tmp_path, "method=random_intra", "keep=0.5", "warmup=0")
     real, calls = runner._generate, []
 
-    def crashing(loaded, dataset, item, *args, **kwargs):
-        calls.append(item.index)
-        if item.index == 2:
+    def crashing(loaded, dataset, batch, *args, **kwargs):
+        calls.extend(it.index for it in batch)
+        if any(it.index == 2 for it in batch):
             raise KeyboardInterrupt  # the process dies mid-run
-        return real(loaded, dataset, item, *args, **kwargs)
+        return real(loaded, dataset, batch, *args, **kwargs)
 
     monkeypatch.setattr(runner, "_generate", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -105,21 +105,24 @@ def test_crash_then_rerun_resumes_without_duplicates(tiny_path, tmp_path, monkey
     assert sorted(r["index"] for r in lines(job_dir / "predictions.jsonl")) == [0, 1, 2, 3]
 
 
-def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeypatch, batch_size):
+    """A failing batch is retried a sample at a time: only the failing sample is recorded as failed."""
     real = runner._generate
 
-    def flaky(loaded, dataset, item, *args, **kwargs):
-        if item.index == 1:
+    def flaky(loaded, dataset, batch, *args, **kwargs):
+        if any(it.index == 1 for it in batch):
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(loaded, dataset, item, *args, **kwargs)
+        return real(loaded, dataset, batch, *args, **kwargs)
 
     monkeypatch.setattr(runner, "_generate", flaky)
-    cfg = config(tiny_path, tmp_path, "method=divprune", "keep=0.5")
+    cfg = config(tiny_path, tmp_path, "method=divprune", "keep=0.5", f"batch_size={batch_size}")
     rec = load_record(runner.run(cfg, quiet=True))
     assert rec.status == "complete" and rec.n_samples == 4 and rec.n_failed == 1
     predictions = runner.Job.from_config(cfg).directory(tmp_path) / "predictions.jsonl"
     rows = {r["index"]: r for r in lines(predictions)}
     assert "simulated" in rows[1]["error"] and rows[0]["error"] is None
+    assert [rows[i].get("batch_size") for i in (0, 2, 3)] == [1, batch_size, batch_size]
     monkeypatch.setattr(runner, "_generate", real)  # the cause is gone: the rerun retries sample 1 only
     rec = load_record(runner.run(cfg, quiet=True))
     assert rec.n_failed == 0 and [r["index"] for r in lines(predictions)] == [0, 1, 2, 3, 1]
@@ -142,9 +145,11 @@ def test_random_weights_runs_are_kept_apart(tiny_path, tmp_path):
     assert job.model == "tiny_llava-random" and job.directory(tmp_path).parts[-4] == "tiny_llava-random"
 
 
-def test_batch_size_other_than_one_is_refused(tiny_path, tmp_path):
+def test_batch_size_is_in_the_job_key(tiny_path, tmp_path):
+    one, two = (runner.Job.from_config(config(tiny_path, tmp_path, f"batch_size={b}")) for b in (1, 2))
+    assert one.directory(tmp_path) != two.directory(tmp_path)
     with pytest.raises(UserError, match="batch_size"):
-        runner.Job.from_config(config(tiny_path, tmp_path, "batch_size=2"))
+        runner.Job.from_config(config(tiny_path, tmp_path, "batch_size=0"))
 
 
 def test_qwen_record_states_the_position_policy(tmp_path, tmp_path_factory):
@@ -176,3 +181,31 @@ def test_kv_cache_bytes_follow_the_tokens_entering_the_llm(tiny_path, tmp_path):
                                           "method.params.layer=2"), quiet=True))
     full, pruned = fastv.memory["kv_layer_bytes_prefill"][:2], fastv.memory["kv_layer_bytes_prefill"][2:]
     assert full == base.memory["kv_layer_bytes_prefill"][:2] and max(pruned) < min(full)
+
+
+def test_paired_vanilla_control_runs_in_the_same_process(tiny_path, tmp_path):
+    """control=2 of 4 samples: those samples also run unpruned, interleaved (after, then before the method);
+    the record's paired ratios are medians of vanilla / method over exactly those pairs."""
+    import statistics
+
+    path = runner.run(config(tiny_path, tmp_path, "method=random_pre", "keep=0.25", "control=2"), quiet=True)
+    rec = load_record(path)
+    rows = lines(path.parent / "predictions.jsonl")
+    controlled = [r for r in rows if r.get("control")]
+    assert [r["index"] for r in controlled] == [0, 2]
+    assert [r["control"]["order"] for r in controlled] == ["after", "before"]
+    paired = rec.timing["paired"]
+    assert paired["n_pairs"] == 2 and paired["n_samples"] == 2
+    expected = statistics.median(r["control"]["timing"]["prefill_s"] / r["timing"]["prefill_s"] for r in controlled)
+    assert paired["vanilla_over_method"]["prefill_s"] == pytest.approx(expected)
+    # the unpruned control generates what the vanilla job generates
+    vanilla = runner.run(config(tiny_path, tmp_path, "method=vanilla"), quiet=True)
+    assert [r["n_new_tokens"] for r in lines(vanilla.parent / "predictions.jsonl")][::2] == \
+        [r["control"]["n_new_tokens"][0] for r in controlled]
+    assert load_record(vanilla).timing["paired"] == {}  # vanilla runs no control of itself
+
+
+def test_control_batches_are_spread_evenly():
+    assert runner.control_batches(10, 4) == [0, 2, 5, 7]
+    assert runner.control_batches(3, 8) == [0, 1, 2]
+    assert runner.control_batches(5, 0) == []

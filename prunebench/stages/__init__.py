@@ -66,7 +66,28 @@ class Installation:
 
     def reseed(self, seed: int) -> None:
         """Fix the random stream of stochastic methods, e.g. per sample: seed + sample index."""
-        self.generator.manual_seed(seed)
+        self.reseed_rows([seed])
+
+    def reseed_rows(self, seeds: list[int]) -> None:
+        """The seeds of a batch's samples, one per row: each row's picks restart from its own seed, so a sample
+        draws the same stream alone or in a batch."""
+        self.generator.manual_seed(seeds[0])
+        self.state.row_seeds = list(seeds)
+
+
+# Signals read at the text after ONE prompt's last visual token (SparseVLM's raters, MustDrop's text rows): in a
+# left-padded batch that text starts at a different row in every sample.
+_ONE_PROMPT_SIGNALS = frozenset({"raters", "rater_attention"})
+
+
+def batch_refusal(method: ResolvedMethod) -> str | None:
+    """Why the method cannot run several samples per forward (one line), or None when it batches."""
+    if method.stage is Stage.PIPELINE:
+        return "compose pipelines report per-stage counts per prompt and run at batch size 1"
+    if not _ONE_PROMPT_SIGNALS.isdisjoint(method.spec.needs):
+        return (f"{method.name} rates the visual tokens with the text rows after one prompt's last visual token, "
+                f"which start at a different row in every sample of a left-padded batch")
+    return None
 
 
 def effective_positions(seams: Seams, method: ResolvedMethod) -> tuple[Positions, list[str]]:

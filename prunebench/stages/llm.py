@@ -31,7 +31,8 @@ from prunebench.stages.attention import (
     rope_prior,
     rows_attention_per_head,
 )
-from prunebench.stages.state import CallState, Compaction, TokenCounts, renumber, rows_of
+from prunebench.stages.state import CallState, Compaction, TokenCounts, padded_rows, renumber, rows_of
+from prunebench.stages.text import unit_batch_rows
 from prunebench.timing import Timer
 
 Kwargs = dict[str, Any]
@@ -50,8 +51,8 @@ def capture_image_positions(seams: Seams, state: CallState):
         if input_ids is not None and input_ids.shape[1] > 1:
             state.mixed = sum(bool((input_ids == i).any()) for i in seams.image_token_ids) > 1
             state.image_mask = torch.isin(input_ids, ids.to(input_ids.device))
-            n = int(state.image_mask[0].sum())
-            state.counts = TokenCounts(n, n, float(n))
+            state.row_counts = [TokenCounts(n, n, float(n)) for n in state.image_mask.sum(dim=1).tolist()]
+            state.counts = state.row_counts[0]
 
     return hook
 
@@ -102,32 +103,63 @@ def _compact_entry(
     kept = [rows[k.to(rows.device)] for rows, k in zip(flat.split(sizes), state.visual_keep, strict=True)]
     keep.view(-1)[torch.cat(kept)] = True
     embeds = _with_new_values(embeds, kept, state.visual_values)
-    index = rows_of(keep)
+    # rows of the batch may keep different counts (per-sample budgets, adaptive methods): left-padded again
+    real = keep if mask2d is None else keep & mask2d.bool()
+    index, pad = padded_rows(real)
     if state.visual_protect is not None:  # the vision stage's protected tokens, as rows of the compacted sequence
         protected = torch.zeros_like(keep).view(-1)
         for rows, p in zip(kept, state.visual_protect, strict=True):
             protected[rows[p.to(rows.device)]] = True
         state.protected = protected.view_as(keep).gather(1, index)
         state.visual_protect = None
-    n_out = int(keep[0].sum() - (~state.image_mask[0]).sum())
-    state.counts = TokenCounts(int(state.image_mask[0].sum()), n_out, float(n_out), state.clamped, state.fixed)
+    state.row_counts = _entry_counts(state, keep, sizes)
+    state.counts = state.row_counts[0]
     state.stage_counts["entry"] = state.counts
     state.clamped, state.fixed = False, 0
+    state.unit_clamped, state.unit_fixed = [], []
     state.visual_sizes = state.visual_values = None
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = torch.arange(length, device=embeds.device).expand(b, length)
     new_pos = renumber(keep, pos.expand(*pos.shape[:-2], b, length), index, positions)
-    shift = length - index.shape[1] if positions is Positions.CONTIGUOUS else 0
-    state.entry = Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift)
+    shift: int | torch.Tensor = 0
+    if positions is Positions.CONTIGUOUS:  # what each row dropped
+        dropped = (~keep).sum(dim=1, keepdim=True)
+        shift = int(dropped[0]) if bool((dropped == dropped[0]).all()) else dropped
+    state.entry = Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift, pad=pad)
     state.image_mask = state.image_mask.gather(1, index)
+    if pad is not None:
+        state.image_mask &= ~pad
     state.visual_keep = None
     kwargs["inputs_embeds"] = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
     kwargs["position_ids"] = new_pos
     if mask2d is not None:
-        kwargs["attention_mask"] = mask2d.gather(1, index)
+        kwargs["attention_mask"] = _padded_mask(mask2d.gather(1, index), pad)
+    elif pad is not None:
+        kwargs["attention_mask"] = (~pad).long()
     state.attention_mask_2d = kwargs.get("attention_mask")
     return kwargs
+
+
+def _padded_mask(mask2d: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    return mask2d if pad is None else mask2d.masked_fill(pad.to(mask2d.device), 0)
+
+
+def _entry_counts(state: CallState, keep: torch.Tensor, sizes: list[int]) -> list[TokenCounts]:
+    """Per batch row: visual tokens in and reaching the LLM, clamped, kept outside the budget. A select stage
+    reports clamped / fixed per visual unit (mapped to its row); other stages once for the whole batch."""
+    image = state.image_mask
+    n_in = image.sum(dim=1).tolist()
+    n_out = (keep & image).sum(dim=1).tolist()
+    clamped, fixed = [state.clamped] * len(n_in), [state.fixed if len(n_in) == 1 else 0] * len(n_in)
+    if len(n_in) > 1 and len(state.unit_clamped) == len(sizes):
+        clamped, fixed = [False] * len(n_in), [0] * len(n_in)
+        for row, c, f in zip(unit_batch_rows(image, sizes), state.unit_clamped, state.unit_fixed, strict=True):
+            clamped[row] |= c
+            fixed[row] += f
+    elif len(n_in) > 1:
+        fixed = [state.fixed // len(n_in)] * len(n_in)  # the same family layout in every row
+    return [TokenCounts(i, o, float(o), c, f) for i, o, c, f in zip(n_in, n_out, clamped, fixed, strict=True)]
 
 
 def _with_new_values(embeds: torch.Tensor, kept: list[torch.Tensor], values: list | None) -> torch.Tensor:
@@ -143,12 +175,12 @@ def _with_new_values(embeds: torch.Tensor, kept: list[torch.Tensor], values: lis
 
 def _decode_entry(entry: Compaction, kwargs: Kwargs, embeds: torch.Tensor, mask2d: torch.Tensor | None) -> Kwargs:
     if mask2d is not None:  # [B, full_len + t] -> [B, kept + t]
-        head = mask2d[:, : entry.full_len].gather(1, entry.index)
+        head = _padded_mask(mask2d[:, : entry.full_len].gather(1, entry.index), entry.pad)
         kwargs["attention_mask"] = torch.cat([head, mask2d[:, entry.full_len :]], dim=1)
     pos = kwargs.get("position_ids")
     if pos is not None:
         kwargs["position_ids"] = pos - entry.shift
-    elif entry.shift == 0:  # original positions: continue after the full prompt
+    elif isinstance(entry.shift, int) and entry.shift == 0:  # original positions: continue after the full prompt
         past = _past_length(kwargs)
         dropped = entry.full_len - entry.index.shape[1]
         start = past + dropped
@@ -401,7 +433,7 @@ class IntraLLM:
             self.state.intra_stages.append(previous)
             return None if previous is None else (args, kwargs)
         with self.timer.span("method"):
-            image_rows = rows_of(self.state.image_mask)  # [B, N_s]
+            image_rows = self._image_rows(stage)  # [B, N_s]
             keep_visual = self._select(stage, image_rows, hidden, kwargs)
         if keep_visual is None:  # the stage keeps every surviving token
             self.state.intra_stages.append(previous)
@@ -416,6 +448,15 @@ class IntraLLM:
         else:
             kwargs["hidden_states"] = hidden
         return self._substitute(args, kwargs, compaction)
+
+    def _image_rows(self, stage: int) -> torch.Tensor:
+        """[B, N_s] rows of the surviving visual tokens; the rows of a batch must hold the same count."""
+        counts = self.state.image_mask.sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise UserError(f"{self.method.name} at batch size {counts.numel()}: the rows of a batch reach layer "
+                            f"{self.layers[stage]} with different visual-token counts ({', '.join(map(str, counts.tolist()))}); "
+                            f"intra-LLM stages batch only equal counts: use batch_size=1")
+        return rows_of(self.state.image_mask)
 
     def _shorten(self, hidden: torch.Tensor, image_rows: torch.Tensor, decision: torch.Tensor | Insertion,
                  previous: Compaction | None, full: Kwargs) -> tuple[torch.Tensor, Compaction, int]:
@@ -471,9 +512,9 @@ class IntraLLM:
             if flag is not None and flag not in self.flags:
                 self.flags.append(flag)
             # n_visual_in: what the prompt held (an earlier pipeline stage may have pruned before the LLM)
-            prior, self._n_entry = self.state.counts, n_now
-            self.state.counts = TokenCounts(prior.n_visual_in or n_now, n_now, float(n_now),
-                                            clamped or self.state.clamped or prior.clamped, prior.n_fixed)
+            self._n_entry = n_now
+            self._set_rows(lambda prior: TokenCounts(prior.n_visual_in or n_now, n_now, float(n_now),
+                                                     clamped or self.state.clamped or prior.clamped, prior.n_fixed))
         adaptive = self.method.spec.adaptive
         if self.multi:
             n_keep = min(self.state.intra_selects[stage], n_now)
@@ -486,18 +527,42 @@ class IntraLLM:
             n_keep=n_keep, grid=self._grid(n_now) if stage == 0 else None, generator=self.generator,
             signals=self._signals(self.layers[stage], image_rows, hidden, kwargs), keep=self.keep,
         )
-        decision = self.method.spec.fn(ctx, **self.method.params)
+        decision = self._decide(ctx)
         if adaptive and not isinstance(decision, Insertion) and decision.shape[1] == n_now:
             return None  # the thresholds kept every surviving token
         return decision
+
+    def _decide(self, ctx: SelectContext) -> torch.Tensor | Insertion:
+        """The method's decision; in a batch of several samples, one row at a time, each from its own seed, so a
+        sample's picks do not depend on the batch it runs in."""
+        b = ctx.tokens.shape[0]
+        seeds = self.state.row_seeds
+        if b == 1 or len(seeds) != b:
+            return self.method.spec.fn(ctx, **self.method.params)
+        out = []
+        for row in range(b):
+            self.generator.manual_seed(seeds[row])
+            signals = {k: v[row : row + 1] if isinstance(v, torch.Tensor) and v.shape[:1] == (b,) else v
+                       for k, v in ctx.signals.items()}
+            out.append(self.method.spec.fn(SelectContext(
+                tokens=ctx.tokens[row : row + 1], n_keep=ctx.n_keep, grid=ctx.grid, generator=ctx.generator,
+                signals=signals, keep=ctx.keep), **self.method.params))
+        if any(isinstance(d, Insertion) for d in out) or len({d.shape[1] for d in out}) > 1:
+            raise UserError(f"{self.method.name} at batch size {b}: its rows kept different counts; use batch_size=1")
+        return torch.cat(out)
+
+    def _set_rows(self, update: Any) -> None:
+        """Apply update(TokenCounts) -> TokenCounts to every batch row's counts (row 0 is `counts`)."""
+        rows = self.state.row_counts or [self.state.counts]
+        self.state.row_counts = [update(c) for c in rows]
+        self.state.counts = self.state.row_counts[0]
 
     def _count(self, stage: int, n_kept: int) -> None:
         """Record stage `stage`'s kept count; the layer average runs over the stages so far."""
         counts = self.state.counts
         schedule = [*counts.schedule[:stage], (self.layers[stage], n_kept)]
         layer_avg = layer_average(len(self.seams.decoder_layers), self._n_entry, schedule)
-        self.state.counts = TokenCounts(counts.n_visual_in, n_kept, layer_avg, counts.clamped, counts.n_fixed,
-                                        schedule=schedule)
+        self._set_rows(lambda c: TokenCounts(c.n_visual_in, n_kept, layer_avg, c.clamped, c.n_fixed, schedule=schedule))
         self.state.stage_counts["intra"] = TokenCounts(self._n_entry, n_kept, layer_avg, counts.clamped,
                                                        schedule=schedule)
 
@@ -505,7 +570,8 @@ class IntraLLM:
         """The visual tokens' grid when the prompt holds one image of the encoder's grid."""
         grid = self.seams.vision_grid
         sizes = self.state.visual_sizes
-        return grid if grid is not None and grid[0] * grid[1] == n and (sizes is None or len(sizes) <= 1) else None
+        batch = self.state.image_mask.shape[0] if self.state.image_mask is not None else 1
+        return grid if grid is not None and grid[0] * grid[1] == n and (sizes is None or len(sizes) <= batch) else None
 
     def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, index: torch.Tensor,
                     inserted: torch.Tensor | None = None) -> Compaction:

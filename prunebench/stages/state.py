@@ -17,18 +17,22 @@ class Compaction:
 
     index: [B, L'] sorted indices into the full sequence of length `full_len`.
     position_ids: [..., B, L'] positions of the kept rows at prefill.
-    shift: how many positions decode steps move back (dropped tokens, contiguous policy), else 0.
+    shift: how many positions decode steps move back (dropped tokens, contiguous policy), else 0; a [B, 1]
+        tensor when the rows of a batch dropped different counts.
+    pad: [B, L'] True at filler slots (batches whose rows kept different counts are left-padded again; a
+        filler repeats row 0 of its batch row and is masked out), None when every row kept the same count.
     """
 
     index: torch.Tensor
     full_len: int
     position_ids: torch.Tensor
-    shift: int
+    shift: int | torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     attention_mask: torch.Tensor | None = None
     # [B, L'] True at rows a stage inserted (SparseVLM's recycled tokens); their `index` entry is the row
     # they follow (the last kept visual token), which stands in for them in masks and original positions
     inserted: torch.Tensor | None = None
+    pad: torch.Tensor | None = None
 
 
 @dataclass
@@ -74,7 +78,12 @@ class CallState:
     intra_selects: list[int] = field(default_factory=list)  # tokens each stage selects (before extra ones)
     text_tail: int = 0  # text rows after the last visual token (never pruned): the last rows of the sequence
     raters: torch.Tensor | None = None  # [B, text_tail] bool, SparseVLM raters from the LLM input embeddings
-    counts: TokenCounts = field(default_factory=TokenCounts)
+    counts: TokenCounts = field(default_factory=TokenCounts)  # batch row 0 (the only row at batch size 1)
+    row_counts: list[TokenCounts] = field(default_factory=list)  # per batch row, this prompt
+    # per visual unit (image, view, frame) in scatter order, as a select stage decided it: clamped, fixed tokens
+    unit_clamped: list[bool] = field(default_factory=list)
+    unit_fixed: list[int] = field(default_factory=list)
+    row_seeds: list[int] = field(default_factory=list)  # per batch row: the seed its sample runs under
     captures: dict[str, Any] = field(default_factory=dict)  # q/k/rope captured for signals
     vision: Any = None  # per-call merge state of the vision stage
     # A pre-LLM selection deferred to the LLM entry (text-conditioned methods): called there with
@@ -106,6 +115,19 @@ def renumber(keep_mask: torch.Tensor, positions: torch.Tensor, index: torch.Tens
         return kept
     dropped_before = (~keep_mask).long().cumsum(dim=1).gather(1, index)
     return kept - dropped_before
+
+
+def padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, L] bool -> ([B, L'] sorted indices of the True entries, left-padded with row 0 where a row has
+    fewer, L' the largest count; [B, L'] True at those filler slots, or None when every row has L')."""
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if counts.numel() else 0
+    if bool((counts == width).all()):
+        return mask.nonzero()[:, 1].view(mask.shape[0], width), None
+    pad = torch.arange(width, device=mask.device)[None] < (width - counts)[:, None]
+    index = torch.zeros(mask.shape[0], width, dtype=torch.long, device=mask.device)
+    index[~pad] = mask.nonzero()[:, 1]
+    return index, pad
 
 
 def rows_of(mask: torch.Tensor) -> torch.Tensor:

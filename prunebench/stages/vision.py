@@ -20,7 +20,7 @@ from prunebench.methods.tome_ops import head_mean_keys, proportional_bias
 from prunebench.models.base import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
-from prunebench.stages.text import text_embeddings
+from prunebench.stages.text import text_embeddings, unit_batch_rows
 from prunebench.stages.vision_signals import VISION_SIGNALS, VisionSignals
 from prunebench.timing import Timer
 
@@ -65,23 +65,36 @@ class PreLLMSelect:
         grids = self.seams.visual_grids(args, kwargs, tokens)
         self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
         signals = self.signals.take(len(tokens)) if self.signals is not None else [{}] * len(tokens)
-        if self.deferred:
+        # in a batch of several samples, the rows of the units are known only at the LLM entry
+        if self.deferred or len(self.state.row_seeds) > 1:
             self._pending += list(zip(tokens, grids, signals, strict=True))
             self.state.select_at_entry = self._select_at_entry
             return
         with self.timer.span("method"):
-            keeps, values = self._select_each(zip(tokens, grids, signals, strict=True))
+            keeps, values = self._select_each(zip(tokens, grids, signals, strict=True), len(tokens))
         self._hand_on(keeps, values)
 
-    def _select_each(self, units: Iterable[tuple[torch.Tensor, tuple[int, int] | None, dict[str, torch.Tensor]]]
-                     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """(tokens [N, D], grid, signals) per image -> its kept indices and new values (None: unchanged)."""
+    def _select_each(self, units: Iterable[tuple[torch.Tensor, tuple[int, int] | None, dict[str, torch.Tensor]]],
+                     n_units: int, at_entry: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """(tokens [N, D], grid, signals) per image -> its kept indices and new values (None: unchanged).
+        In a batch (selected at the LLM entry), the random stream restarts at each row's first unit from that
+        row's seed, so a sample's picks do not depend on the batch it runs in."""
         keeps, values = [], []
-        for x, grid, sig in units:
+        rows = self._unit_rows(n_units) if at_entry else None
+        for u, (x, grid, sig) in enumerate(units):
+            if rows is not None and (u == 0 or rows[u] != rows[u - 1]):
+                self.generator.manual_seed(self.state.row_seeds[rows[u]])
             kept, new = self._select(x, grid, sig)
             keeps.append(kept)
             values.append(new)
         return keeps, values
+
+    def _unit_rows(self, n_units: int) -> list[int] | None:
+        """The batch row of each of the last n_units visual units, when a batch of several samples runs (at
+        the LLM entry: generation runs the visual seam before the multimodal forward sees `input_ids`)."""
+        if len(self.state.row_seeds) <= 1:
+            return None
+        return unit_batch_rows(self.state.image_mask, self.state.visual_sizes or [])[-n_units:]
 
     def _hand_on(self, keeps: list[torch.Tensor], values: list[torch.Tensor | None]) -> None:
         self.state.visual_keep = (self.state.visual_keep or []) + keeps
@@ -94,10 +107,14 @@ class PreLLMSelect:
         if image_mask is None or image_mask.shape != embeds.shape[:2]:
             raise RuntimeError("prunebench: image-token positions unknown at the LLM entry (pass input_ids)")
         with self.timer.span("method"):
+            if not self.deferred:  # deferred for the batch rows only: no text
+                keeps, values = self._select_each(iter(pending), len(pending), at_entry=True)
+                self._hand_on(keeps, values)
+                return
             texts = text_embeddings(embeds, image_mask, mask2d, [x.shape[0] for x, _, _ in pending])
             keeps, values = self._select_each(
-                (x, grid, {**sig, "text_embeddings": text.to(x.device)})
-                for (x, grid, sig), text in zip(pending, texts, strict=True))
+                ((x, grid, {**sig, "text_embeddings": text.to(x.device)})
+                 for (x, grid, sig), text in zip(pending, texts, strict=True)), len(pending), at_entry=True)
         self._hand_on(keeps, values)
 
     def _select(self, x: torch.Tensor, grid: tuple[int, int] | None,
@@ -112,9 +129,13 @@ class PreLLMSelect:
             candidates = candidates[~fixed]
             if candidates.numel() == 0:  # e.g. a video's closing newline, reported on its own
                 self.state.fixed += int(fixed.sum())
+                self.state.unit_clamped.append(False)
+                self.state.unit_fixed.append(int(fixed.sum()))
                 return fixed.nonzero()[:, 0], None
         n_keep, clamped = n_keep_for(self.keep, candidates.numel())
         self.state.clamped |= clamped
+        self.state.unit_clamped.append(clamped)
+        self.state.unit_fixed.append(0 if fixed is None else int(fixed.sum()))
         per_token = {k: v.to(x.device) for k, v in signals.items() if k in VISION_SIGNALS}
         for name, value in per_token.items():
             if value.shape[0] != x.shape[0]:

@@ -30,13 +30,13 @@ class PreProjectorSelect(PreLLMSelect):
         tokens = list(feats)
         grids = self.seams.visual_grids(args, kwargs, tokens)
         signals = self.signals.take(len(tokens)) if self.signals is not None else [{}] * len(tokens)
+        self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
         with self.timer.span("method"):
-            keeps, merged = self._select_each(zip(tokens, grids, signals, strict=True))
+            keeps, merged = self._select_each(zip(tokens, grids, signals, strict=True), len(tokens))
         if any(new is not None for new in merged):
             feats = feats.clone()
             for unit, (kept, new) in enumerate(zip(keeps, merged, strict=True)):
                 if new is not None:
                     feats[unit, kept] = new.to(feats)
-        self.state.visual_sizes = (self.state.visual_sizes or []) + [x.shape[0] for x in tokens]
         self._hand_on(keeps, [None] * len(tokens))  # the merged values are projected in place
         return (feats, *args[1:]), kwargs
