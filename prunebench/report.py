@@ -29,6 +29,8 @@ DEFAULT_ROOT = Path("results")
 FORMATS = {"markdown": "pipe", "github": "github", "plain": "plain"}
 TIMING_COLUMNS = ("vision_s", "method_s", "prefill_s", "decode_s", "total_s", "ttft_s", "tpot_s")
 DASH = "—"
+CROSS_RUN = ("* cross-run ratio: this record has no paired vanilla control, so vanilla's time comes from a "
+             "separate run (another process, another time); rerun with control=N for a paired ratio")
 
 # (keep, method, method_params as sorted JSON): one table row
 RowKey = tuple[float, str, str]
@@ -201,11 +203,6 @@ def _base_scores(base: dict[str, list[RunRecord]]) -> dict[str, float]:
     return {ds: m for ds, m in means.items() if m}
 
 
-def _median_prefill(recs: list[RunRecord]) -> float | None:
-    values = [r.timing.get("median", {}).get("prefill_s") for r in recs]
-    return _mean([float(v) for v in values if v])
-
-
 def _kv_prefill(recs: list[RunRecord]) -> float | None:
     values = [(r.memory or {}).get("kv_bytes_prefill") for r in recs]
     return _mean([float(v) for v in values if v])
@@ -217,14 +214,49 @@ def _prefill_flops(recs: list[RunRecord]) -> float | None:
 
 
 def _speedup(by_ds: dict[str, list[RunRecord]], base: dict[str, list[RunRecord]],
-             measure: Callable[[list[RunRecord]], float | None] = _median_prefill) -> float | None:
-    """Geometric mean over datasets of vanilla's measure / this row's (median prefill time by default)."""
+             measure: Callable[[list[RunRecord]], float | None]) -> float | None:
+    """Geometric mean over datasets of vanilla's measure / this row's (FLOPs, KV bytes)."""
     ratios = []
     for ds, recs in by_ds.items():
         ours, theirs = measure(recs), measure(base.get(ds, []))
         if ours and theirs:
             ratios.append(theirs / ours)
     return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+
+
+def _paired(recs: list[RunRecord], field: str) -> float | None:
+    """Mean over the records (seeds) of their paired vanilla / method ratio for `field`; None unless every record
+    has one (a vanilla control timed in its own process)."""
+    values = [((r.timing or {}).get("paired") or {}).get("vanilla_over_method", {}).get(field) for r in recs]
+    return _mean([float(v) for v in values]) if values and all(v for v in values) else None
+
+
+def _speed(by_ds: dict[str, list[RunRecord]], base: dict[str, list[RunRecord]], is_vanilla: bool,
+           field: str = "prefill_s") -> tuple[float | None, bool]:
+    """(geometric mean over datasets of vanilla time / this row's, cross): each dataset's ratio from the
+    records' paired control when they have one, else from the separate vanilla run (cross = True: timed at
+    another time, in another process)."""
+    if is_vanilla:
+        return (1.0 if any(_median_field(recs, field) for recs in by_ds.values()) else None), False
+    ratios, cross = [], False
+    for ds, recs in by_ds.items():
+        paired = _paired(recs, field)
+        if paired is None:
+            ours, theirs = _median_field(recs, field), _median_field(base.get(ds, []), field)
+            paired = theirs / ours if ours and theirs else None
+            cross |= paired is not None
+        if paired:
+            ratios.append(paired)
+    return (math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None), cross
+
+
+def _median_field(recs: list[RunRecord], field: str) -> float | None:
+    values = [r.timing.get("median", {}).get(field) for r in recs]
+    return _mean([float(v) for v in values if v])
+
+
+def _ratio_cell(value: float | None, cross: bool = False) -> str:
+    return DASH if value is None else f"{value:.2f}×" + ("*" if cross else "")
 
 
 def _rel_accuracy(by_ds: dict[str, list[RunRecord]], bases: dict[str, float]) -> float | None:
@@ -306,11 +338,11 @@ def _table_row(key: RowKey, by_ds: dict[str, list[RunRecord]], base: dict[str, l
     recs = [r for rs in by_ds.values() for r in rs]
     stage = "/".join(sorted({r.stage for r in recs})) or DASH
     cells = [_score_cell(by_ds[ds], bases.get(ds), is_vanilla) if ds in by_ds else DASH for ds in datasets]
-    speed, kv, flops = _speedup(by_ds, base), _speedup(by_ds, base, _kv_prefill), \
+    speed, kv, flops = _speed(by_ds, base, is_vanilla), _speedup(by_ds, base, _kv_prefill), \
         _speedup(by_ds, base, _prefill_flops)
     return [str(key[0]), _method_cell(key, recs, variants), stage, *cells,
-            _avg_cell(by_ds, bases, is_vanilla, len(datasets)), f"{speed:.2f}×" if speed else DASH,
-            f"{flops:.2f}×" if flops else DASH, f"{kv:.2f}×" if kv else DASH, _tokens_cell(recs)]
+            _avg_cell(by_ds, bases, is_vanilla, len(datasets)), _ratio_cell(*speed),
+            _ratio_cell(flops), _ratio_cell(kv), _tokens_cell(recs)]
 
 
 def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[list[str]]) -> list[str]:
@@ -324,6 +356,8 @@ def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[lis
     for (keep, method, _), by_ds in grid.items():
         flags = dict.fromkeys(f for recs in by_ds.values() for r in recs for f in r.flags)
         lines += [f"⚑ {method} keep={keep:g}: {flag}" for flag in flags]
+    if any(row[-4].endswith("*") for row in rows):
+        lines.append(CROSS_RUN)
     if any(getattr(r, "shadows", False) for by_ds in grid.values() for recs in by_ds.values() for r in recs):
         lines.append("‡ the results folder also holds runs of this cell with other settings (another job key: "
                      "position policy, an older record's settings, ...); only the latest is shown")
@@ -406,6 +440,32 @@ def timing_table(records: list[RunRecord], model: str, fmt: str = "github") -> s
     return tabulate(rows, headers=headers, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
 
 
+EFFICIENCY_COLUMNS = ["method", "keep", "dataset", "batch", "prefill ×", "TTFT ×", "throughput ×", "FLOPs ×",
+                      "KV ×", "samples/s", "tokens/s", "pairs"]
+
+
+def efficiency_table(records: list[RunRecord], model: str, fmt: str = "github") -> str:
+    """Per record: the speed ratios to vanilla at the batch size that ran (paired in-process control, else
+    cross-run, marked *), FLOPs and KV-cache ratios, and the record's own throughput."""
+    grid = _grid(_latest_per_seed(_complete(records)), model)
+    base = _vanilla(grid)
+    rows = []
+    for key, by_ds in grid.items():
+        is_vanilla = key[1] == "vanilla"
+        for ds in sorted(by_ds):
+            for r in sorted(by_ds[ds], key=lambda r: r.seed):
+                one = {ds: [r]}
+                speeds = [_ratio_cell(*_speed(one, base, is_vanilla, f)) for f in ("prefill_s", "ttft_s", "total_s")]
+                paired = (r.timing.get("paired") or {}).get("n_pairs")
+                rate, tokens = r.timing.get("samples_per_s"), r.timing.get("tokens_per_s")
+                rows.append([r.method + (f" (seed {r.seed})" if len(by_ds[ds]) > 1 else ""), str(key[0]), ds,
+                             str(r.batch_size), *speeds, _ratio_cell(_speedup(one, base, _prefill_flops)),
+                             _ratio_cell(_speedup(one, base, _kv_prefill)),
+                             DASH if rate is None else f"{rate:.3f}", DASH if tokens is None else f"{tokens:.2f}",
+                             str(paired) if paired else DASH])
+    return tabulate(rows, headers=EFFICIENCY_COLUMNS, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
+
+
 # ---------------------------------------------------------------- the whole text
 
 def _complete(records: list[RunRecord]) -> list[RunRecord]:
@@ -422,8 +482,12 @@ def _model_section(records: list[RunRecord], model: str, fmt: str) -> str:
     head = "\n".join([f"## {model}", *_noise_lines(records, model)])
     floors = floor_table(records, model, fmt)
     extra = [f"### {model}: vanilla vs blind floor per category", floors] if floors else []
+    efficiency = efficiency_table(records, model, fmt)
+    notes = [CROSS_RUN] if "*" in efficiency else []
     return "\n\n".join([head, relative_table(records, model, fmt), *extra,
-                        f"### {model}: per-sample median times (ms)", timing_table(records, model, fmt)])
+                        f"### {model}: per-sample median times (ms)", timing_table(records, model, fmt),
+                        f"### {model}: efficiency vs vanilla (× = vanilla / method: > 1 is faster or smaller)",
+                        efficiency, *notes])
 
 
 def _label(r: RunRecord) -> str:

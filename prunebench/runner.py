@@ -396,8 +396,9 @@ class Reinstallable:
 
     def on(self) -> Installation:
         if self._inst is None:
-            self._cm = install(self.loaded.seams, self.job.method, self.job.keep, seed=self.job.seed, timer=self.timer)
-            self._inst = self._cm.__enter__()
+            cm = install(self.loaded.seams, self.job.method, self.job.keep, seed=self.job.seed, timer=self.timer)
+            self._inst = cm.__enter__()  # a refusal raises here, with nothing installed
+            self._cm = cm
             if self.first is None:
                 self.first = self._inst
             else:

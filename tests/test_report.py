@@ -40,10 +40,11 @@ def write(root: Path, *records: RunRecord) -> Path:
 
 def rows(text: str) -> list[list[str]]:
     """The cells of the first markdown table in `text` (header and rule excluded)."""
-    lines = [line for line in text.splitlines() if line.startswith("|")]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     body = []
-    for line in lines[2:]:
-        if set(line) <= set("|-: "):
+    for line in lines[start + 2:]:
+        if not line.startswith("|") or set(line) <= set("|-: "):
             break
         body.append([c.strip() for c in line.strip("|").split("|")])
     return body
@@ -100,9 +101,44 @@ def test_seeds_aggregate_to_mean_std(tmp_path: Path) -> None:
     assert column(text, "gqa")[1] == "60.0 ± 2.0 (↓25.0%)"
 
 
-def test_prefill_speedup(tmp_path: Path) -> None:
+def test_prefill_speedup_across_runs_is_marked(tmp_path: Path) -> None:
     write(tmp_path, vanilla(), make(prefill=0.1))
-    assert column(report.relative_table(report.collect(tmp_path), "llava"), "prefill ×") == ["1.00×", "2.00×"]
+    text = report.relative_table(report.collect(tmp_path), "llava")
+    assert column(text, "prefill ×") == ["1.00×", "2.00×*"]
+    assert report.CROSS_RUN in text
+
+
+def paired(**ratios: float) -> dict:
+    return {"n_pairs": 3, "n_samples": 3, "vanilla_over_method": ratios}
+
+
+def test_paired_control_gives_the_speed_ratio(tmp_path: Path) -> None:
+    """A record with an in-process vanilla control: its paired ratio (3x), not the separate vanilla run's (2x)."""
+    r = make(prefill=0.1)
+    r.timing["paired"] = paired(prefill_s=3.0, ttft_s=2.5, total_s=1.5)
+    write(tmp_path, vanilla(), r)
+    records = report.collect(tmp_path)
+    text = report.relative_table(records, "llava")
+    assert column(text, "prefill ×") == ["1.00×", "3.00×"]
+    assert report.CROSS_RUN not in text
+    eff = report.efficiency_table(records, "llava")
+    assert column(eff, "prefill ×") == ["1.00×", "3.00×"]
+    assert column(eff, "TTFT ×") == ["—", "2.50×"]  # vanilla's fixture has no ttft median
+    assert column(eff, "throughput ×") == ["1.00×", "1.50×"]
+    assert column(eff, "pairs") == ["—", "3"]
+    assert column(eff, "batch") == ["1", "1"]
+
+
+def test_efficiency_table_marks_cross_run_ratios(tmp_path: Path) -> None:
+    r = make(prefill=0.1, batch_size=4)
+    r.timing.update(samples_per_s=2.0, tokens_per_s=16.0)
+    write(tmp_path, vanilla(), r)
+    text = report.render(report.collect(tmp_path))
+    eff = text[text.index("efficiency vs vanilla"):]
+    assert column(eff, "prefill ×") == ["1.00×", "2.00×*"]
+    assert column(eff, "throughput ×") == ["1.00×", "1.00×*"]
+    assert column(eff, "samples/s") == ["—", "2.000"] and column(eff, "batch") == ["1", "4"]
+    assert report.CROSS_RUN in eff
 
 
 def test_prefill_speedup_unavailable_without_timing(tmp_path: Path) -> None:
