@@ -296,3 +296,34 @@ def test_without_vlmeval_the_run_says_how_to_install(tmp_path: Path, monkeypatch
     tsv.write_tsv(tmp_path / "POPE.tsv", list(rows[0]), rows)
     with pytest.raises(UserError, match="scripts/setup_vlmeval.sh"):
         run_vlmeval(_cfg("POPE", tmp_path, md5=None))
+
+
+def test_session_without_index_never_serves_another_answer(tiny, tmp_path: Path) -> None:
+    """Issue 15: the bridge's model used without `track_index` (as an evaluator's own entry point would) answers
+    each message afresh; before, the first answer was served for every later image."""
+    import torch
+
+    from prunebench.bridge.model import Session
+    from prunebench.data.shapes import make_sample
+    from prunebench.methods import resolve_method
+    from prunebench.models.loader import LoadedModel
+    from prunebench.stages import install
+    from prunebench.timing import Timer
+
+    loaded = LoadedModel(name="tiny", model=tiny.model, processor=tiny.processor, seams=tiny.seams,
+                         device=torch.device("cpu"), dtype=torch.float32, weights="pretrained", source="test",
+                         untrained=True)
+    timer, seen = Timer(loaded.device), []
+    with install(tiny.seams, resolve_method("vanilla"), 1.0, timer=timer) as inst:
+        session = Session(loaded, inst, timer, 0, 4, tmp_path / "p.jsonl", {}, warmup=0)
+        real = session._reseed
+        session._reseed = lambda index: seen.append(index) or real(index)
+        for seed in (0, 1):
+            item = make_sample(seed, image_size=tiny.image_side)
+            item.image.save(tmp_path / f"{seed}.png")
+            session.answer([{"type": "image", "value": str(tmp_path / f"{seed}.png")},
+                            {"type": "text", "value": item.question}])
+        session.index = 7  # a tracked index: kept for resume, and used once only
+        session.answer([{"type": "text", "value": "hi"}, {"type": "image", "value": str(tmp_path / "0.png")}])
+    assert session.generated == 3 and seen == [None, None, 7] and session.index is None
+    assert list(session.known) == ["7"] and len((tmp_path / "p.jsonl").read_text().splitlines()) == 1

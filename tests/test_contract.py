@@ -422,3 +422,15 @@ def test_declared_kinds_accept_the_defaults_and_refuse_other_values(name: str) -
         bad = "not-a-choice" if kind.choices else (kind.low - 1 if kind.low is not None else None)
         with pytest.raises(UserError, match=rf"^{name}: method\.params\.{key} must be "):
             resolve_method(name, {key: bad})
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_yaml_states_the_card_defaults(name: str) -> None:
+    """Issue 15: a method's defaults live on its card; `configs/method/<name>.yaml` states exactly them (a
+    parameter missing from the YAML could not be overridden without Hydra's `+`)."""
+    from prunebench.checks import yaml_defaults
+
+    yaml = yaml_defaults("method", name)
+    assert yaml.get("name") == name
+    assert (yaml.get("params") or {}) == dict(METHODS.get(name).defaults)
+    assert yaml.get("positions") is None  # null: the card's official policy

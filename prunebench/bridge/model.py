@@ -37,8 +37,12 @@ class Session:
         self.nframe = nframe  # > 0: a video benchmark (frames of one video -> the processor's videos=)
 
     def answer(self, message: Message) -> str:
-        key = str(self.index)
-        if key in self.known:  # answered before a kill: never generate it twice
+        """The answer to one message. With an index (set by `track_index` before each call, then cleared) it is
+        appended to the sink and reused on a rerun; without one it is generated afresh, never served from
+        another message's answer."""
+        index, self.index = self.index, None
+        key = None if index is None else str(index)
+        if key is not None and key in self.known:  # answered before a kill: never generate it twice
             return str(self.known[key]["prediction"])
         processor = self.loaded.processor
         video = self.nframe > 0
@@ -46,26 +50,30 @@ class Session:
                   else build_inputs(processor, message)).to(self.loaded.device)
         from prunebench.runner import generate_timed
 
+        reseed = self._reseed(index)
         for _ in range(self.warmup):
-            generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens,
-                           flops=False)
+            generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, self.max_new_tokens, flops=False)
         self.warmup = 0
-        extra = generate_timed(self.loaded, inputs, self.inst, self.timer, self._reseed(), self.max_new_tokens)
+        extra = generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, self.max_new_tokens)
         frames = _n_frames(inputs) if video else 0
-        row = {"index": self.index, "prediction": extra.pop("text"), "error": None, "n_frames": frames, **extra}
+        row = {"index": index, "prediction": extra.pop("text"), "error": None, "n_frames": frames, **extra}
+        self.generated += 1
+        if key is None:  # nothing to resume it by
+            return row["prediction"]
         with self.sink.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
         self.known[key] = row
-        self.generated += 1
         return row["prediction"]
 
-    def _reseed(self) -> int:
-        # the runner's per-sample seed; VLMEvalKit indices may be strings (HallusionBench)
+    def _reseed(self, index: Any) -> int:
+        # the runner's per-sample seed; VLMEvalKit indices may be strings (HallusionBench); no index: the call count
+        if index is None:
+            return self.seed * 1_000_003 + self.generated
         try:
-            number = int(self.index)
+            number = int(index)
         except (TypeError, ValueError):
-            number = int.from_bytes(str(self.index).encode()[:8].ljust(8, b"\0"), "little")
+            number = int.from_bytes(str(index).encode()[:8].ljust(8, b"\0"), "little")
         return self.seed * 1_000_003 + number
 
 
