@@ -327,3 +327,34 @@ def test_session_without_index_never_serves_another_answer(tiny, tmp_path: Path)
         session.answer([{"type": "text", "value": "hi"}, {"type": "image", "value": str(tmp_path / "0.png")}])
     assert session.generated == 3 and seen == [None, None, 7] and session.index is None
     assert list(session.known) == ["7"] and len((tmp_path / "p.jsonl").read_text().splitlines()) == 1
+
+
+def test_score_mapping_stays_a_list(tmp_path: Path) -> None:
+    """Issue 15: the dataset's `score` mapping reaches the record as JSON lists, not an OmegaConf repr string."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from prunebench.bridge.run import prepare_data
+    from prunebench.checks import CONFIG_DIR
+
+    (tmp_path / "MME.tsv").write_text("index\tquestion\n0\tq\n")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=MME", f"dataset.data_dir={tmp_path}", "dataset.md5=null"])
+    data = prepare_data(cfg)
+    assert json.loads(json.dumps(data.score)) == {"sum": ["perception", "reasoning"], "max": 2800}
+
+
+def test_vlmeval_missing_env_file_error_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15: VLMEvalKit's `load_env` error line for a clone without `.env` is not printed on every run;
+    other errors still are."""
+    import logging
+
+    from prunebench.bridge.isolate import without_env_file_error
+
+    with caplog.at_level(logging.INFO), without_env_file_error():
+        logging.error("Did not detect the .env file at /x/.env, failed to load. ")
+        logging.getLogger("LOAD_ENV").error("Did not detect the .env file at /y/.env, failed to load. ")
+        logging.error("something else")
+    logging.error("Did not detect the .env file at /z/.env")  # outside: untouched
+    assert [r.getMessage() for r in caplog.records] == ["something else", "Did not detect the .env file at /z/.env"]

@@ -91,6 +91,29 @@ def contained() -> Iterator[None]:
 
 
 _API: SimpleNamespace | None = None
+# VLMEvalKit's `load_env` logs this as an error on every import when its clone has no `.env` (API keys for LLM
+# judges): not an error for prunebench, whose judge check names the variables a judged dataset needs.
+NO_ENV_FILE = "Did not detect the .env file"
+
+
+class _DropNoEnvFile(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(NO_ENV_FILE)
+
+
+@contextmanager
+def without_env_file_error() -> Iterator[None]:
+    """Drop VLMEvalKit's missing-`.env` error line while it imports (a logger's filter runs before any handler,
+    so the line is dropped whichever handlers its `basicConfig` adds)."""
+    drop = _DropNoEnvFile()
+    loggers = [logging.getLogger(), logging.getLogger("LOAD_ENV")]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 def vlmeval_api() -> SimpleNamespace:
@@ -100,7 +123,7 @@ def vlmeval_api() -> SimpleNamespace:
     """
     global _API
     if _API is None:
-        with contained():
+        with contained(), without_env_file_error():
             os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
             try:
                 from vlmeval import inference

@@ -88,7 +88,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> BridgeData:
                                    dcfg.get("stratify", "category"))
     scores.check_mapping(dcfg["score"]) if dcfg.get("scorer", "vlmeval") == "vlmeval" else None
     return BridgeData(name=name, base=dcfg.get("base", dcfg["name"]), root=root, limit=limit,
-                      score=dict(dcfg.get("score") or {}), scorer=str(dcfg.get("scorer", "vlmeval")),
+                      score=_container(dcfg.get("score") or {}), scorer=str(dcfg.get("scorer", "vlmeval")),
                       judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)),
                       tsv_md5=tsv.file_md5(root / f"{name}.tsv"))
 
@@ -109,7 +109,7 @@ def prepare_video_data(cfg: Mapping[str, Any]) -> BridgeData:
         name, _ = tsv.write_subset(folder, name, limit, int(dcfg.get("subset_seed", 0)), dcfg.get("group_by"),
                                    dcfg.get("stratify", "task_type"))
     scores.check_mapping(dcfg["score"])
-    return BridgeData(name=name, base=base, root=folder, limit=limit, score=dict(dcfg["score"]), scorer="vlmeval",
+    return BridgeData(name=name, base=base, root=folder, limit=limit, score=_container(dcfg["score"]), scorer="vlmeval",
                       judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)), modality="video",
                       nframe=nframe, fps=fps, video_llm=bool(dcfg.get("video_llm", False)),
                       tsv_md5=tsv.file_md5(folder / f"{name}.tsv"))
@@ -170,6 +170,13 @@ def merged_timing(rows_by_rank: Mapping[int, list[dict[str, Any]]], clock: str) 
     if len(rows_by_rank) > 1:
         timing["per_rank"] = {str(k): timing_summary(v, clock) for k, v in sorted(rows_by_rank.items()) if v}
     return timing
+
+
+def _container(value: Any) -> dict[str, Any]:
+    """A config mapping as plain JSON-able dicts and lists (an OmegaConf list would be stored as its repr)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else dict(value)
 
 
 def shapes_score(pred_rows: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
