@@ -25,20 +25,23 @@ BATCHING = [n for n in PRUNING if batch_refusal(resolve_method(n)) is None]
 ATOL = 1e-4
 
 
-def _sizes(fam) -> list[int]:
-    """Image sides per sample: dynamic-resolution families get two sizes (different visual-token counts)."""
+def _sizes(fam) -> list[tuple[int, int]]:
+    """Image (width, height) per sample: every family but LLaVA-1.5 (one fixed grid) gets sizes that give
+    different visual-token counts (Qwen: resolution; InternVL tiles, NeXT / OneVision any-res: aspect ratio)."""
     side = fam.image_side
     if fam.family in ("qwen2_5_vl", "qwen2_vl"):
-        return [side, side - 28, side, side + 28]
-    return [side] * len(QUESTIONS)
+        return [(s, s) for s in (side, side - 28, side, side + 28)]
+    if fam.family == "llava":
+        return [(side, side)] * len(QUESTIONS)
+    return [(side, side), (2 * side, side), (side, side), (3 * side, side)]
 
 
 def samples(fam) -> list[dict]:
     from prunebench.data.shapes import make_sample
 
     out = []
-    for i, (question, side) in enumerate(zip(QUESTIONS, _sizes(fam), strict=True)):
-        image = make_sample(i, image_size=side).image
+    for i, (question, size) in enumerate(zip(QUESTIONS, _sizes(fam), strict=True)):
+        image = make_sample(i, image_size=fam.image_side).image.resize(size)
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         out.append({"text": fam.processor.apply_chat_template(conv, add_generation_prompt=True), "images": image})
     return out
@@ -89,7 +92,7 @@ def assert_same(alone, batched) -> None:
 def test_vanilla_batch_equals_alone(fam):
     alone, batched = run_alone_and_batched(fam, resolve_method("vanilla"), 1.0)
     assert_same(alone, batched)
-    if fam.family in ("qwen2_5_vl", "qwen2_vl"):  # the rows really hold different visual-token counts
+    if fam.family != "llava":  # the rows really hold different visual-token counts
         assert len({c.n_visual_in for _, _, c in alone}) > 1
 
 
@@ -100,8 +103,8 @@ def test_batch_of_four_equals_each_alone(fam, name):
         pytest.skip(f"{name} does not run on {fam.family} (contract: refused or its own test)")
     try:
         alone, batched = run_alone_and_batched(fam, method, 0.25)
-    except UserError as err:  # intra-LLM stages need equal visual counts per row: refused in one line
-        assert method.stage is Stage.INTRA_LLM and "different visual-token counts" in str(err)
+    except UserError as err:  # multi-layer intra-LLM stages need equal visual counts per row: refused in one line
+        assert METHODS.get(name).intra is not None and "different visual-token counts" in str(err)
         assert len({c.n_visual_in for _, _, c in batched_counts_alone(fam, method)}) > 1
         return
     assert_same(alone, batched)
@@ -160,3 +163,45 @@ def test_runner_refuses_a_method_that_cannot_batch(tiny_path, tmp_path):
 
     with pytest.raises(UserError, match=r"^batch_size=2: sparsevlm rates .* use batch_size=1$"):
         runner.Job.from_config(config(tiny_path, tmp_path, "method=sparsevlm", "batch_size=2"))
+
+
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+@pytest.mark.parametrize("name", ["fastv", "random_intra"])
+def test_intra_llm_rows_of_different_counts_under_both_position_policies(fam, name, positions):
+    """Intra-LLM pruning of rows with different visual-token counts (left-padded again inside the LLM) equals
+    each sample alone, with original positions (gaps) and closed up (1-D RoPE families; M-RoPE keeps original)."""
+    if fam.family == "llava":
+        pytest.skip("one fixed grid: the rows never differ")
+    alone, batched = run_alone_and_batched(fam, resolve_method(name, positions=positions), 0.25)
+    assert len({c.n_visual_in for _, _, c in alone}) > 1
+    assert_same(alone, batched)
+
+
+def test_ragged_rows_without_padding_mask(tmp_path_factory):
+    """Rows of equal length but different visual counts: the processor pads nothing (SDPA may then pass no mask),
+    yet the rows keep different counts inside the LLM; the fillers must still be masked, at prefill and decode."""
+    from conftest import load_tiny, tiny_checkpoint
+
+    fam = load_tiny(tiny_checkpoint("internvl", tmp_path_factory), family="internvl")
+    items = samples(fam)[:2]  # 16 and 48 visual tokens
+    base = items[0]["text"]
+    for extra in range(1, 200):  # lengthen row 0's question until both rows have the same length
+        question = QUESTIONS[0] + " word" * extra
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        items[0]["text"] = fam.processor.apply_chat_template(conv, add_generation_prompt=True)
+        lengths = [single(fam, s)["input_ids"].shape[1] for s in items]
+        if lengths[0] >= lengths[1]:
+            break
+    if lengths[0] != lengths[1]:
+        pytest.skip(f"no equal-length pair found ({lengths}, from {base[:20]!r})")
+    assert bool(batch(fam, items)["attention_mask"].all())
+    method = resolve_method("random_intra", positions="contiguous")
+    one = []
+    with install(fam.seams, method, keep=0.25, seed=0) as inst:
+        for seed, sample in zip(SEEDS[:2], items, strict=True):
+            inst.reseed(seed)
+            one.append(greedy(fam, single(fam, sample)) + (inst.counts,))
+        inst.reseed_rows(SEEDS[:2])
+        tokens, logits = greedy(fam, batch(fam, items))
+        counts = list(inst.state.row_counts)
+    assert_same([(t[0], lg[0], c) for t, lg, c in one], (tokens, logits, counts))

@@ -229,7 +229,7 @@ class IntraLLM:
         n_layers = len(seams.decoder_layers)
         self.layers = intra_layers_checked(method, keep, n_layers)
         self.k = self.layers[0] if self.layers else n_layers
-        self._n_entry = 0  # visual tokens entering layer K_1 in the current prompt
+        self._n_entry = [0]  # per batch row: visual tokens entering layer K_1 in the current prompt
         self.multi = method.spec.intra is not None
         self.final_cache = self.multi and method.spec.intra.final_cache
 
@@ -408,7 +408,7 @@ class IntraLLM:
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[tuple, Kwargs] | None:
             if self.state.phase == "decode":
-                return self._decode(args, kwargs, self._in_force(self._stage_of(j, decode=True)))
+                return self._decode(args, kwargs, self._in_force(self._stage_of(j, decode=True)), j)
             if j < self.k:  # K_1-1 runs unpruned at prefill (final-cache methods hook it for decode only)
                 return None
             if stage is not None:
@@ -432,8 +432,19 @@ class IntraLLM:
         if self.state.image_mask is None or not bool(self.state.image_mask.any()):
             self.state.intra_stages.append(previous)
             return None if previous is None else (args, kwargs)
+        if self._ragged(stage):  # rows of a batch with different visual-token counts: one row at a time
+            with self.timer.span("method"):
+                kept = self._select_rows(stage, hidden, kwargs)
+            hidden, compaction = self._shorten_rows(hidden, kept, previous, full)
+            self.state.intra_stages.append(compaction)
+            self.state.intra = compaction
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+            return self._substitute(args, kwargs, compaction)
         with self.timer.span("method"):
-            image_rows = self._image_rows(stage)  # [B, N_s]
+            image_rows = rows_of(self.state.image_mask)  # [B, N_s]
             keep_visual = self._select(stage, image_rows, hidden, kwargs)
         if keep_visual is None:  # the stage keeps every surviving token
             self.state.intra_stages.append(previous)
@@ -449,14 +460,70 @@ class IntraLLM:
             kwargs["hidden_states"] = hidden
         return self._substitute(args, kwargs, compaction)
 
-    def _image_rows(self, stage: int) -> torch.Tensor:
-        """[B, N_s] rows of the surviving visual tokens; the rows of a batch must hold the same count."""
+    def _ragged(self, stage: int) -> bool:
+        """Whether the rows of this batch hold different visual-token counts (per-sample budgets then apply
+        row by row); a multi-layer method's stage plan is per prompt: it needs equal counts."""
         counts = self.state.image_mask.sum(dim=1)
-        if not bool((counts == counts[0]).all()):
+        if bool((counts == counts[0]).all()):
+            return False
+        if self.multi:
             raise UserError(f"{self.method.name} at batch size {counts.numel()}: the rows of a batch reach layer "
-                            f"{self.layers[stage]} with different visual-token counts ({', '.join(map(str, counts.tolist()))}); "
-                            f"intra-LLM stages batch only equal counts: use batch_size=1")
-        return rows_of(self.state.image_mask)
+                            f"{self.layers[stage]} with different visual-token counts "
+                            f"({', '.join(map(str, counts.tolist()))}); multi-layer intra-LLM methods plan their "
+                            f"stages per prompt and batch only equal counts: use batch_size=1")
+        return True
+
+    def _select_rows(self, stage: int, hidden: torch.Tensor, kwargs: Kwargs) -> list[torch.Tensor]:
+        """Each batch row on its own (its visual rows, signals, budget round(keep * N_b), seed): per row, the
+        sorted sequence rows of the visual tokens it keeps. The signals see exactly the row's tensors."""
+        b = hidden.shape[0]
+        state, caps = self.state, dict(self.state.captures)
+        mask2d, protected, seeds = state.attention_mask_2d, state.protected, state.row_seeds
+        out = []
+        if stage == 0:
+            self._n_entry = [0] * b
+        try:
+            for row in range(b):
+                state.captures = {k: _batch_row(v, row, b) for k, v in caps.items()}
+                state.attention_mask_2d = _batch_row(mask2d, row, b)
+                state.protected = _batch_row(protected, row, b)
+                image_rows = state.image_mask[row : row + 1].nonzero()[:, 1][None]  # [1, N_b]
+                if len(seeds) == b:
+                    self.generator.manual_seed(seeds[row])
+                decision = self._select(stage, image_rows, hidden[row : row + 1],
+                                        {k: _batch_row(v, row, b) for k, v in kwargs.items()}, row=row)
+                if isinstance(decision, Insertion):
+                    raise UserError(f"{self.method.name} inserts tokens and batches only equal counts: use batch_size=1")
+                out.append(image_rows[0, decision[0].to(image_rows.device)])
+                self._count(stage, out[-1].numel(), row=row)
+        finally:
+            state.attention_mask_2d, state.protected = mask2d, protected
+            state.captures = {}
+        return out
+
+    def _shorten_rows(self, hidden: torch.Tensor, kept: list[torch.Tensor], previous: Compaction | None,
+                      full: Kwargs) -> tuple[torch.Tensor, Compaction]:
+        """`_shorten` for rows that keep different counts: the shortened sequence is left-padded again (filler
+        slots masked out of attention), composed with the previous stage's compaction."""
+        keep = ~self.state.image_mask
+        for row, rows in enumerate(kept):
+            keep[row, rows.to(keep.device)] = True
+        local, pad = padded_rows(keep)
+        index = local if previous is None else previous.index.gather(1, local)
+        if previous is not None and previous.pad is not None:
+            before = previous.pad.gather(1, local)
+            pad = before if pad is None else pad | before
+        hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.state.image_mask = self.state.image_mask.gather(1, local)
+        if self.state.protected is not None:
+            self.state.protected = self.state.protected.gather(1, local)
+        if self.state.attention_mask_2d is not None:
+            self.state.attention_mask_2d = _padded_mask(self.state.attention_mask_2d.gather(1, local), pad)
+        if pad is not None:
+            self.state.image_mask &= ~pad
+            if self.state.protected is not None:
+                self.state.protected &= ~pad
+        return hidden, self._compaction(hidden, full, index, pad=pad)
 
     def _shorten(self, hidden: torch.Tensor, image_rows: torch.Tensor, decision: torch.Tensor | Insertion,
                  previous: Compaction | None, full: Kwargs) -> tuple[torch.Tensor, Compaction, int]:
@@ -495,8 +562,8 @@ class IntraLLM:
                 _insert_rows(index, at, index.gather(1, (at - 1)[:, None]).expand(-1, m)),
                 _insert_rows(inserted, at, inserted.new_ones(at.shape[0], m)))
 
-    def _select(self, stage: int, image_rows: torch.Tensor, hidden: torch.Tensor, kwargs: Kwargs
-                ) -> torch.Tensor | Insertion | None:
+    def _select(self, stage: int, image_rows: torch.Tensor, hidden: torch.Tensor, kwargs: Kwargs,
+                row: int | None = None) -> torch.Tensor | Insertion | None:
         """[B, n_s] kept indices among the surviving visual tokens (with tokens to insert, for methods that
         add some); None when a multi-layer stage keeps all."""
         n_now = image_rows.shape[1]
@@ -512,9 +579,13 @@ class IntraLLM:
             if flag is not None and flag not in self.flags:
                 self.flags.append(flag)
             # n_visual_in: what the prompt held (an earlier pipeline stage may have pruned before the LLM)
-            self._n_entry = n_now
+            if row is None:
+                self._n_entry = [n_now] * len(self.state.row_counts or [0])
+            else:
+                self._n_entry[row] = n_now
             self._set_rows(lambda prior: TokenCounts(prior.n_visual_in or n_now, n_now, float(n_now),
-                                                     clamped or self.state.clamped or prior.clamped, prior.n_fixed))
+                                                     clamped or self.state.clamped or prior.clamped, prior.n_fixed),
+                           row=row)
         adaptive = self.method.spec.adaptive
         if self.multi:
             n_keep = min(self.state.intra_selects[stage], n_now)
@@ -551,20 +622,25 @@ class IntraLLM:
             raise UserError(f"{self.method.name} at batch size {b}: its rows kept different counts; use batch_size=1")
         return torch.cat(out)
 
-    def _set_rows(self, update: Any) -> None:
-        """Apply update(TokenCounts) -> TokenCounts to every batch row's counts (row 0 is `counts`)."""
+    def _set_rows(self, update: Any, row: int | None = None) -> None:
+        """Apply update(TokenCounts) -> TokenCounts to every batch row's counts, or to one row's (row 0 is
+        `counts`)."""
         rows = self.state.row_counts or [self.state.counts]
-        self.state.row_counts = [update(c) for c in rows]
+        self.state.row_counts = [update(c) if row is None or r == row else c for r, c in enumerate(rows)]
         self.state.counts = self.state.row_counts[0]
 
-    def _count(self, stage: int, n_kept: int) -> None:
-        """Record stage `stage`'s kept count; the layer average runs over the stages so far."""
-        counts = self.state.counts
+    def _count(self, stage: int, n_kept: int, row: int | None = None) -> None:
+        """Record stage `stage`'s kept count (of every row, or of one); the layer average runs over the stages
+        so far."""
+        r = 0 if row is None else row
+        counts = (self.state.row_counts or [self.state.counts])[r]
         schedule = [*counts.schedule[:stage], (self.layers[stage], n_kept)]
-        layer_avg = layer_average(len(self.seams.decoder_layers), self._n_entry, schedule)
-        self._set_rows(lambda c: TokenCounts(c.n_visual_in, n_kept, layer_avg, c.clamped, c.n_fixed, schedule=schedule))
-        self.state.stage_counts["intra"] = TokenCounts(self._n_entry, n_kept, layer_avg, counts.clamped,
-                                                       schedule=schedule)
+        layer_avg = layer_average(len(self.seams.decoder_layers), self._n_entry[r], schedule)
+        self._set_rows(lambda c: TokenCounts(c.n_visual_in, n_kept, layer_avg, c.clamped, c.n_fixed, schedule=schedule),
+                       row=row)
+        if r == 0:
+            self.state.stage_counts["intra"] = TokenCounts(self._n_entry[0], n_kept, layer_avg, counts.clamped,
+                                                           schedule=schedule)
 
     def _grid(self, n: int) -> tuple[int, int] | None:
         """The visual tokens' grid when the prompt holds one image of the encoder's grid."""
@@ -574,7 +650,7 @@ class IntraLLM:
         return grid if grid is not None and grid[0] * grid[1] == n and (sizes is None or len(sizes) <= batch) else None
 
     def _compaction(self, hidden: torch.Tensor, kwargs: Kwargs, index: torch.Tensor,
-                    inserted: torch.Tensor | None = None) -> Compaction:
+                    inserted: torch.Tensor | None = None, pad: torch.Tensor | None = None) -> Compaction:
         """index: [B, L'] the surviving rows of the sequence that entered the LLM (length L); kwargs are
         the layer's own, i.e. that full sequence's positions, RoPE and mask; inserted: [B, L'] new rows."""
         b = index.shape[0]
@@ -595,7 +671,8 @@ class IntraLLM:
             shift = 0
         else:
             pe = self.seams.language_model.rotary_emb(hidden, position_ids=new_pos)
-            shift = length - index.shape[1]
+            shift = length - index.shape[1] if pad is None else \
+                (length - index.shape[1] + pad.sum(dim=1, keepdim=True)).to(new_pos.device)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             mask = _gather_mask(_gather_mask(mask, index, dim=2), index, dim=3)
@@ -603,30 +680,66 @@ class IntraLLM:
                 causal = torch.ones(index.shape[1], index.shape[1], dtype=torch.bool, device=mask.device).tril()
                 mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(
                     ~causal, torch.finfo(mask.dtype).min)
+        if pad is not None:
+            mask = _masked_fillers(mask, pad)
         return Compaction(index=index, full_len=length, position_ids=new_pos, shift=shift,
-                          position_embeddings=pe, attention_mask=mask, inserted=inserted)
+                          position_embeddings=pe, attention_mask=mask, inserted=inserted, pad=pad)
 
     @staticmethod
     def _substitute(args: tuple, kwargs: Kwargs, c: Compaction) -> tuple[tuple, Kwargs]:
         kwargs["position_embeddings"] = c.position_embeddings
         kwargs["position_ids"] = c.position_ids
-        if "attention_mask" in kwargs and isinstance(kwargs["attention_mask"], torch.Tensor):
+        if c.pad is not None or ("attention_mask" in kwargs and isinstance(kwargs["attention_mask"], torch.Tensor)):
             kwargs["attention_mask"] = c.attention_mask
         return args, kwargs
 
-    def _decode(self, args: tuple, kwargs: Kwargs, c: Compaction | None) -> tuple[tuple, Kwargs] | None:
+    def _decode(self, args: tuple, kwargs: Kwargs, c: Compaction | None, j: int) -> tuple[tuple, Kwargs] | None:
         if c is None:
             return None
         mask = kwargs.get("attention_mask")
+        if c.pad is not None and not isinstance(mask, torch.Tensor):  # fillers must be masked: build the mask
+            hidden = args[0] if args else kwargs["hidden_states"]
+            b, steps = hidden.shape[:2]
+            generated = kwargs["past_key_values"].get_seq_length(j) - c.index.shape[1]  # decoded before this step
+            mask = torch.ones(b, 1, steps, c.full_len + generated + steps, dtype=torch.bool, device=hidden.device)
+            mask[..., -steps:] = torch.ones(steps, steps, dtype=torch.bool, device=hidden.device).tril()
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             head = _gather_mask(mask[..., : c.full_len], c.index, dim=3)
+            if c.pad is not None:
+                head = _masked_columns(head, c.pad)
             kwargs["attention_mask"] = torch.cat([head, mask[..., c.full_len :]], dim=-1)
-        if c.shift:
+        if not (isinstance(c.shift, int) and c.shift == 0):
             hidden = args[0] if args else kwargs["hidden_states"]
             pos = kwargs["position_ids"] - c.shift
             kwargs["position_ids"] = pos
             kwargs["position_embeddings"] = self.seams.language_model.rotary_emb(hidden, position_ids=pos)
         return args, kwargs
+
+
+def _batch_row(value: Any, row: int, b: int) -> Any:
+    """Row `row` of a batch-first tensor (or of each tensor in a tuple), kept 1 wide; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return value[row : row + 1] if value.dim() and value.shape[0] == b else value
+    if isinstance(value, tuple):
+        return tuple(_batch_row(v, row, b) for v in value)
+    return value
+
+
+def _masked_columns(mask: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask [B, h, q, kv'] with the filler columns (pad [B, kv']) masked out."""
+    cols = pad[:, None, None, :].to(mask.device)
+    return mask & ~cols if mask.dtype == torch.bool else mask.masked_fill(cols, torch.finfo(mask.dtype).min)
+
+
+def _masked_fillers(mask: torch.Tensor | None, pad: torch.Tensor) -> torch.Tensor:
+    """The prefill 4-D mask of a left-padded compaction: no row attends to a filler slot; a filler attends to
+    itself only (a fully masked row would give NaNs). A missing mask (SDPA's causal default) is built."""
+    b, length = pad.shape
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=pad.device).tril()[None, None].expand(b, 1, -1, -1)
+    mask = _masked_columns(mask, pad)
+    diagonal = torch.eye(length, dtype=torch.bool, device=mask.device)[None, None] & pad[:, None, :, None].to(mask.device)
+    return mask | diagonal if mask.dtype == torch.bool else mask.masked_fill(diagonal, 0.0)
 
 
 def _insert_rows(x: torch.Tensor, at: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
