@@ -53,6 +53,7 @@ OPTIONS: dict[str, Kind] = {
     "warmup": Kind("int", 0),
     "batch_size": Kind("int", 1),
     "control": Kind("int", 0),
+    "backend": Kind("str", nullable=True),  # a registered backend, checked by backends.backend_for
     "report": Kind("bool"),
     "wait": Kind("bool"),
 }

@@ -127,10 +127,12 @@ def run_with_baseline(cfg: Any) -> None:
     from omegaconf import OmegaConf, open_dict
 
     from prunebench import methods  # noqa: F401  (registers methods)
-    from prunebench.runner import Job, run
+    from prunebench.backends import backend_for
+    from prunebench.runner import run
 
-    if cfg.dataset.get("kind") != "vlmeval":
-        Job.from_config(cfg)  # every value of the job checked before the baseline's model loads
+    backend = backend_for(cfg)  # the backend runs this dataset at this batch size
+    if backend.check is not None:
+        backend.check(cfg)  # every value of the job checked before the baseline's model loads
     if cfg.baseline and cfg.method.name != "vanilla":
         base = cfg.copy()
         with open_dict(base):

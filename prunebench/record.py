@@ -170,6 +170,32 @@ def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def tokens_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record's `tokens` from per-sample rows: mean visual tokens in / out (per stage, per LLM stage, per
+    video frame where they apply) and prompt lengths."""
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in rows)
+
+    tokens = {"n_visual_in": mean("n_visual_in"), "n_visual_out": mean("n_visual_out"),
+              "n_visual_fixed": mean("n_visual_fixed"), "layer_avg": mean("layer_avg"),
+              "llm_prompt_len": mean("llm_prompt_len"), "prompt_len": mean("prompt_len")}
+    if all(r.get("stages") for r in rows):  # pipelines: mean tokens in / out of each stage
+        tokens["stages"] = [
+            {"method": first["method"], "keep": first["keep"],
+             **{k: statistics.fmean(r["stages"][i][k] or 0 for r in rows) for k in ("n_visual_in", "n_visual_out")}}
+            for i, first in enumerate(rows[0]["stages"])]
+    stages = [r.get("llm_schedule") for r in rows]
+    if stages[0] and all(s and [k for k, _ in s] == [k for k, _ in stages[0]] for s in stages):
+        # multi-layer intra-LLM: [layer K_s, mean visual tokens from K_s on] per stage
+        tokens["llm_schedule"] = [[k, statistics.fmean(s[i][1] for s in stages)] for i, (k, _) in enumerate(stages[0])]
+    if all(r.get("n_frames") for r in rows):  # video: frames x tokens per frame (newlines excluded)
+        tokens["n_frames"] = mean("n_frames")
+        tokens["per_frame_in"] = statistics.fmean((r["n_visual_in"] - r["n_visual_fixed"]) / r["n_frames"] for r in rows)
+        tokens["per_frame_out"] = statistics.fmean((r["n_visual_out"] - r["n_visual_fixed"]) / r["n_frames"]
+                                                   for r in rows)
+    return tokens
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write to a temp file in the same folder, fsync, then rename over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)

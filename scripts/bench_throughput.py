@@ -7,7 +7,7 @@
 The model and prompt are `scripts/bench_prefill.py`'s (CLIP 12x768 at 336 px -> 576 visual tokens, Llama 8x1024,
 random weights: shapes are what matter for time). --samples distinct prompts (questions of different lengths, so
 batches are left-padded; images of different colours) run through the runner's own timed path
-(`runner.generate_batch_timed`, hooks and timer as in a job; CUDA events on a GPU) in batches of each size,
+(`generation.generate_batch_timed`, hooks and timer as in a job; CUDA events on a GPU) in batches of each size,
 generating --new-tokens tokens each (min = max, so every configuration generates the same tokens). One pass =
 every sample once at one (method, batch size); passes are interleaved over --repeats rounds, in a rotating
 order, and each configuration's median pass is printed:
@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_prefill import mid_size_llava  # noqa: E402
 
+from prunebench.generation import generate_batch_timed  # noqa: E402
 from prunebench.measure import instrument  # noqa: E402
 from prunebench.methods import resolve_method  # noqa: E402
 from prunebench.models.llava import llava_seams  # noqa: E402
 from prunebench.models.loader import LoadedModel  # noqa: E402
 from prunebench.models.tiny import build_processor  # noqa: E402
-from prunebench.runner import generate_batch_timed  # noqa: E402
 from prunebench.stages import batch_refusal, install  # noqa: E402
 from prunebench.timing import Timer  # noqa: E402
 

@@ -311,10 +311,10 @@ def reference(record_path: Path, base: str, name: str, tmp: Path) -> dict[str, f
 
 
 def _fixed_answer(monkeypatch, text: str) -> None:
-    from prunebench import runner
+    from prunebench import generation
 
-    real = runner.generate_timed
-    monkeypatch.setattr(runner, "generate_timed", lambda *a, **k: {**real(*a, **k), "text": text})
+    real = generation.generate_timed
+    monkeypatch.setattr(generation, "generate_timed", lambda *a, **k: {**real(*a, **k), "text": text})
 
 
 @vlmeval_only

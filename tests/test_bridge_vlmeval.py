@@ -99,14 +99,14 @@ def vlmeval_reference(record_path: Path, base: str, name: str, root: Path, tmp: 
 def _fixed_answer(monkeypatch, text: str) -> None:
     """Real pruned generation (timings, counts), then a fixed answer: the untrained tiny model's
     answers score 0 everywhere, which would not tell a wrong mapping from a right one."""
-    from prunebench import runner
+    from prunebench import generation
 
-    real = runner.generate_timed
+    real = generation.generate_timed
 
     def generate(*args, **kwargs):
         return {**real(*args, **kwargs), "text": text}
 
-    monkeypatch.setattr(runner, "generate_timed", generate)
+    monkeypatch.setattr(generation, "generate_timed", generate)
 
 
 @pytest.mark.parametrize("answer", [None, "fixed"])

@@ -13,6 +13,7 @@ from test_cli import REPO, cli
 from test_runner import config, lines
 
 from prunebench import runner
+from prunebench.backends import builtin
 from prunebench.errors import UserError
 from prunebench.record import load_record
 from prunebench.runner import Interrupted
@@ -67,14 +68,14 @@ def test_a_torn_last_line_is_cut_before_appending(tiny_path, tmp_path):
 
 def test_ctrl_c_says_what_is_saved(tiny_path, tmp_path, monkeypatch):
     cfg = config(tiny_path, tmp_path, "method=random_pre", "keep=0.5", "warmup=0")
-    real = runner._generate
+    real = builtin._generate
 
     def interrupted(loaded, dataset, batch, *args, **kwargs):
         if any(it.index == 2 for it in batch):
             raise KeyboardInterrupt
         return real(loaded, dataset, batch, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "_generate", interrupted)
+    monkeypatch.setattr(builtin, "_generate", interrupted)
     with pytest.raises(Interrupted, match=r"interrupted: 2 of 4 samples .* rerun the same command to resume"):
         runner.run(cfg, quiet=True)
 
@@ -209,7 +210,7 @@ def test_a_layer_out_of_range_is_refused_before_the_model_loads(tiny_path, tmp_p
     def no_load(*args):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner, "load_model", no_load)
+    monkeypatch.setattr(builtin, "load_model", no_load)
     with pytest.raises(UserError, match=r"fastv: layer must be in 1\.\.3 for this model \(4 decoder layers\), got 9"):
         runner.run(config(tiny_path, tmp_path, "method=fastv", "method.params.layer=9"), quiet=True)
     assert not list(tmp_path.rglob("record.json"))

@@ -206,7 +206,7 @@ def test_tsv_export_round_trips(tmp_path) -> None:
 def test_blind_floor_is_attached_only_for_its_dataset(tmp_path) -> None:
     import json
 
-    from prunebench.runner import blind_floor
+    from prunebench.backends.builtin import blind_floor
 
     path = tmp_path / "blind_floor.json"
     path.write_text(json.dumps({"dataset": {"kind": "probe", "seed": 0, "image_size": 96},

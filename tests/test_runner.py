@@ -12,6 +12,7 @@ from prunebench import (
     methods,  # noqa: F401
     runner,
 )
+from prunebench.backends import builtin
 from prunebench.cli import CONFIG_DIR
 from prunebench.errors import UserError
 from prunebench.record import LATENCY_FIELDS, SCHEMA_VERSION, TIMED_FIELDS, load_record
@@ -85,7 +86,7 @@ def test_complete_job_is_skipped(tiny_path, tmp_path, capsys):
 
 def test_crash_then_rerun_resumes_without_duplicates(tiny_path, tmp_path, monkeypatch):
     cfg = config(tiny_path, tmp_path, "method=random_intra", "keep=0.5", "warmup=0")
-    real, calls = runner._generate, []
+    real, calls = builtin._generate, []
 
     def crashing(loaded, dataset, batch, *args, **kwargs):
         calls.extend(it.index for it in batch)
@@ -93,13 +94,13 @@ def test_crash_then_rerun_resumes_without_duplicates(tiny_path, tmp_path, monkey
             raise KeyboardInterrupt  # the process dies mid-run
         return real(loaded, dataset, batch, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "_generate", crashing)
+    monkeypatch.setattr(builtin, "_generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         runner.run(cfg, quiet=True)
     job_dir = runner.Job.from_config(cfg).directory(tmp_path)
     assert load_record(job_dir / "record.json").status == "running"
     assert [r["index"] for r in lines(job_dir / "predictions.jsonl")] == [0, 1]
-    monkeypatch.setattr(runner, "_generate", real)
+    monkeypatch.setattr(builtin, "_generate", real)
     rec = load_record(runner.run(cfg, quiet=True))
     assert rec.status == "complete" and rec.n_samples == 4
     assert sorted(r["index"] for r in lines(job_dir / "predictions.jsonl")) == [0, 1, 2, 3]
@@ -108,14 +109,14 @@ def test_crash_then_rerun_resumes_without_duplicates(tiny_path, tmp_path, monkey
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeypatch, batch_size):
     """A failing batch is retried a sample at a time: only the failing sample is recorded as failed."""
-    real = runner._generate
+    real = builtin._generate
 
     def flaky(loaded, dataset, batch, *args, **kwargs):
         if any(it.index == 1 for it in batch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(loaded, dataset, batch, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "_generate", flaky)
+    monkeypatch.setattr(builtin, "_generate", flaky)
     cfg = config(tiny_path, tmp_path, "method=divprune", "keep=0.5", f"batch_size={batch_size}")
     rec = load_record(runner.run(cfg, quiet=True))
     assert rec.status == "complete" and rec.n_samples == 4 and rec.n_failed == 1
@@ -123,7 +124,7 @@ def test_failing_sample_is_recorded_and_run_goes_on(tiny_path, tmp_path, monkeyp
     rows = {r["index"]: r for r in lines(predictions)}
     assert "simulated" in rows[1]["error"] and rows[0]["error"] is None
     assert [rows[i].get("batch_size") for i in (0, 2, 3)] == [1, batch_size, batch_size]
-    monkeypatch.setattr(runner, "_generate", real)  # the cause is gone: the rerun retries sample 1 only
+    monkeypatch.setattr(builtin, "_generate", real)  # the cause is gone: the rerun retries sample 1 only
     rec = load_record(runner.run(cfg, quiet=True))
     assert rec.n_failed == 0 and [r["index"] for r in lines(predictions)] == [0, 1, 2, 3, 1]
 
@@ -206,6 +207,6 @@ def test_paired_vanilla_control_runs_in_the_same_process(tiny_path, tmp_path):
 
 
 def test_control_batches_are_spread_evenly():
-    assert runner.control_batches(10, 4) == [0, 2, 5, 7]
-    assert runner.control_batches(3, 8) == [0, 1, 2]
-    assert runner.control_batches(5, 0) == []
+    assert builtin.control_batches(10, 4) == [0, 2, 5, 7]
+    assert builtin.control_batches(3, 8) == [0, 1, 2]
+    assert builtin.control_batches(5, 0) == []

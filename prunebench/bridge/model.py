@@ -1,7 +1,7 @@
 """The prunebench model as a VLMEvalKit `BaseModel` (class created lazily: vlmeval is optional).
 
 `Session` does the work and knows nothing about VLMEvalKit: message -> the family's processor ->
-pruned greedy generation timed exactly as the built-in runner (`runner.generate_timed`). Each answer
+pruned greedy generation timed exactly as the built-in runner (`generation.generate_timed`). Each answer
 is appended (and flushed) to this rank's predictions JSON-lines file at once, with its timings and
 token counts; a rerun answers indices found there from the file, so a run killed between
 VLMEvalKit's periodic pickle dumps loses nothing and answers no index twice.
@@ -48,7 +48,7 @@ class Session:
         video = self.nframe > 0
         inputs = (build_video_inputs(processor, message, self.nframe) if video
                   else build_inputs(processor, message)).to(self.loaded.device)
-        from prunebench.runner import generate_timed
+        from prunebench.generation import generate_timed
 
         reseed = self._reseed(index)
         for _ in range(self.warmup):

@@ -19,7 +19,8 @@ from prunebench.bridge import guard, naming, scores, tsv
 from prunebench.bridge.isolate import contained, scoped_env, vlmeval_api
 from prunebench.errors import UserError
 from prunebench.flops import flops_summary
-from prunebench.record import PREDICTIONS_NAME, memory_summary, timing_summary
+from prunebench.jobs import Job, job_lock, new_record, plain, reusable, say, writable_results_dir
+from prunebench.record import PREDICTIONS_NAME, memory_summary, timing_summary, tokens_summary
 
 JUDGE_ENV = "OPENAI_API_KEY"
 
@@ -88,7 +89,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> BridgeData:
                                    dcfg.get("stratify", "category"))
     scores.check_mapping(dcfg["score"]) if dcfg.get("scorer", "vlmeval") == "vlmeval" else None
     return BridgeData(name=name, base=dcfg.get("base", dcfg["name"]), root=root, limit=limit,
-                      score=_container(dcfg.get("score") or {}), scorer=str(dcfg.get("scorer", "vlmeval")),
+                      score=plain(dcfg.get("score") or {}), scorer=str(dcfg.get("scorer", "vlmeval")),
                       judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)),
                       tsv_md5=tsv.file_md5(root / f"{name}.tsv"))
 
@@ -109,7 +110,7 @@ def prepare_video_data(cfg: Mapping[str, Any]) -> BridgeData:
         name, _ = tsv.write_subset(folder, name, limit, int(dcfg.get("subset_seed", 0)), dcfg.get("group_by"),
                                    dcfg.get("stratify", "task_type"))
     scores.check_mapping(dcfg["score"])
-    return BridgeData(name=name, base=base, root=folder, limit=limit, score=_container(dcfg["score"]), scorer="vlmeval",
+    return BridgeData(name=name, base=base, root=folder, limit=limit, score=plain(dcfg["score"]), scorer="vlmeval",
                       judge=judge, max_new_tokens=int(dcfg.get("max_new_tokens", 16)), modality="video",
                       nframe=nframe, fps=fps, video_llm=bool(dcfg.get("video_llm", False)),
                       tsv_md5=tsv.file_md5(folder / f"{name}.tsv"))
@@ -172,13 +173,6 @@ def merged_timing(rows_by_rank: Mapping[int, list[dict[str, Any]]], clock: str) 
     return timing
 
 
-def _container(value: Any) -> dict[str, Any]:
-    """A config mapping as plain JSON-able dicts and lists (an OmegaConf list would be stored as its repr)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else dict(value)
-
-
 def shapes_score(pred_rows: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
     """prunebench's own exact-match scorer on VLMEvalKit's prediction table (the built-in suite)."""
     from prunebench.data.datasets import accuracy
@@ -207,14 +201,12 @@ def _prediction_files(out: Path) -> list[Path]:
 
 def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
     """Run (or resume, or skip) one VLMEvalKit job; returns the record path (rank 0 writes it)."""
-    from prunebench.runner import Job, job_lock, writable_results_dir
 
     guard.check_vlmeval_config(cfg["dataset"])  # every dataset parameter's type and range
     data = prepare_data(cfg)  # every data / judge error, before the model loads
     api = vlmeval_api()  # then the backend itself (one line on how to install it)
     check_backend(api, cfg, data)  # the scorer exists (a custom name needs +dataset.base=)
-    plain = _plain(cfg)
-    job = replace(Job.from_config({**plain, "limit": None}), dataset=data.name, limit=data.limit)
+    job = replace(Job.from_config({**plain(cfg), "limit": None}), dataset=data.name, limit=data.limit)
     out = job.directory(writable_results_dir(cfg["results_dir"]))
     rank, world = _rank_world()
     # one process per job folder (torchrun: rank 0 holds it for all ranks)
@@ -225,12 +217,11 @@ def run_vlmeval(cfg: Mapping[str, Any], *, quiet: bool = False) -> Path:
 def _run_job(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: Any, out: Path, rank: int, world: int,
              quiet: bool) -> Path:
     from prunebench.record import RECORD_NAME, save_record
-    from prunebench.runner import _say, reusable
 
     record_path = out / RECORD_NAME
     check_job_data(out, data)  # a job folder answered on another TSV content is not resumed or reused
     if reusable(record_path, job):
-        _say(quiet, f"[prunebench] complete, skipped: {record_path}")
+        say(quiet, f"[prunebench] complete, skipped: {record_path}")
         return record_path
     if world > 1:
         _init_gloo()
@@ -255,12 +246,6 @@ def check_job_data(out: Path, data: BridgeData) -> None:
         guard.write_marker(work, path, data.tsv_md5)
 
 
-def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
 def _init_gloo() -> None:
     import torch.distributed as dist
 
@@ -276,7 +261,6 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     from prunebench.measure import instrument
     from prunebench.models.loader import load_model, resolve_device
     from prunebench.record import save_record
-    from prunebench.runner import _new_record
     from prunebench.stages import install
     from prunebench.timing import Timer
 
@@ -290,7 +274,7 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     loaded = load_model(cfg["model"], device)
     if data.modality == "video":
         check_video_processor(loaded, data.name)
-    record = _new_record(job, cfg, loaded)
+    record = new_record(job, cfg, loaded)
     if rank == 0:
         save_record(out, record)
     sink = out / (PREDICTIONS_NAME if world == 1 else f"predictions.rank{rank}.jsonl")
@@ -334,7 +318,6 @@ def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[d
     import json
 
     from prunebench.record import now
-    from prunebench.runner import _tokens
 
     every = [r for rows in rows_by_rank.values() for r in rows]
     with (out / PREDICTIONS_NAME).open("w") as f:  # the merged file, in the dataset's order
@@ -349,7 +332,7 @@ def _fill(record: Any, job: Any, data: BridgeData, table: Any, pred_rows: list[d
         record.score, record.metrics = shapes_score(pred_rows)
     clock = "cuda_events" if record.device.get("type") == "cuda" else "perf_counter"
     record.timing = merged_timing(rows_by_rank, clock)
-    record.tokens = _tokens(every) if every else {}
+    record.tokens = tokens_summary(every) if every else {}
     record.memory = memory_summary(every)
     record.flops = flops_summary(every)
     record.benchmark = {"backend": "vlmeval", "vlmeval_dataset": data.name, "scored_as": data.base,

@@ -1,0 +1,137 @@
+"""Timed greedy generation of a prepared batch under an installed method: the per-sample fields of
+`predictions.jsonl` (text, stage timings, token counts, KV bytes, FLOPs). Every backend generates through here,
+so all of them time exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from prunebench.data.datasets import Item
+from prunebench.errors import UserError
+from prunebench.flops import count_flops
+from prunebench.measure import kv_cache_bytes, prefill_cache_bytes
+from prunebench.models.loader import LoadedModel
+from prunebench.stages import Installation
+from prunebench.timing import Timer
+
+
+def batch_inputs(loaded: LoadedModel, batch: list[Item]) -> Any:
+    """The processor's tensors for a batch of samples (several: left-padded, as generation needs)."""
+    processor = loaded.processor
+    video = bool(batch[0].frames)
+    visual = {"type": "video"} if video else {"type": "image"}
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [visual, {"type": "text", "text": item.question}]}], add_generation_prompt=True)
+        for item in batch]
+    if len(batch) == 1:  # exactly the single-sample call, no padding arguments
+        media = {"videos": [list(batch[0].frames)]} if video else {"images": batch[0].image}
+        inputs = processor(text=prompts[0], return_tensors="pt", **media)
+    else:
+        media = {"videos": [list(it.frames) for it in batch]} if video else {"images": [it.image for it in batch]}
+        inputs = processor(text=prompts, return_tensors="pt", padding=True, padding_side="left", **media)
+    if not any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
+        kind = "videos" if video else "images"
+        raise UserError(f"the processor of model '{loaded.name}' produced no pixels for {kind} "
+                        f"(its {kind[:-1]} processor is missing or unsupported here)")
+    return inputs.to(loaded.device)
+
+
+def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: Timer, reseed: int,
+                   max_new_tokens: int, flops: bool = True) -> dict[str, Any]:
+    """Greedy generation of one prepared sample under the installed method, with the stage timings.
+
+    -> {"text", "timing", token counts, ...}: the per-sample fields of predictions.jsonl (shared by
+    the built-in runner and the VLMEvalKit bridge, so both time exactly the same thing). `flops`: count the
+    sample's FLOPs in a second, untimed pass (off for warm-up runs, whose rows are not kept).
+    """
+    return generate_batch_timed(loaded, inputs, inst, timer, [reseed], max_new_tokens, flops=flops)[0]
+
+
+def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: Timer, reseeds: list[int],
+                         max_new_tokens: int, flops: bool | list[Any] = True) -> list[dict[str, Any]]:
+    """Greedy generation of a prepared batch (B rows, left-padded when B > 1), one row dict per sample.
+
+    Times are the batch's (what each of its samples waits for: `batch_size` says how many shared it); token
+    counts are the row's own; KV bytes are the row's share of the batch's cache (1/B, padding included).
+    `flops`: True counts the batch (B = 1) in a second untimed pass; a list of single-sample inputs counts each
+    sample alone, so a sample's FLOPs do not depend on its batch; False counts nothing.
+    """
+    from transformers import GenerationConfig
+
+    processor, model = loaded.processor, loaded.model
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(loaded.dtype)
+    tok = processor.tokenizer
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           bos_token_id=tok.bos_token_id)
+    b = inputs["input_ids"].shape[0]
+    inst.reseed_rows(reseeds)
+    cuda = loaded.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    timer.reset()
+    with torch.inference_mode(), prefill_cache_bytes(model) as kv:
+        timer.start("total")
+        output = model.generate(**inputs, generation_config=gen)
+        timer.stop("total")
+    kv_prefill = [n // b for n in kv.get("prefill", [])]
+    kv_end = [n // b for n in kv_cache_bytes(kv.get("cache"))]
+    seconds, forwards = timer.seconds(), timer.spans("forward")
+    decode_s = sum(forwards[1:])
+    timing = {"total_s": seconds.get("total", 0.0), "vision_s": seconds.get("vision", 0.0),
+              "method_s": seconds.get("method", 0.0), "prefill_s": forwards[0] if forwards else 0.0,
+              "decode_s": decode_s, "ttft_s": timer.first_to_first("total", "forward"),
+              "tpot_s": decode_s / (len(forwards) - 1) if len(forwards) > 1 else None}
+    width = inputs["input_ids"].shape[1]
+    real = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [width] * b
+    entry = inst.state.entry
+    counts = inst.state.row_counts if len(inst.state.row_counts) == b else [inst.counts]
+    peak = torch.cuda.max_memory_allocated(loaded.device) if cuda else None
+    rows = []
+    for row in range(b):
+        new = _generated(output[row, width:], tok.eos_token_id)
+        llm_len = int(real[row]) if entry is None else \
+            int(entry.index.shape[1] - (0 if entry.pad is None else entry.pad[row].sum()))
+        rows.append({
+            "text": tok.decode(new, skip_special_tokens=True).strip(),
+            "timing": dict(timing),
+            "n_new_tokens": int(new.numel()),
+            "prompt_len": int(real[row]),
+            "llm_prompt_len": llm_len,
+            **counts[row].as_dict(),
+            **({"vision_merge_schedule": list(inst.schedule)} if inst.schedule is not None else {}),
+            **({"stages": inst.stage_counts} if inst.stages else {}),
+            "peak_gpu_bytes": peak,
+            "kv_layer_bytes_prefill": kv_prefill, "kv_layer_bytes_end": kv_end,
+            "batch_size": b,
+        })
+    if flops is True and b > 1:
+        raise ValueError("a batch's FLOPs are counted per sample: pass its single-sample inputs")
+    if flops is True:  # the same picks again, counted in a separate untimed pass
+        inst.reseed_rows(reseeds)
+        with torch.inference_mode():
+            rows[0]["flops"] = count_flops(lambda: model.generate(**inputs, generation_config=gen), loaded.seams, timer)
+    elif flops:  # each sample alone, at batch size 1
+        for row, single, reseed in zip(rows, flops, reseeds, strict=True):
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in single:
+                    single[key] = single[key].to(loaded.dtype)
+            inst.reseed_rows([reseed])
+            with torch.inference_mode():
+                row["flops"] = count_flops(lambda single=single: model.generate(**single, generation_config=gen),
+                                           loaded.seams, timer)
+    return rows
+
+
+def _generated(tokens: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:
+    """A row's generated tokens up to and including its first end-of-sequence token (what follows is the
+    padding a batch adds to rows that finished early)."""
+    if eos is None:
+        return tokens
+    stops = torch.isin(tokens, torch.tensor(eos if isinstance(eos, list) else [eos], device=tokens.device))
+    return tokens[: int(stops.nonzero()[0, 0]) + 1] if bool(stops.any()) else tokens
