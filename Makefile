@@ -9,7 +9,7 @@ ARGS   ?=
 METHODS ?= random_pre,pooling_pre,divprune,fastervlm,random_intra,fastv,dart
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench bench-throughput lint clean vlmeval-check vlmeval-test probe probe-qwen probe-internvl
+.PHONY: setup demo test sweep report bench bench-throughput lint clean vlmeval-check vlmeval-test lmms-setup lmms-test probe probe-qwen probe-internvl
 
 setup: $(STAMP)
 
@@ -70,6 +70,18 @@ vlmeval-check:       ## is the VLMEvalKit backend importable from VLMEVAL_PYTHON
 
 vlmeval-test: vlmeval-check  ## the bridge's end-to-end tests in the backend's venv
 	$(VLMEVAL_PYTHON) -m pytest -q tests/test_bridge_pure.py tests/test_bridge_vlmeval.py tests/test_bridge_video.py
+
+# Optional lmms-eval (README: "lmms-eval"): its own venv at LMMS_VENV, prunebench installed there as the
+# `--model prunebench` entry point. lmms-eval 0.7.3 imports `filelock._api`, gone in filelock 3.20.
+LMMS_VENV ?= ../lmms-venv
+
+lmms-setup:          ## a venv with lmms-eval 0.7.3 and prunebench (CPU torch), for lmms-test and lmms-eval's CLI
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LMMS_VENV)/bin/python -m pip install -q -e ".[lmms,dev]" "filelock<3.20"
+
+lmms-test:           ## lmms-eval's own CLI on the pruned model (probe task) == the built-in run, in LMMS_VENV
+	$(LMMS_VENV)/bin/python -m pytest -q tests/test_lmms.py
 
 lint: setup
 	$(BIN)/ruff check prunebench tests scripts

@@ -180,10 +180,10 @@ def test_resume_answers_every_index_once(tiny_path, tmp_path, monkeypatch) -> No
     original = bridge_model.Session.answer
 
     def counting(self, message):
-        before = self.generated
+        before, index = self.generated, self.index  # answer() consumes the tracked index
         out = original(self, message)
         if self.generated > before:
-            generated.append(self.index)
+            generated.append(index)
         return out
 
     monkeypatch.setattr(bridge_model.Session, "answer", counting)

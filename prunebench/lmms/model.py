@@ -1,0 +1,116 @@
+"""The pruned prunebench model as an lmms-eval `lmms` (simple, generation-only) model.
+
+`--model_args` are prunebench's own options: `model=`, `method=`, `keep=`, `seed=`, `device=`, any other Hydra
+override by its dotted name (`method.params.layer=3`, `model.dtype=bfloat16`), and `predictions=<file.jsonl>`
+for prunebench's per-sample rows (timings, kept tokens, FLOPs, KV bytes). Each request is answered as the
+built-in runner answers a sample: one user turn (images, then the task's text) through the family's chat
+template, greedy, under the installed method, timed by `generation.generate_timed`; sample `doc_id` is reseeded
+with seed * 1000003 + doc_id, so its random picks equal the built-in run's.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from prunebench.generation import generate_timed
+from prunebench.jobs import Job
+from prunebench.measure import instrument
+from prunebench.models.loader import load_model, resolve_device
+from prunebench.stages import install
+from prunebench.timing import Timer
+
+NAMED = ("model", "method", "keep", "seed", "device")
+
+
+def compose_config(options: dict[str, Any]) -> Any:
+    """prunebench's composed config for `--model_args` (names and dotted overrides)."""
+    from hydra import compose, initialize_config_dir
+
+    from prunebench.checks import CONFIG_DIR
+
+    overrides = [f"{k}={v}" for k, v in options.items() if k in NAMED]
+    overrides += [f"{k}={v}" for k, v in options.items() if k not in NAMED]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+class PrunebenchLMM(lmms):
+    def __init__(self, model: str = "probe_llava", method: str = "divprune", keep: float = 0.111, seed: int = 0,
+                 device: str = "cpu", predictions: str | None = None, batch_size: int | str = 1,
+                 **overrides: Any) -> None:
+        super().__init__()
+        if str(batch_size) not in ("1", "None"):
+            raise ValueError("prunebench answers lmms-eval requests one at a time: use --batch_size 1")
+        from prunebench import methods  # noqa: F401  (registers the methods)
+
+        self.cfg = compose_config({"model": model, "method": method, "keep": keep, "seed": seed,
+                                   "device": device, **overrides})
+        self.job = Job.from_config(self.cfg)  # every value checked, one line each, before the model loads
+        dev = resolve_device(str(self.cfg.device))
+        if dev.type == "cpu" and self.cfg.get("cpu_threads"):
+            torch.set_num_threads(int(self.cfg.cpu_threads))
+        self.loaded = load_model(self.cfg.model, dev)
+        self.timer = Timer(self.loaded.device)
+        self._stack = ExitStack()
+        self._stack.enter_context(instrument(self.loaded.model, self.loaded.seams, self.timer))
+        self.inst = self._stack.enter_context(install(self.loaded.seams, self.job.method, self.job.keep,
+                                                      seed=self.job.seed, timer=self.timer))
+        self.sink = Path(predictions) if predictions else None
+        if self.sink is not None:
+            self.sink.parent.mkdir(parents=True, exist_ok=True)
+        self.warmup = int(self.cfg.get("warmup", 1))
+        self.rows: list[dict[str, Any]] = []
+
+    def _inputs(self, visuals: list[Any], text: str) -> Any:
+        processor = self.loaded.processor
+        content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": text}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        media = {"images": visuals[0] if len(visuals) == 1 else list(visuals)} if visuals else {}
+        return processor(text=prompt, return_tensors="pt", **media).to(self.loaded.device)
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        answers = []
+        for request in tqdm(requests, desc="prunebench", disable=self.rank != 0):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            visuals = [v.convert("RGB") for v in doc_to_visual(self.task_dict[task][split][doc_id])]
+            inputs = self._inputs(visuals, context)
+            new_tokens = int(dict(gen_kwargs).get("max_new_tokens", 16))
+            reseed = self.job.seed * 1_000_003 + int(doc_id)
+            for _ in range(self.warmup):  # untimed, as the runner's warm-up
+                generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, new_tokens, flops=False)
+            self.warmup = 0
+            row = generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, new_tokens)
+            text = _until(row.pop("text"), dict(gen_kwargs).get("until"))
+            row = {"index": int(doc_id), "task": task, "prediction": text, **row}
+            self.rows.append(row)
+            if self.sink is not None:
+                with self.sink.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            answers.append(text)
+        return answers
+
+    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        raise NotImplementedError("prunebench measures pruned generation: use generate_until tasks")
+
+    def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
+        raise NotImplementedError("prunebench answers one round per request")
+
+    def __del__(self) -> None:
+        stack = getattr(self, "_stack", None)
+        if stack is not None:
+            stack.close()  # every hook removed, every class restored
+
+
+def _until(text: str, until: Any) -> str:
+    """The answer cut at the first of the task's stop strings (lmms-eval's `until`)."""
+    for stop in [until] if isinstance(until, str) else list(until or []):
+        if stop and stop in text:
+            text = text.split(stop, 1)[0]
+    return text.strip()
