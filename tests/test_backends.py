@@ -17,7 +17,7 @@ def cfg(*overrides: str):
 
 @pytest.mark.parametrize(("dataset", "backend"), [("probe", "builtin"), ("shapes", "builtin"),
                                                   ("shapes_video", "builtin"), ("MME", "vlmeval"),
-                                                  ("shapes_vlmeval", "vlmeval")])
+                                                  ("shapes_vlmeval", "vlmeval"), ("lmms_probe", "lmms_eval")])
 def test_the_dataset_kind_picks_the_backend(dataset, backend):
     assert backend_for(cfg(f"dataset={dataset}")).name == backend
     assert backend_for(cfg(f"dataset={dataset}", f"backend={backend}")).name == backend
@@ -27,7 +27,7 @@ def test_a_backend_that_does_not_run_the_dataset_is_one_line():
     with pytest.raises(UserError, match=r"^backend=builtin does not run dataset 'MME' \(kind vlmeval\); "
                                         r"valid backends for it: vlmeval$"):
         backend_for(cfg("dataset=MME", "backend=builtin"))
-    with pytest.raises(UserError, match=r"unknown backend 'lmms'.*valid choices: builtin, vlmeval"):
+    with pytest.raises(UserError, match=r"unknown backend .lmms.*valid choices: builtin, lmms_eval, vlmeval"):
         backend_for(cfg("backend=lmms"))
 
 
@@ -42,3 +42,18 @@ def test_every_dataset_config_has_exactly_one_backend():
     for path in sorted((CONFIG_DIR / "dataset").glob("*.yaml")):
         kind = cfg(f"dataset={path.stem}").dataset.get("kind")
         assert sum(BACKENDS.get(n).kinds(str(kind)) for n in BACKENDS) == 1, path.stem
+
+
+def test_lmms_eval_backend_without_lmms_eval_is_one_line(tmp_path):
+    import importlib.util
+
+    from prunebench import runner
+    from prunebench.backends.lmms_eval import INSTALL_HINT
+
+    if importlib.util.find_spec("lmms_eval") is not None:
+        pytest.skip("lmms-eval is installed here (tests/test_lmms.py runs the backend)")
+    assert backend_for(cfg("dataset=lmms_probe")).name == "lmms_eval"
+    with pytest.raises(UserError) as err:
+        runner.run(cfg("dataset=lmms_probe", f"results_dir={tmp_path}"), quiet=True)
+    assert str(err.value) == INSTALL_HINT and "\n" not in INSTALL_HINT
+    assert not list(tmp_path.rglob("record.json"))  # refused before anything was written

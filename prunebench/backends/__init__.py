@@ -1,10 +1,11 @@
 """Evaluation backends: where a job's items come from, how they are answered, and how they are scored.
 
-    builtin   prunebench's own suites: probe, shapes, shapes_video (`backends/builtin.py`)
-    vlmeval   VLMEvalKit's benchmarks, optional, in its own venv (`prunebench/bridge/`)
+    builtin    prunebench's own suites: probe, shapes, shapes_video (`backends/builtin.py`)
+    vlmeval    VLMEvalKit's benchmarks, optional, in its own venv (`prunebench/bridge/`)
+    lmms_eval  lmms-eval's tasks, optional, in its own venv (`backends/lmms_eval.py`, `prunebench/lmms/`)
 
 A job's backend follows from its dataset config (`dataset.kind`: `vlmeval` for VLMEvalKit's, else built-in), or
-from `backend=<name>`, which must be one that runs that kind. Every backend shares the job's identity, lock and
+from `backend=<name>`, which must be one that runs that kind (`lmms_eval` for `dataset.kind: lmms_eval`). Every backend shares the job's identity, lock and
 skip / resume rule (`prunebench/jobs.py`), generates through `prunebench/generation.py`, and fills one
 `RunRecord` (`prunebench/record.py`). Adding a backend: a module here with its `run`, registered below.
 """
@@ -52,12 +53,21 @@ def _vlmeval(cfg: Mapping[str, Any], quiet: bool, wait: bool | None) -> Path:
     return run_vlmeval(cfg, quiet=quiet)
 
 
+def _lmms_eval(cfg: Mapping[str, Any], quiet: bool, wait: bool | None) -> Path:
+    from prunebench.backends.lmms_eval import run_lmms_eval  # imports lmms-eval only now (optional)
+
+    return run_lmms_eval(cfg, quiet, wait)
+
+
 BACKENDS: Registry[Backend] = Registry("backend")
-BACKENDS.add("builtin", Backend("builtin", lambda kind: kind != "vlmeval", _builtin,
+BACKENDS.add("builtin", Backend("builtin", lambda kind: kind not in ("vlmeval", "lmms_eval"), _builtin,
                                 what="prunebench's own suites (probe, shapes, shapes_video)", check=_check_job))
 BACKENDS.add("vlmeval", Backend("vlmeval", lambda kind: kind == "vlmeval", _vlmeval,
                                 batch_refusal="the VLMEvalKit backend asks the model one sample at a time",
                                 what="VLMEvalKit's benchmarks (optional, README 'VLMEvalKit backend')"))
+BACKENDS.add("lmms_eval", Backend("lmms_eval", lambda kind: kind == "lmms_eval", _lmms_eval,
+                                  batch_refusal="the lmms-eval backend answers one request at a time",
+                                  what="lmms-eval tasks (optional, README 'lmms-eval')", check=_check_job))
 
 
 def backend_for(cfg: Mapping[str, Any]) -> Backend:

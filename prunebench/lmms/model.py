@@ -19,7 +19,7 @@ import torch
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from prunebench.generation import generate_timed
+from prunebench import generation
 from prunebench.jobs import Job
 from prunebench.measure import instrument
 from prunebench.models.loader import load_model, resolve_device
@@ -50,23 +50,39 @@ class PrunebenchLMM(lmms):
             raise ValueError("prunebench answers lmms-eval requests one at a time: use --batch_size 1")
         from prunebench import methods  # noqa: F401  (registers the methods)
 
-        self.cfg = compose_config({"model": model, "method": method, "keep": keep, "seed": seed,
-                                   "device": device, **overrides})
-        self.job = Job.from_config(self.cfg)  # every value checked, one line each, before the model loads
-        dev = resolve_device(str(self.cfg.device))
-        if dev.type == "cpu" and self.cfg.get("cpu_threads"):
-            torch.set_num_threads(int(self.cfg.cpu_threads))
-        self.loaded = load_model(self.cfg.model, dev)
-        self.timer = Timer(self.loaded.device)
+        cfg = compose_config({"model": model, "method": method, "keep": keep, "seed": seed, "device": device,
+                              **overrides})
+        job = Job.from_config(cfg)  # every value checked, one line each, before the model loads
+        dev = resolve_device(str(cfg.device))
+        if dev.type == "cpu" and cfg.get("cpu_threads"):
+            torch.set_num_threads(int(cfg.cpu_threads))
         self._stack = ExitStack()
-        self._stack.enter_context(instrument(self.loaded.model, self.loaded.seams, self.timer))
-        self.inst = self._stack.enter_context(install(self.loaded.seams, self.job.method, self.job.keep,
-                                                      seed=self.job.seed, timer=self.timer))
-        self.sink = Path(predictions) if predictions else None
-        if self.sink is not None:
-            self.sink.parent.mkdir(parents=True, exist_ok=True)
-        self.warmup = int(self.cfg.get("warmup", 1))
+        loaded = load_model(cfg.model, dev)
+        timer = Timer(loaded.device)
+        self._stack.enter_context(instrument(loaded.model, loaded.seams, timer))
+        inst = self._stack.enter_context(install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer))
+        self._attach(cfg, job, loaded, inst, timer, Path(predictions) if predictions else None, {})
+
+    @classmethod
+    def for_job(cls, cfg: Any, job: Job, loaded: Any, inst: Any, timer: Timer, sink: Path,
+                known: dict[str, dict[str, Any]]) -> PrunebenchLMM:
+        """The model over an already loaded, already pruned model (the `lmms_eval` backend): answers found in
+        `known` (by `<task>:<doc_id>`, from an earlier, killed run) are returned, never generated twice."""
+        lm = cls.__new__(cls)
+        lmms.__init__(lm)
+        lm._stack = None
+        lm._attach(cfg, job, loaded, inst, timer, sink, known)
+        return lm
+
+    def _attach(self, cfg: Any, job: Job, loaded: Any, inst: Any, timer: Timer, sink: Path | None,
+                known: dict[str, dict[str, Any]]) -> None:
+        self.cfg, self.job, self.loaded, self.inst, self.timer = cfg, job, loaded, inst, timer
+        self.sink, self.known = sink, known
+        if sink is not None:
+            sink.parent.mkdir(parents=True, exist_ok=True)
+        self.warmup = int(cfg.get("warmup", 1))
         self.rows: list[dict[str, Any]] = []
+        self.generated = 0
 
     def _inputs(self, visuals: list[Any], text: str) -> Any:
         processor = self.loaded.processor
@@ -79,20 +95,27 @@ class PrunebenchLMM(lmms):
         answers = []
         for request in tqdm(requests, desc="prunebench", disable=self.rank != 0):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            key = f"{task}:{doc_id}"
+            if key in self.known:  # answered before a kill
+                answers.append(str(self.known[key]["prediction"]))
+                continue
             visuals = [v.convert("RGB") for v in doc_to_visual(self.task_dict[task][split][doc_id])]
             inputs = self._inputs(visuals, context)
             new_tokens = int(dict(gen_kwargs).get("max_new_tokens", 16))
             reseed = self.job.seed * 1_000_003 + int(doc_id)
             for _ in range(self.warmup):  # untimed, as the runner's warm-up
-                generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, new_tokens, flops=False)
+                generation.generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, new_tokens, flops=False)
             self.warmup = 0
-            row = generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, new_tokens)
+            row = generation.generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, new_tokens)
             text = _until(row.pop("text"), dict(gen_kwargs).get("until"))
-            row = {"index": int(doc_id), "task": task, "prediction": text, **row}
+            row = {"index": int(doc_id), "task": task, "key": key, "prediction": text, "error": None, **row}
             self.rows.append(row)
+            self.known[key] = row
+            self.generated += 1
             if self.sink is not None:
                 with self.sink.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                    f.flush()
             answers.append(text)
         return answers
 

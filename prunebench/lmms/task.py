@@ -70,30 +70,35 @@ def aggregate(results: list[dict[str, Any]]) -> float:
 
 
 def export(out: Path, dataset: str = "probe", n: int | None = None, **overrides: Any) -> Path:
-    """Write the suite (its dataset config, `n` items) as lmms-eval task `prunebench_<dataset>` under `out`;
-    returns the task YAML's path."""
+    """Write the built-in suite `configs/dataset/<dataset>.yaml` (`n` items, other settings overridden) as
+    lmms-eval task `prunebench_<dataset>` under `out`; returns the task YAML's path."""
     from hydra import compose, initialize_config_dir
 
     from prunebench.checks import CONFIG_DIR
-    from prunebench.data.datasets import build_dataset
 
     extra = [f"dataset.{k}={v}" for k, v in overrides.items()] + ([f"dataset.n={n}"] if n is not None else [])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"dataset={dataset}", *extra])
-    suite = build_dataset(cfg.dataset)
-    task = f"prunebench_{dataset}"
+    return export_suite(out, cfg.dataset, f"prunebench_{dataset}")
+
+
+def export_suite(out: Path, suite_cfg: Any, task: str) -> Path:
+    """Write a built-in suite given by its dataset config (`kind`, `n`, ...) as lmms-eval task `task`."""
+    from prunebench.data.datasets import build_dataset
+
+    suite = build_dataset(suite_cfg)
     out = out.resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
     with (out / f"{task}.jsonl").open("w") as f:
         for item in suite.items():
             if item.frames:
-                raise ValueError(f"dataset {dataset} is a video suite: not exported")
+                raise ValueError(f"{task}: a video suite is not exported")
             path = out / "images" / f"{task}_{item.index:05d}.png"
             item.image.save(path)  # PNG: the pixels the built-in run sees
             f.write(json.dumps({"index": item.index, "image": str(path), "question": item.question,
                                 "answer": item.answer, "category": item.category}) + "\n")
     yaml_path = out / f"{task}.yaml"
-    yaml_path.write_text(TASK_YAML.format(task=task, dataset=dataset, n=len(suite.items()),
+    yaml_path.write_text(TASK_YAML.format(task=task, dataset=suite_cfg["kind"], n=len(suite.items()),
                                           data=out / f"{task}.jsonl", max_new_tokens=suite.max_new_tokens))
     (out / f"{task}_utils.py").write_text(UTILS)
     return yaml_path
