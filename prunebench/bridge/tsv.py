@@ -25,7 +25,7 @@ IMAGE_REF_MAX = 64  # VLMEvalKit: an `image` cell this short names another row's
 
 
 def data_root(data_dir: str | os.PathLike[str] | None) -> Path:
-    """`data_dir=` if given, else $LMUData, else VLMEvalKit's own default ~/LMUData."""
+    """`dataset.data_dir=` if given, else $LMUData, else VLMEvalKit's own default ~/LMUData."""
     if data_dir:
         return Path(data_dir).expanduser()
     return Path(os.environ.get("LMUData") or Path.home() / "LMUData")
@@ -43,7 +43,7 @@ def check_data(root: Path, name: str, md5: str | None, url: str | None) -> Path:
     """The TSV's path, or one UserError line naming the file and how to obtain it."""
     path = root / f"{name}.tsv"
     how = f"download {url} to {path}" if url else f"write it to {path}"
-    how += " (set data_dir= or $LMUData to its folder)"
+    how += " (set dataset.data_dir= or $LMUData to its folder)"
     if not path.is_file():
         raise UserError(f"dataset {name}: {path} is missing; {how}")
     if md5 and (got := file_md5(path)) != md5:

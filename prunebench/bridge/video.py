@@ -4,7 +4,7 @@ Where VLMEvalKit's loaders look (`vlmeval/dataset/videomme.py`, `mvbench.py`, `l
 `prepare_dataset`): the newest snapshot of the dataset's Hugging Face repo in the HF hub cache
 (`get_cache_path(repo_id)`), holding `<name>.tsv` (MD5-checked against the class's `MD5`) and the
 videos the TSV names; a miss falls back to `snapshot_download` (network). The bridge never lets
-that fallback run: the folder (`data_dir=`, else that snapshot) and every video the TSV names are
+that fallback run: the folder (`dataset.data_dir=`, else that snapshot) and every video the TSV names are
 checked before the model loads, and VLMEvalKit's own loader then reads the folder through a private
 hub cache whose only snapshot is that folder. Every name (the base name, a subset, a generated test set)
 gets a subclass of the dataset's class whose `MD5` is the local file's, as the image path registers
@@ -93,7 +93,7 @@ def check_video_data(folder: Path | None, name: str, base: str, md5: str | None)
     """`<folder>/<name>.tsv` (MD5 when given) and every video it names, or one UserError line."""
     spec = video_set(base)
     how = (f"download the HF dataset {spec.repo_id} and let VLMEvalKit build {base}.tsv once (network), "
-           f"or set data_dir= to a folder holding {name}.tsv and its videos")
+           f"or set dataset.data_dir= to a folder holding {name}.tsv and its videos")
     if folder is None:
         raise UserError(f"dataset {name}: no snapshot of {spec.repo_id} in the Hugging Face hub cache; {how}")
     path = tsv.check_data(folder, name, md5, None) if (folder / f"{name}.tsv").is_file() else None
