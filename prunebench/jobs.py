@@ -105,6 +105,17 @@ def plain(params: Any) -> dict[str, Any]:
         else dict(params)
 
 
+def compose_job(options: Mapping[str, Any]) -> Any:
+    """prunebench's composed config from named options and dotted overrides, for an evaluator's own entry point
+    (lmms-eval `--model_args`, a VLMEvalKit model config): `model`, `method`, `keep`, ... as on the command line."""
+    from hydra import compose, initialize_config_dir
+
+    from prunebench.checks import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"{k}={v}" for k, v in options.items()])
+
+
 def check_layers_before_loading(job: Job, model_cfg: Mapping[str, Any]) -> None:
     """An intra-LLM stage's layers against the LLM's layer count read from the model's config, so a layer out of
     range is one line before the weights load (and leaves no record)."""

@@ -301,6 +301,8 @@ def test_without_vlmeval_the_run_says_how_to_install(tmp_path: Path, monkeypatch
 def test_session_without_index_never_serves_another_answer(tiny, tmp_path: Path) -> None:
     """Issue 15: the bridge's model used without `track_index` (as an evaluator's own entry point would) answers
     each message afresh; before, the first answer was served for every later image."""
+    import json
+
     import torch
 
     from prunebench.bridge.model import Session
@@ -326,7 +328,8 @@ def test_session_without_index_never_serves_another_answer(tiny, tmp_path: Path)
         session.index = 7  # a tracked index: kept for resume, and used once only
         session.answer([{"type": "text", "value": "hi"}, {"type": "image", "value": str(tmp_path / "0.png")}])
     assert session.generated == 3 and seen == [None, None, 7] and session.index is None
-    assert list(session.known) == ["7"] and len((tmp_path / "p.jsonl").read_text().splitlines()) == 1
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert list(session.known) == ["7"] and [r["index"] for r in rows] == [None, None, 7]
 
 
 def test_score_mapping_stays_a_list(tmp_path: Path) -> None:

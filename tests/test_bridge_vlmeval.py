@@ -328,3 +328,33 @@ def test_custom_name_without_base_stops_before_the_model_loads(tiny_path, tmp_pa
     with pytest.raises(UserError, match=r"MyMME_local is not a dataset VLMEvalKit knows.*\+dataset\.base=MME"):
         run_vlmeval(config(tiny_path, tmp_path / "results", d), quiet=True)
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("record.json"))
+
+
+def test_vlmeval_own_run_py_runs_the_pruned_model(tiny_path, tmp_path):
+    """Issue 15: VLMEvalKit's own run.py (`python -m prunebench.bridge.vlmeval_run --config ...`) with the pruned
+    model as a `PrunebenchVLM` config entry answers as the bridge does: same predictions, and run.py scores them."""
+    import os
+    import subprocess
+    import sys
+
+    from prunebench.bridge.run import run_vlmeval
+
+    root = tmp_path / "LMUData"
+    root.mkdir()
+    write_pope(root, "POPE_pbtiny")
+    bridge = run_vlmeval(config(tiny_path, tmp_path / "results", dataset_cfg("POPE", "POPE_pbtiny", root)), quiet=True)
+    expected = [json.loads(x)["prediction"] for x in (bridge.parent / "predictions.jsonl").read_text().splitlines()]
+    sink = tmp_path / "pb.jsonl"
+    spec = {"model": {"pb-fastv": {"class": "PrunebenchVLM", "model": "tiny_llava", "model.path": str(tiny_path),
+                                   "method": "fastv", "keep": 0.5, "device": "cpu", "predictions": str(sink),
+                                   "max_new_tokens": 3}},  # dataset_cfg's
+            "data": {"POPE_pbtiny": {"class": "ImageYORNDataset", "dataset": "POPE_pbtiny"}}}
+    (tmp_path / "pb.json").write_text(json.dumps(spec))
+    env = {**os.environ, "LMUData": str(root)}
+    done = subprocess.run([sys.executable, "-m", "prunebench.bridge.vlmeval_run", "--config", str(tmp_path / "pb.json"),
+                           "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, env=env,
+                          cwd=str(Path(__file__).resolve().parent.parent), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in sink.read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == expected and all(r["n_visual_out"] == 18 for r in rows)
+    assert list((tmp_path / "work").rglob("*POPE_pbtiny*score*")), sorted(p.name for p in (tmp_path / "work").rglob("*"))

@@ -37,9 +37,9 @@ class Session:
         self.nframe = nframe  # > 0: a video benchmark (frames of one video -> the processor's videos=)
 
     def answer(self, message: Message) -> str:
-        """The answer to one message. With an index (set by `track_index` before each call, then cleared) it is
-        appended to the sink and reused on a rerun; without one it is generated afresh, never served from
-        another message's answer."""
+        """The answer to one message, appended to the sink. With an index (set by `track_index` before each call,
+        then cleared) it is reused on a rerun; without one it is generated afresh, never served from another
+        message's answer (its row's index is null)."""
         index, self.index = self.index, None
         key = None if index is None else str(index)
         if key is not None and key in self.known:  # answered before a kill: never generate it twice
@@ -58,12 +58,11 @@ class Session:
         frames = _n_frames(inputs) if video else 0
         row = {"index": index, "prediction": extra.pop("text"), "error": None, "n_frames": frames, **extra}
         self.generated += 1
-        if key is None:  # nothing to resume it by
-            return row["prediction"]
         with self.sink.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
-        self.known[key] = row
+        if key is not None:  # without an index there is nothing to resume it by
+            self.known[key] = row
         return row["prediction"]
 
     def _reseed(self, index: Any) -> int:

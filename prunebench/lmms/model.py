@@ -20,25 +20,11 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from prunebench import generation
-from prunebench.jobs import Job
+from prunebench.jobs import Job, compose_job
 from prunebench.measure import instrument
 from prunebench.models.loader import load_model, resolve_device
 from prunebench.stages import install
 from prunebench.timing import Timer
-
-NAMED = ("model", "method", "keep", "seed", "device")
-
-
-def compose_config(options: dict[str, Any]) -> Any:
-    """prunebench's composed config for `--model_args` (names and dotted overrides)."""
-    from hydra import compose, initialize_config_dir
-
-    from prunebench.checks import CONFIG_DIR
-
-    overrides = [f"{k}={v}" for k, v in options.items() if k in NAMED]
-    overrides += [f"{k}={v}" for k, v in options.items() if k not in NAMED]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 class PrunebenchLMM(lmms):
@@ -50,8 +36,8 @@ class PrunebenchLMM(lmms):
             raise ValueError("prunebench answers lmms-eval requests one at a time: use --batch_size 1")
         from prunebench import methods  # noqa: F401  (registers the methods)
 
-        cfg = compose_config({"model": model, "method": method, "keep": keep, "seed": seed, "device": device,
-                              **overrides})
+        cfg = compose_job({"model": model, "method": method, "keep": keep, "seed": seed, "device": device,
+                           **overrides})
         job = Job.from_config(cfg)  # every value checked, one line each, before the model loads
         dev = resolve_device(str(cfg.device))
         if dev.type == "cpu" and cfg.get("cpu_threads"):
