@@ -18,6 +18,12 @@ from prunebench.stages import Installation
 from prunebench.timing import Timer
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed a sample runs under (its random picks): the job's seed and the sample's index, as every backend
+    reseeds, so a sample draws the same stream in any backend, batch or order."""
+    return seed * 1_000_003 + index
+
+
 def batch_inputs(loaded: LoadedModel, batch: list[Item]) -> Any:
     """The processor's tensors for a batch of samples (several: left-padded, as generation needs)."""
     processor = loaded.processor
@@ -47,24 +53,23 @@ def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: 
     the built-in runner and the VLMEvalKit bridge, so both time exactly the same thing). `flops`: count the
     sample's FLOPs in a second, untimed pass (off for warm-up runs, whose rows are not kept).
     """
-    return generate_batch_timed(loaded, inputs, inst, timer, [reseed], max_new_tokens, flops=flops)[0]
+    return generate_batch_timed(loaded, inputs, inst, timer, [reseed], max_new_tokens,
+                                count=[inputs] if flops else None)[0]
 
 
 def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: Timer, reseeds: list[int],
-                         max_new_tokens: int, flops: bool | list[Any] = True) -> list[dict[str, Any]]:
+                         max_new_tokens: int, count: list[Any] | None = None) -> list[dict[str, Any]]:
     """Greedy generation of a prepared batch (B rows, left-padded when B > 1), one row dict per sample.
 
     Times are the batch's (what each of its samples waits for: `batch_size` says how many shared it); token
     counts are the row's own; KV bytes are the row's share of the batch's cache (1/B, padding included).
-    `flops`: True counts the batch (B = 1) in a second untimed pass; a list of single-sample inputs counts each
-    sample alone, so a sample's FLOPs do not depend on its batch; False counts nothing.
+    `count`: each sample's own (batch-1) inputs, whose FLOPs are counted in a separate untimed pass after the
+    timed one, so a sample's FLOPs do not depend on its batch; None counts nothing (warm-ups, controls).
     """
     from transformers import GenerationConfig
 
     processor, model = loaded.processor, loaded.model
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in inputs:
-            inputs[key] = inputs[key].to(loaded.dtype)
+    _pixels_to(inputs, loaded.dtype)
     tok = processor.tokenizer
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -110,22 +115,19 @@ def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, t
             "kv_layer_bytes_prefill": kv_prefill, "kv_layer_bytes_end": kv_end,
             "batch_size": b,
         })
-    if flops is True and b > 1:
-        raise ValueError("a batch's FLOPs are counted per sample: pass its single-sample inputs")
-    if flops is True:  # the same picks again, counted in a separate untimed pass
-        inst.reseed_rows(reseeds)
+    for row, single, reseed in zip(rows, count or [], reseeds, strict=bool(count)):  # the same picks, counted
+        _pixels_to(single, loaded.dtype)
+        inst.reseed_rows([reseed])
         with torch.inference_mode():
-            rows[0]["flops"] = count_flops(lambda: model.generate(**inputs, generation_config=gen), loaded.seams, timer)
-    elif flops:  # each sample alone, at batch size 1
-        for row, single, reseed in zip(rows, flops, reseeds, strict=True):
-            for key in ("pixel_values", "pixel_values_videos"):
-                if key in single:
-                    single[key] = single[key].to(loaded.dtype)
-            inst.reseed_rows([reseed])
-            with torch.inference_mode():
-                row["flops"] = count_flops(lambda single=single: model.generate(**single, generation_config=gen),
-                                           loaded.seams, timer)
+            row["flops"] = count_flops(lambda single=single: model.generate(**single, generation_config=gen),
+                                       loaded.seams, timer)
     return rows
+
+
+def _pixels_to(inputs: Any, dtype: torch.dtype) -> None:
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(dtype)
 
 
 def _generated(tokens: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:

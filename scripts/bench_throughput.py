@@ -68,7 +68,7 @@ def one_pass(loaded: LoadedModel, inst, timer: Timer, batches: list, new_tokens:
     seconds, tokens = 0.0, 0
     for first, inputs in batches:
         rows = generate_batch_timed(loaded, inputs, inst, timer, list(range(first, first + inputs["input_ids"].shape[0])),
-                                    new_tokens, flops=False)
+                                    new_tokens)
         seconds += rows[0]["timing"]["total_s"]
         tokens += sum(r["n_new_tokens"] for r in rows)
     return seconds, tokens

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from prunebench.data.datasets import Dataset, Item, build_dataset
 from prunebench.errors import UserError
 from prunebench.flops import flops_summary
-from prunebench.generation import batch_inputs, generate_batch_timed
+from prunebench.generation import batch_inputs, generate_batch_timed, sample_seed
 from prunebench.jobs import Interrupted, Job, check_layers_before_loading, new_record, reusable, say
 from prunebench.measure import instrument
 from prunebench.methods import Stage, resolve_method
@@ -203,11 +203,11 @@ def _control(loaded: LoadedModel, dataset: Dataset, batch: list[Item], timer: Ti
              order: str = "warm-up") -> dict[str, Any] | None:
     """The batch again without the method (vanilla), timed exactly as the job's own samples: the paired
     control behind the record's speed ratios. None when it fails (the sample's own row is unaffected)."""
-    reseeds = [seed * 1_000_003 + item.index for item in batch]
+    reseeds = [sample_seed(seed, item.index) for item in batch]
     try:
         with install(loaded.seams, resolve_method("vanilla"), 1.0, seed=seed, timer=timer) as vanilla:
             out = generate_batch_timed(loaded, batch_inputs(loaded, batch), vanilla, timer, reseeds,
-                                       dataset.max_new_tokens, flops=False)
+                                       dataset.max_new_tokens)
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - a control that fails is left out of the pairs
@@ -260,11 +260,10 @@ def _sample(loaded: LoadedModel, dataset: Dataset, batch: list[Item], inst: Inst
 
 def _generate(loaded: LoadedModel, dataset: Dataset, batch: list[Item], inst: Installation, timer: Timer,
               seed: int, count: bool = True) -> list[tuple[str, dict[str, Any]]]:
-    reseeds = [seed * 1_000_003 + item.index for item in batch]
+    reseeds = [sample_seed(seed, item.index) for item in batch]
     inputs = batch_inputs(loaded, batch)
-    singles = [batch_inputs(loaded, [item]) for item in batch] if count and len(batch) > 1 else None
-    outs = generate_batch_timed(loaded, inputs, inst, timer, reseeds, dataset.max_new_tokens,
-                                flops=singles if singles is not None else count)
+    singles = None if not count else [inputs] if len(batch) == 1 else [batch_inputs(loaded, [it]) for it in batch]
+    outs = generate_batch_timed(loaded, inputs, inst, timer, reseeds, dataset.max_new_tokens, count=singles)
     return [(out.pop("text"), {**out, "n_frames": len(item.frames) if item.frames else 0})
             for out, item in zip(outs, batch, strict=True)]
 

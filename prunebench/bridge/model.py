@@ -67,13 +67,15 @@ class Session:
 
     def _reseed(self, index: Any) -> int:
         # the runner's per-sample seed; VLMEvalKit indices may be strings (HallusionBench); no index: the call count
+        from prunebench.generation import sample_seed
+
         if index is None:
-            return self.seed * 1_000_003 + self.generated
+            return sample_seed(self.seed, self.generated)
         try:
             number = int(index)
         except (TypeError, ValueError):
             number = int.from_bytes(str(index).encode()[:8].ljust(8, b"\0"), "little")
-        return self.seed * 1_000_003 + number
+        return sample_seed(self.seed, number)
 
 
 def _n_frames(inputs: Any) -> int:

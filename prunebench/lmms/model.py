@@ -88,7 +88,7 @@ class PrunebenchLMM(lmms):
             visuals = [v.convert("RGB") for v in doc_to_visual(self.task_dict[task][split][doc_id])]
             inputs = self._inputs(visuals, context)
             new_tokens = int(dict(gen_kwargs).get("max_new_tokens", 16))
-            reseed = self.job.seed * 1_000_003 + int(doc_id)
+            reseed = generation.sample_seed(self.job.seed, int(doc_id))
             for _ in range(self.warmup):  # untimed, as the runner's warm-up
                 generation.generate_timed(self.loaded, inputs, self.inst, self.timer, reseed, new_tokens, flops=False)
             self.warmup = 0

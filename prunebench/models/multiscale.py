@@ -106,6 +106,8 @@ def _onevision_video_hand_on(inner: nn.Module, side: int, pooled: int):
             state.visual_keep = (state.visual_keep or []) + keeps
             state.fixed += videos
             state.clamped |= merge.clamped
+            state.unit_clamped += ([merge.clamped] * frames + [False]) * videos  # per unit, for batch rows
+            state.unit_fixed += ([0] * frames + [1]) * videos
 
         def refuse_images(owner: nn.Module, args: tuple, kwargs: dict) -> None:
             if merge.active:
@@ -145,7 +147,9 @@ def _next_image_hand_on(inner: nn.Module):
                 image_newline=torch.full((1,), 2.0, device=marks.device))
             state.visual_sizes = [p.shape[0] for p in packed]
             state.visual_keep = [(p[:, 0] > 0).nonzero()[:, 0] for p in packed]
-            state.fixed += int(sum((p[:, 0] == 2).sum() for p in packed))
+            newlines = [int((p[:, 0] == 2).sum()) for p in packed]
+            state.fixed += sum(newlines)
+            state.unit_clamped, state.unit_fixed = [merge.clamped] * len(packed), newlines  # per image
 
         return [merge.seams.visual_output.register_forward_hook(merge._finish),
                 MethodWrap(inner, "pack_image_features", after=to_packed)]

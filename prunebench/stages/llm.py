@@ -146,19 +146,20 @@ def _padded_mask(mask2d: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor
 
 
 def _entry_counts(state: CallState, keep: torch.Tensor, sizes: list[int]) -> list[TokenCounts]:
-    """Per batch row: visual tokens in and reaching the LLM, clamped, kept outside the budget. A select stage
-    reports clamped / fixed per visual unit (mapped to its row); other stages once for the whole batch."""
+    """Per batch row: visual tokens in and reaching the LLM, clamped, kept outside the budget. A stage that keeps
+    tokens outside the budget (a select stage, a packing family's vision hand-on) reports clamped / fixed per
+    visual unit, mapped here to the unit's row; a stage that reports neither per unit keeps none outside it."""
     image = state.image_mask
     n_in = image.sum(dim=1).tolist()
     n_out = (keep & image).sum(dim=1).tolist()
-    clamped, fixed = [state.clamped] * len(n_in), [state.fixed if len(n_in) == 1 else 0] * len(n_in)
+    clamped, fixed = [state.clamped] * len(n_in), [state.fixed] + [0] * (len(n_in) - 1)
     if len(n_in) > 1 and len(state.unit_clamped) == len(sizes):
         clamped, fixed = [False] * len(n_in), [0] * len(n_in)
         for row, c, f in zip(unit_batch_rows(image, sizes), state.unit_clamped, state.unit_fixed, strict=True):
             clamped[row] |= c
             fixed[row] += f
-    elif len(n_in) > 1:
-        fixed = [state.fixed // len(n_in)] * len(n_in)  # the same family layout in every row
+    elif len(n_in) > 1 and state.fixed:
+        raise RuntimeError("prunebench: tokens kept outside the budget were not reported per visual unit")
     return [TokenCounts(i, o, float(o), c, f) for i, o, c, f in zip(n_in, n_out, clamped, fixed, strict=True)]
 
 
