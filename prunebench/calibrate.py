@@ -21,7 +21,7 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.methods import resolve_method
-from prunebench.models.base import Seams
+from prunebench.seams import Seams
 from prunebench.stages import install
 
 DIRECTIONS = ("withdrawn", "full")

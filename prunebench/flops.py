@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from prunebench.models.base import Seams
+from prunebench.seams import Seams
 from prunebench.timing import Timer
 
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from prunebench.models.base import Seams
+from prunebench.seams import Seams
 from prunebench.timing import Timer
 
 

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from prunebench.families.llava import llava_seams
+from prunebench.fixtures.tiny import build_processor
 from prunebench.measure import instrument
 from prunebench.methods import resolve_method
-from prunebench.models.llava import llava_seams
-from prunebench.models.tiny import build_processor
 from prunebench.stages import install
 from prunebench.timing import Timer
 

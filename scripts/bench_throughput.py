@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_prefill import mid_size_llava  # noqa: E402
 
+from prunebench.families.llava import llava_seams  # noqa: E402
+from prunebench.fixtures.tiny import build_processor  # noqa: E402
 from prunebench.generation import generate_batch_timed  # noqa: E402
 from prunebench.measure import instrument  # noqa: E402
 from prunebench.methods import resolve_method  # noqa: E402
-from prunebench.models.llava import llava_seams  # noqa: E402
 from prunebench.models.loader import LoadedModel  # noqa: E402
-from prunebench.models.tiny import build_processor  # noqa: E402
 from prunebench.stages import batch_refusal, install  # noqa: E402
 from prunebench.timing import Timer  # noqa: E402
 

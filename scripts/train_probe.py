@@ -30,7 +30,7 @@ is the same measurement with zero visual tokens (the image placeholder removed f
 The final checkpoint (`<out>/final/`: safetensors, tokenizer, processor, README.md card) loads with
 `LlavaForConditionalGeneration.from_pretrained` (`Qwen2_5_VLForConditionalGeneration` for --family qwen2_5_vl,
 `InternVLForConditionalGeneration` for --family internvl; its processor through
-`prunebench.models.tiny_families.load_processor`, which needs no torchvision).
+`prunebench.fixtures.tiny_families.load_processor`, which needs no torchvision).
 What differs between the families (model, processor, prompts, pixels, the features the dense heads
 read) is in one object per family, `LlavaProbe` / `QwenProbe` / `InternVLProbe`; stages, losses, data,
 state and evaluation are shared.
@@ -55,7 +55,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prunebench.data import probe  # noqa: E402
-from prunebench.models import tiny, tiny_families, tiny_qwen  # noqa: E402
+from prunebench.fixtures import tiny, tiny_families, tiny_qwen  # noqa: E402
 
 CLIP_MEAN = torch.tensor(tiny.OPENAI_CLIP_MEAN).view(3, 1, 1)
 CLIP_STD = torch.tensor(tiny.OPENAI_CLIP_STD).view(3, 1, 1)
@@ -343,7 +343,7 @@ class InternVLProbe:
 2x2 pixel shuffle -> {g * g} visual tokens; LayerNorm + MLP projector; Qwen2 {args.text_layers}x{args.text_hidden};
 the dense heads of the recipe read the projector output, so "vision encoder" below means InternViT + projector
 in stage A and InternViT alone in stage B; without torchvision the processor loads through
-`prunebench.models.tiny_families.load_processor`, as `InternVLProcessor` needs a video processor)"""
+`prunebench.fixtures.tiny_families.load_processor`, as `InternVLProcessor` needs a video processor)"""
 
 
 FAMILIES = {"llava": LlavaProbe, "qwen2_5_vl": QwenProbe, "internvl": InternVLProbe}

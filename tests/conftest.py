@@ -15,24 +15,24 @@ torch.set_num_threads(1)
 TINY = dict(seed=0, image_size=48, patch_size=8, vision_layers=6, vision_hidden=32, vision_heads=2,
             text_layers=4, text_hidden=64, text_heads=4, text_kv_heads=2)
 
-# family -> (builder "module:function", builder kwargs, test image side in pixels)
-FAMILY_BUILDERS: dict[str, tuple[str, dict[str, Any], int]] = {
-    "llava": ("prunebench.models.tiny:build_tiny_llava", TINY, 48),
-    "qwen2_5_vl": ("prunebench.models.tiny_qwen:build_tiny_qwen2_5_vl", {"seed": 0}, 112),
-    "qwen2_vl": ("prunebench.models.tiny_qwen:build_tiny_qwen2_vl", {"seed": 0}, 112),
-    "internvl": ("prunebench.models.tiny_families:build_tiny_internvl", {"seed": 0}, 64),
-    "llava_next": ("prunebench.models.tiny_families:build_tiny_llava_next", {"seed": 0}, 48),
-    "llava_onevision": ("prunebench.models.tiny_families:build_tiny_onevision", {"seed": 0}, 48),
-}
+# Builder kwargs the tests use instead of a family's defaults (the families and their builders: the registry).
+BUILD_KWARGS: dict[str, dict[str, Any]] = {"llava": TINY}
+
+
+def family_names() -> list[str]:
+    from prunebench.families import FAMILIES
+
+    return FAMILIES.names()
 
 
 def _builder(family: str):
-    target, kwargs, _ = FAMILY_BUILDERS[family]
+    from prunebench.families import FAMILIES
+
+    target = FAMILIES.get(family).tiny
+    if target is None:
+        pytest.skip(f"no tiny builder for {family}")
     module, name = target.split(":")
-    try:
-        return getattr(importlib.import_module(module), name), kwargs
-    except (ImportError, AttributeError) as err:
-        pytest.skip(f"no tiny builder for {family}: {err}")
+    return getattr(importlib.import_module(module), name), BUILD_KWARGS.get(family, {"seed": 0})
 
 
 @dataclass
@@ -65,12 +65,12 @@ class Tiny:
 def load_tiny(path: Path, attn: str = "sdpa", family: str = "llava") -> Tiny:
     from transformers import AutoProcessor
 
-    from prunebench.models.loader import FAMILIES
+    from prunebench.families import FAMILIES
 
     fam = FAMILIES.get(family)
     model = fam.model_class().from_pretrained(path, attn_implementation=attn).eval()
     processor = (fam.load_processor or AutoProcessor.from_pretrained)(path)
-    return Tiny(family, path, model, processor, fam.seams(model), FAMILY_BUILDERS[family][2])
+    return Tiny(family, path, model, processor, fam.seams(model), fam.tiny_image_side)
 
 
 _PATHS: dict[str, Path] = {}
@@ -93,7 +93,7 @@ def tiny(tiny_path: Path) -> Tiny:
     return load_tiny(tiny_path)
 
 
-@pytest.fixture(scope="session", params=sorted(FAMILY_BUILDERS))
+@pytest.fixture(scope="session", params=family_names())
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
 

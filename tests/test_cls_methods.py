@@ -210,7 +210,7 @@ def test_internvl_cls_row_is_the_group_mean_of_eager_attention(fam, fam_path):
     """InternVL: each visual token's signal = mean eager [CLS] attention of its 4 pixel-shuffle patches."""
     if fam.family != "internvl":
         pytest.skip("InternVL only")
-    from prunebench.stages.vision_internvl import shuffle_groups
+    from prunebench.families.internvl.vision import shuffle_groups
 
     rows = eager_cls_rows(fam, fam_path, -1)  # InternVL selects the last InternViT layer
     groups = shuffle_groups(fam.seams.multimodal, math.isqrt(rows.shape[1]))

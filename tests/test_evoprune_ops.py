@@ -8,12 +8,8 @@ from itertools import pairwise
 import pytest
 import torch
 
-from prunebench.methods.evoprune_ops import (
-    evoprune_merge,
-    layer_schedule,
-    local_diversity,
-    max_mergeable,
-)
+from prunebench.methods.evoprune_ops import evoprune_merge, local_diversity
+from prunebench.methods.merge_ops import layer_schedule, max_mergeable
 from prunebench.stages.attention import received_attention
 
 STRATEGIES = ["mean", "skip", "first", "last", "first[3]", "last[2]", "increasing", "decreasing",

@@ -16,7 +16,7 @@ from prunebench.methods.base import n_keep_for
 from prunebench.methods.fastv_window import window_fastv_select
 from prunebench.methods.grid_ops import require_grid
 from prunebench.methods.pooling_intra import pooling_select, window_shape
-from prunebench.models.base import apply_rope
+from prunebench.seams import apply_rope
 from prunebench.stages import install
 from prunebench.stages.attention import last_query_attention, position_query_attention
 

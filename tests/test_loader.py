@@ -47,7 +47,7 @@ def test_random_weights_build_the_shipped_architecture(tmp_path, monkeypatch, fa
 def test_shipped_real_size_architectures_construct(arch, layers, tokens):
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    from prunebench.models.llava import llava_seams
+    from prunebench.families.llava import llava_seams
 
     config = AutoConfig.for_model(**json.loads((loader.ARCH_DIR / f"{arch}.json").read_text()))
     with torch.device("meta"):

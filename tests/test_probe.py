@@ -445,7 +445,7 @@ def test_qwen_training_inputs_equal_the_inference_path(trainer, qwen_built, tmp_
     pixel_values, image_grid_thw, mm_token_type_ids; blind = the text-only chat template."""
     import torch
 
-    from prunebench.models.tiny_qwen import load_qwen_processor
+    from prunebench.fixtures.tiny_qwen import load_qwen_processor
 
     args, model, processor = qwen_built
     model.config.save_pretrained(tmp_path)
@@ -581,7 +581,7 @@ def test_internvl_training_inputs_equal_the_inference_path(trainer, internvl_bui
     blind = the text-only chat template."""
     import torch
 
-    from prunebench.models.tiny_families import load_processor
+    from prunebench.fixtures.tiny_families import load_processor
 
     args, model, processor = internvl_built
     model.config.save_pretrained(tmp_path)

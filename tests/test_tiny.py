@@ -9,7 +9,7 @@ import torch
 from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
 from prunebench.data.shapes import all_answers, all_questions, build_shapes
-from prunebench.models.tiny import (
+from prunebench.fixtures.tiny import (
     ARCH_DIR,
     build_tiny_llava,
     ensure_tiny_llava,

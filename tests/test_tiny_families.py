@@ -12,8 +12,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 from transformers.utils import is_torchvision_available
 
-from prunebench.models import tiny_families as tf
-from prunebench.models.tiny import ARCH_DIR
+from prunebench.fixtures import tiny_families as tf
+from prunebench.fixtures.tiny import ARCH_DIR
 
 SMALL = dict(
     vision_layers=2,

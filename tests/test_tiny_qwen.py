@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from prunebench.data.shapes import all_answers, all_questions
-from prunebench.models.tiny_qwen import (
+from prunebench.fixtures.tiny_qwen import (
     ARCH_DIR,
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN_REFERENCE,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from prunebench.families.internvl.vision import shuffle_groups
 from prunebench.methods import resolve_method
 from prunebench.methods.base import n_keep_for
 from prunebench.stages import install
-from prunebench.stages.vision_internvl import shuffle_groups
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""EvoPrune inside the Qwen2.5-VL / Qwen2-VL ViT on 2x2 merge units (`stages/vision_qwen.py`): the
+"""EvoPrune inside the Qwen2.5-VL / Qwen2-VL ViT on 2x2 merge units (`families/qwen/vision.py`): the
 per-image schedules are what runs, the attention segments (full image / window) and rotary rows follow
 the surviving units, units stay whole, and the counts reach the LLM."""
 
@@ -11,11 +11,12 @@ from PIL import Image
 from transformers.vision_utils import get_vision_position_ids
 
 from prunebench.errors import UserError
+from prunebench.families.qwen.vision import UnitState, merge_units
 from prunebench.methods import resolve_method
 from prunebench.methods.base import n_keep_for
-from prunebench.methods.evoprune_ops import evoprune_merge, layer_schedule
+from prunebench.methods.evoprune_ops import evoprune_merge
+from prunebench.methods.merge_ops import layer_schedule
 from prunebench.stages import install
-from prunebench.stages.vision_qwen import UnitState, merge_units
 
 SIZES = [(168, 112), (140, 84)]  # (w, h) -> 6x4 = 24 and 5x3 = 15 merge units (odd: padded windows)
 

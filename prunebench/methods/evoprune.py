@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from prunebench.checks import Kind
 from prunebench.methods.base import METHODS, MethodSpec, Positions, Stage
-from prunebench.methods.evoprune_ops import MERGE_POINTS, evoprune_merge, layer_schedule
+from prunebench.methods.evoprune_ops import evoprune_merge
+from prunebench.methods.merge_ops import MERGE_POINTS, layer_schedule
 
 METHODS.add(
     "evoprune",
@@ -42,9 +43,9 @@ METHODS.add(
             "merged tokens are ordered by the original index of their representative (the surviving b token)",
             "Qwen2.5-VL/Qwen2-VL: merges whole 2x2 merge units (4 ViT rows, one LLM token); unit feature = "
             "mean of its rows, importance = mean attention its rows receive per attention segment (window or "
-            "image); budget and schedule per image / video slice over all ViT blocks (stages/vision_qwen.py)",
+            "image); budget and schedule per image / video slice over all ViT blocks (families/qwen/vision.py)",
             "InternVL3: merges whole pixel-shuffle groups (2x2 patches, one LLM token) inside InternViT, per tile "
-            "(stages/vision_internvl.py); "
+            "(families/internvl/vision.py); "
             "LLaVA-NeXT: per view (base image and crops), round(keep*576) before unpadding; LLaVA-OneVision/Video "
             "videos: per frame, round(keep*pooled count), merges replace HF's bilinear pooling",
         ),

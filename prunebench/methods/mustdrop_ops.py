@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prunebench.methods.evoprune_ops import MergeResult, merge_pairs
+from prunebench.methods.merge_ops import MergeResult, merge_pairs
 
 
 def window_members(grid: tuple[int, int], window: int) -> torch.Tensor:

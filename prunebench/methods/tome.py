@@ -4,18 +4,18 @@
 In each encoder layer, between self-attention and the MLP, r_l tokens are merged: metric = that
 layer's keys averaged over heads; bipartite split by parity (a = even, b = odd); each a picks its
 most similar b by cosine; the r_l a's with the highest similarity merge into their b's by
-size-weighted mean; [CLS] never merges. r_l comes from `evoprune_ops.layer_schedule` (default
+size-weighted mean; [CLS] never merges. r_l comes from `merge_ops.layer_schedule` (default
 `mean` = ToMe's constant r, sum r_l = N - n_keep, each layer capped at half its tokens).
 Proportional attention (log size added to the attention logits of later layers) runs through the
 encoder layer's own attention mask (SDPA stays on). The math is in `tome_ops.py`; the hooks are in
-`stages/vision.py` (CLIP/SigLIP), `stages/vision_qwen.py`, `stages/vision_internvl.py`.
+`stages/vision.py` (CLIP/SigLIP), `families/qwen/vision.py`, `families/internvl/vision.py`.
 """
 
 from __future__ import annotations
 
 from prunebench.checks import Kind
 from prunebench.methods.base import METHODS, MethodSpec, Positions, Stage
-from prunebench.methods.evoprune_ops import MERGE_POINTS, layer_schedule
+from prunebench.methods.merge_ops import MERGE_POINTS, layer_schedule
 from prunebench.methods.tome_ops import SCORE_DTYPES, tome_merge
 
 METHODS.add(
@@ -49,7 +49,7 @@ METHODS.add(
             "attention, no mask argument) and InternVL (InternViT layers take no mask): an install note says so",
             "Qwen2.5-VL/Qwen2-VL: merges whole 2x2 merge units; unit metric = mean over its 4 rows of the "
             "head-mean keys before the vision rotary embedding; budget and schedule per image / video slice "
-            "over all ViT blocks (stages/vision_qwen.py)",
+            "over all ViT blocks (families/qwen/vision.py)",
             "InternVL3: merges whole pixel-shuffle groups (unit metric = mean of its 4 rows' head-mean "
             "post-qk-norm keys) inside InternViT, per tile; LLaVA-NeXT: per view, round(keep*576); "
             "LLaVA-OneVision videos: per frame, merges replace HF's bilinear pooling (as EvoPrune)",

@@ -3,7 +3,7 @@
 `tome_merge` is one step of `bipartite_soft_matching` + `merge_wavg`: tokens split by parity into
 a (even) and b (odd) current positions, each a picks its most similar b by cosine of the metric
 (the layer's head-mean keys), the r a's with the highest such similarity merge into their b's by
-size-weighted mean. The layer schedule is `evoprune_ops.layer_schedule` (default `mean`: the
+size-weighted mean. The layer schedule is `merge_ops.layer_schedule` (default `mean`: the
 constant r per layer of ToMe, with the 50% per-layer cap).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prunebench.methods.evoprune_ops import MergeResult, merge_pairs
+from prunebench.methods.merge_ops import MergeResult, merge_pairs
 
 _EPS = 1e-12
 

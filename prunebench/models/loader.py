@@ -1,11 +1,12 @@
-"""Load a model for a run: pretrained (hub id or local directory), random weights from a shipped
-architecture config, or a checkpoint the project builds itself (`build: tiny_llava`)."""
+"""Load a model for a run (its family from `prunebench.families`): pretrained (hub id or local directory), random
+weights from a shipped architecture config, or a checkpoint the project builds itself (`build: tiny_llava`,
+`prunebench.fixtures`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,155 +15,11 @@ import torch
 from torch import nn
 
 from prunebench.errors import UserError
-from prunebench.models.base import Seams
-from prunebench.registry import Registry
+from prunebench.families import FAMILIES, Family
+from prunebench.seams import Seams
 
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_class: Callable[[], type[nn.Module]]
-    seams: Callable[[nn.Module], Seams]
-    # weights=random: a processor built locally for a config, and the config fields (token ids)
-    # that must match its tokenizer
-    local_processor: Callable[[Any], tuple[Any, dict[str, Any]]] | None = None
-    load_processor: Callable[..., Any] | None = None  # (path, **kwargs); default AutoProcessor
-
-
-def _llava_class() -> type[nn.Module]:
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration
-
-
-def _llava_seams(model: nn.Module) -> Seams:
-    from prunebench.models.llava import llava_seams
-
-    return llava_seams(model)
-
-
-def _qwen25_class() -> type[nn.Module]:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration
-
-
-def _qwen2_class() -> type[nn.Module]:
-    from transformers import Qwen2VLForConditionalGeneration
-
-    return Qwen2VLForConditionalGeneration
-
-
-def _qwen_seams(model: nn.Module) -> Seams:
-    from prunebench.models.qwen import qwen_vl_seams
-
-    return qwen_vl_seams(model)
-
-
-def _llava_processor(config: Any) -> tuple[Any, dict[str, Any]]:
-    from prunebench.models.tiny import build_processor
-
-    processor = build_processor(config.vision_config.image_size, config.vision_config.patch_size)
-    return processor, {"image_token_id": processor.tokenizer.convert_tokens_to_ids("<image>")}
-
-
-FAMILIES: Registry[Family] = Registry("model family")
-FAMILIES.add("llava", Family("llava", _llava_class, _llava_seams, _llava_processor))
-def _qwen_processor(config: Any) -> tuple[Any, dict[str, Any]]:
-    from prunebench.models.tiny_qwen import qwen_local_processor
-
-    return qwen_local_processor(config)
-
-
-def _load_qwen_processor(path: str, **kwargs: Any) -> Any:
-    # transformers 5.23's Qwen processors insist on a video processor that needs torchvision
-    from prunebench.models.tiny_qwen import load_qwen_processor
-
-    return load_qwen_processor(path, **kwargs)
-
-
-def _hf_class(name: str) -> Callable[[], type[nn.Module]]:
-    def get() -> type[nn.Module]:
-        import transformers
-
-        return getattr(transformers, name)
-
-    return get
-
-
-def _internvl_seams(model: nn.Module) -> Seams:
-    from prunebench.models.multiscale import internvl_seams
-
-    return internvl_seams(model)
-
-
-def _packed_seams(model: nn.Module) -> Seams:
-    from prunebench.models.multiscale import packed_seams
-
-    return packed_seams(model)
-
-
-def _family_processor(config: Any) -> tuple[Any, dict[str, Any]]:
-    from prunebench.models.tiny_families import family_local_processor
-
-    return family_local_processor(config)
-
-
-def _load_family_processor(path: str, **kwargs: Any) -> Any:
-    # InternVL / OneVision processors need a video processor, which needs torchvision in 5.23
-    from prunebench.models.tiny_families import load_processor
-
-    if kwargs:
-        raise UserError(f"processor_kwargs are not supported for this family yet (got {sorted(kwargs)})")
-    return load_processor(path)
-
-
-for _name, _cls in (("internvl", "InternVLForConditionalGeneration"),
-                    ("llava_next", "LlavaNextForConditionalGeneration"),
-                    ("llava_onevision", "LlavaOnevisionForConditionalGeneration")):
-    FAMILIES.add(_name, Family(_name, _hf_class(_cls), _internvl_seams if _name == "internvl" else _packed_seams,
-                               _family_processor, _load_family_processor))
-
-FAMILIES.add("qwen2_5_vl", Family("qwen2_5_vl", _qwen25_class, _qwen_seams, _qwen_processor, _load_qwen_processor))
-FAMILIES.add("qwen2_vl", Family("qwen2_vl", _qwen2_class, _qwen_seams, _qwen_processor, _load_qwen_processor))
-
-BUILDERS: dict[str, Callable[..., Path]] = {}
-
-
-def _tiny_llava_builder(path: Path, **kwargs: Any) -> Path:
-    from prunebench.models.tiny import ensure_tiny_llava
-
-    return ensure_tiny_llava(path, **kwargs)
-
-
-def _tiny_qwen_builder(which: str) -> Callable[..., Path]:
-    def build(path: Path, **kwargs: Any) -> Path:
-        from prunebench.models import tiny_qwen
-
-        return getattr(tiny_qwen, f"ensure_tiny_{which}")(path, **kwargs)
-
-    return build
-
-
-BUILDERS["tiny_llava"] = _tiny_llava_builder
-BUILDERS["tiny_qwen2_5_vl"] = _tiny_qwen_builder("qwen2_5_vl")
-BUILDERS["tiny_qwen2_vl"] = _tiny_qwen_builder("qwen2_vl")
-
-
-def _tiny_family_builder(which: str) -> Callable[..., Path]:
-    def build(path: Path, **kwargs: Any) -> Path:
-        from prunebench.models import tiny_families
-
-        return getattr(tiny_families, f"ensure_tiny_{which}")(path, **kwargs)
-
-    return build
-
-
-for _which in ("internvl", "llava_next", "onevision"):
-    BUILDERS[f"tiny_{_which}"] = _tiny_family_builder(_which)
 
 
 @dataclass
@@ -231,8 +88,9 @@ def _pretrained(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, devi
 
     local = _local_path(cfg.get("path"))
     if local is not None and cfg.get("build") and not (local / "config.json").exists():
-        builder = BUILDERS[str(cfg["build"])]
-        builder(local, **dict(cfg.get("build_args") or {}))
+        from prunebench.fixtures import build_checkpoint  # a checkpoint the project makes itself
+
+        build_checkpoint(str(cfg["build"]), local, **dict(cfg.get("build_args") or {}))
     where = str(local) if local is not None else str(cfg.get("hub_id"))
     if local is not None and not local.exists():
         raise _missing_weights(cfg, where)

@@ -20,7 +20,7 @@ import torch
 from prunebench.errors import UserError
 from prunebench.methods.base import Positions, ResolvedMethod, Stage, n_keep_for
 from prunebench.methods.compose import PlannedStage, plan_stages
-from prunebench.models.base import Seams
+from prunebench.seams import Seams
 from prunebench.stages.llm import IntraLLM, capture_image_positions, llm_entry
 from prunebench.stages.state import CallState, TokenCounts
 from prunebench.stages.vision import PreLLMSelect, VisionMerge

@@ -23,7 +23,7 @@ from prunebench.methods.base import (
     n_keep_for,
 )
 from prunebench.methods.sparsevlm_ops import select_raters
-from prunebench.models.base import Seams
+from prunebench.seams import Seams
 from prunebench.stages.attention import (
     last_query_attention,
     position_query_attention,

@@ -17,7 +17,7 @@ import torch
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, SelectContext, Selection, n_keep_for
 from prunebench.methods.tome_ops import head_mean_keys, proportional_bias
-from prunebench.models.base import Seams
+from prunebench.seams import Seams
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
 from prunebench.stages.text import text_embeddings, unit_batch_rows

@@ -21,7 +21,7 @@ import torch
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod
 from prunebench.methods.mustdrop_ops import key_set, window_merge
-from prunebench.models.base import Seams
+from prunebench.seams import Seams
 from prunebench.stages.state import CallState
 from prunebench.stages.vision import MergeState, VisionMerge, capture_output
 from prunebench.stages.vision_signals import cls_row_and_keys, encoder_layers

@@ -12,7 +12,7 @@ from the layer's own captured q/k projections during the normal (SDPA) tower for
 Per family, aligned with the post-projector visual tokens the pre-LLM method receives:
 - LLaVA-1.5 (CLIP, [CLS] at row 0): patch i is visual token i.
 - InternVL (InternViT, [CLS] at row 0, then pixel shuffle): a visual token is a 2x2 patch group
-  (read off the model's own `pixel_shuffle`, `vision_internvl.shuffle_groups`); its signal is the
+  (read off the model's own `pixel_shuffle`, `families/internvl/vision.shuffle_groups`); its signal is the
   mean over the 4 patches of the group.
 - Qwen2.5-VL / Qwen2-VL (no [CLS]): METHODS.md §0.4 substitute, the mean attention each patch
   RECEIVES at that block (over queries and heads, within the attention segment the block uses:
@@ -44,7 +44,7 @@ from torch import nn
 
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod
-from prunebench.models.base import Seams
+from prunebench.seams import Seams
 from prunebench.stages.attention import query_rows_attention, received_attention
 from prunebench.timing import NullTimer, Timer
 
@@ -275,7 +275,7 @@ class VisionSignals:
 
     def _internvl_groups(self, row: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch signals [B, N], [B, N, d] -> pixel-shuffle group means [B, U], [B, U, d]."""
-        from prunebench.stages.vision_internvl import shuffle_groups
+        from prunebench.families.internvl.vision import shuffle_groups
 
         groups = shuffle_groups(self.seams.multimodal, int(round(row.shape[1] ** 0.5))).to(row.device)  # [U, 4]
         return row[:, groups].mean(-1), keys[:, groups].mean(-2)

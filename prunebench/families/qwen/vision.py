@@ -51,8 +51,9 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_i
 
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, n_keep_for
+from prunebench.methods.merge_ops import merge_units
 from prunebench.methods.tome_ops import head_mean_keys
-from prunebench.models.base import Seams, merging_subclass
+from prunebench.seams import Seams, merging_subclass
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
 from prunebench.stages.vision import ClassSwaps, merge_params, unapplied_prop_attn
@@ -78,25 +79,6 @@ def _merging_block_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.
 def merging_block_class(base: type[nn.Module]) -> type[nn.Module]:
     """Qwen vision block class with the merge step between attention and MLP."""
     return merging_subclass(base, _merging_block_forward)
-
-
-def merge_units(units: torch.Tensor, size: torch.Tensor, old_to_new: torch.Tensor,
-                merged: torch.Tensor) -> torch.Tensor:
-    """Apply one merge decision to whole units: [U, m, D] rows per unit -> [U', m, D].
-
-    size [U] (ToMe sizes), old_to_new [U] (new index of each unit; a merged unit: the unit it merged
-    into), merged [U] bool; survivors keep their order (new index = rank among survivors). A unit that
-    received merges becomes the size-weighted mean of its sources row by row (row i with row i), in
-    float32; untouched units keep their exact values.
-    """
-    n_out = int((~merged).sum())
-    sf = size.float()
-    num = units.new_zeros(n_out, *units.shape[1:], dtype=torch.float32)
-    num.index_add_(0, old_to_new, units.float() * sf[:, None, None])
-    den = sf.new_zeros(n_out).index_add_(0, old_to_new, sf)
-    received = torch.zeros(n_out, dtype=torch.bool, device=units.device)
-    received[old_to_new[merged]] = True
-    return torch.where(received[:, None, None], (num / den[:, None, None]).to(units.dtype), units[~merged])
 
 
 @dataclass

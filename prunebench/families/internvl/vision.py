@@ -21,12 +21,12 @@ from torch import nn
 
 from prunebench.errors import UserError
 from prunebench.methods.base import ResolvedMethod, n_keep_for
+from prunebench.methods.merge_ops import merge_units
 from prunebench.methods.tome_ops import head_mean_keys
-from prunebench.models.base import Seams, merging_subclass
+from prunebench.seams import Seams, merging_subclass
 from prunebench.stages.attention import received_attention
 from prunebench.stages.state import CallState
 from prunebench.stages.vision import ClassSwaps, capture_output, merge_params, unapplied_prop_attn
-from prunebench.stages.vision_qwen import merge_units
 from prunebench.timing import Timer
 
 

@@ -8,7 +8,7 @@ its own count and budget; a video's budget is per temporal slice of h*w/4 tokens
 `generate` computes on the full sequence; pruning slices them and keeps the originals
 (UniPruneBench does the same for Qwen), since a contiguous renumbering is undefined for M-RoPE.
 Vision-stage merges (EvoPrune) run inside the ViT at 2x2 merge-unit granularity, consistent with
-window attention and the full-attention blocks: `prunebench.stages.vision_qwen.QwenVisionMerge` is
+window attention and the full-attention blocks: `prunebench.families.qwen.vision.QwenVisionMerge` is
 this family's vision driver (budget per image / temporal slice in merge units = LLM tokens; merged
 units keep their representative's M-RoPE position). `merge_layer_class` stays None: the driver swaps
 the ViT blocks itself.
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunebench.models.base import Seams, apply_rope
-from prunebench.stages.vision_qwen import QwenVisionMerge
+from prunebench.families import Family, hf_class, lazy
+from prunebench.seams import Seams, apply_rope
 
 
 def _grid_thw(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -31,6 +31,10 @@ def _grid_thw(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def qwen_vl_seams(model: nn.Module) -> Seams:
+    from prunebench.families.qwen.vision import (
+        QwenVisionMerge,  # its own import is transformers' vision utils
+    )
+
     cfg = model.config
     visual = model.model.visual
     merge = visual.spatial_merge_size
@@ -61,3 +65,13 @@ def qwen_vl_seams(model: nn.Module) -> Seams:
         mrope=True,
         vision_driver=QwenVisionMerge,
     )
+
+
+_LOCAL = lazy("prunebench.fixtures.tiny_qwen:qwen_local_processor")
+_LOAD = lazy("prunebench.families.processors:load_qwen_processor")  # torchvision-free (5.23 needs it otherwise)
+FAMILY_ENTRIES = (
+    Family("qwen2_5_vl", hf_class("Qwen2_5_VLForConditionalGeneration"), qwen_vl_seams, _LOCAL, _LOAD,
+           tiny="prunebench.fixtures.tiny_qwen:build_tiny_qwen2_5_vl", tiny_image_side=112),
+    Family("qwen2_vl", hf_class("Qwen2VLForConditionalGeneration"), qwen_vl_seams, _LOCAL, _LOAD,
+           tiny="prunebench.fixtures.tiny_qwen:build_tiny_qwen2_vl", tiny_image_side=112),
+)

@@ -8,12 +8,13 @@ projector hook and the LLM-entry hook have applied the method's decision.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from prunebench.models.base import Seams, apply_rope, merging_subclass
+from prunebench.families import Family, hf_class
+from prunebench.seams import Seams, apply_rope, merging_subclass
 
 
 def _merging_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -37,9 +38,6 @@ def merging_layer_class(base: type[nn.Module]) -> type[nn.Module]:
     return merging_subclass(base, _merging_forward)
 
 
-MergingCLIPEncoderLayer = merging_layer_class(CLIPEncoderLayer)
-
-
 def feeding_layers(n_layers: int, feature_layer: int) -> int:
     """How many encoder layers run before the selected hidden state (hidden_states[0] = embeddings)."""
     return feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
@@ -50,7 +48,7 @@ def _per_image(args: tuple, kwargs: dict, output: torch.Tensor) -> list[torch.Te
     return list(output)
 
 
-def llava_seams(model: LlavaForConditionalGeneration) -> Seams:
+def llava_seams(model: nn.Module) -> Seams:
     cfg = model.config
     if not isinstance(cfg.vision_feature_layer, int):
         raise ValueError("prunebench supports a single vision_feature_layer for LLaVA")
@@ -70,9 +68,22 @@ def llava_seams(model: LlavaForConditionalGeneration) -> Seams:
         vision_layers=layers[: feeding_layers(len(layers), cfg.vision_feature_layer)],
         vision_grid=(side, side),
         vision_prefix=1,
-        merge_layer_class=MergingCLIPEncoderLayer,
+        merge_layer_class=merging_layer_class(type(layers[0])),
         language_model=model.model.language_model,
         decoder_layers=list(model.model.language_model.layers),
         apply_rope=apply_rope,
         projector_rows=True,
     )
+
+
+def _local_processor(config: Any) -> tuple[Any, dict[str, Any]]:
+    from prunebench.fixtures.tiny import build_processor
+
+    processor = build_processor(config.vision_config.image_size, config.vision_config.patch_size)
+    return processor, {"image_token_id": processor.tokenizer.convert_tokens_to_ids("<image>")}
+
+
+FAMILY_ENTRIES = (
+    Family("llava", hf_class("LlavaForConditionalGeneration"), llava_seams, _local_processor,
+           tiny="prunebench.fixtures.tiny:build_tiny_llava", tiny_image_side=48),
+)

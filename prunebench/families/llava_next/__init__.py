@@ -1,18 +1,13 @@
-"""InternVL3, LLaVA-NeXT and LLaVA-OneVision/LLaVA-Video adapters (HF-native classes).
+"""LLaVA-NeXT and LLaVA-OneVision/LLaVA-Video adapters (HF-native classes).
 
-- InternVL3 (`InternVLForConditionalGeneration`, `models/internvl/modeling_internvl.py`): each
-  448 px tile is encoded by InternViT ([CLS] dropped), pixel-shuffled 2x2 and projected; the
-  projector output [tiles, 256, D] is the pre-LLM seam. The processor does not tell the model
-  which tiles belong to which image, so budgets are per tile (as UniPruneBench pools each tile).
-- LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and LLaVA-OneVision (`LlavaOnevision...`,
-  also the class of LLaVA-Video-7B-Qwen2-hf): any-resolution views are projected, unpadded and
-  packed with one learned newline token per feature row; `get_image_features` returns the packed
-  tokens per image, `get_video_features` [videos, frames x pooled + 1 newline, D]. Those packed
-  tokens are the pre-LLM seam (a per-instance wrapper of the two methods); the budget is global
-  per image and per frame for videos; newline tokens are always kept and not part of the budget.
-Vision-stage merges: InternVL3 tiles on whole pixel-shuffle groups (`stages/vision_internvl.py`),
-LLaVA-NeXT images (`_next_image_hand_on`) and LLaVA-OneVision / LLaVA-Video videos
-(`_onevision_video_hand_on`); OneVision images refuse them with a message.
+LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and LLaVA-OneVision (`LlavaOnevision...`,
+also the class of LLaVA-Video-7B-Qwen2-hf): any-resolution views are projected, unpadded and
+packed with one learned newline token per feature row; `get_image_features` returns the packed
+tokens per image, `get_video_features` [videos, frames x pooled + 1 newline, D]. Those packed
+tokens are the pre-LLM seam (a per-instance wrapper of the two methods); the budget is global
+per image and per frame for videos; newline tokens are always kept and not part of the budget.
+Vision-stage merges: LLaVA-NeXT images (`_next_image_hand_on`) and LLaVA-OneVision / LLaVA-Video
+videos (`_onevision_video_hand_on`); OneVision images refuse them with a message.
 """
 
 from __future__ import annotations
@@ -22,41 +17,9 @@ import math
 import torch
 from torch import nn
 
-from prunebench.models.base import Seams, apply_rope
-from prunebench.models.llava import feeding_layers, merging_layer_class
-
-
-def _per_row(args: tuple, kwargs: dict, output: torch.Tensor) -> list[torch.Tensor]:
-    return list(output)
-
-
-def _square_grids(args: tuple, kwargs: dict, tokens: list[torch.Tensor]) -> list[tuple[int, int] | None]:
-    sides = [math.isqrt(t.shape[0]) for t in tokens]
-    return [(s, s) if s * s == t.shape[0] else None for s, t in zip(sides, tokens, strict=True)]
-
-
-def internvl_seams(model: nn.Module) -> Seams:
-    from prunebench.stages.vision_internvl import InternVLVisionMerge
-
-    cfg, inner = model.config, model.model
-    return Seams(
-        family="internvl",
-        multimodal=inner,
-        image_token_ids=(cfg.image_token_id,),
-        visual_output=inner.multi_modal_projector,
-        split_visual=_per_row,
-        visual_grids=_square_grids,
-        vision_tower=inner.vision_tower,
-        vision_layers=list(inner.vision_tower.encoder.layer),
-        vision_grid=None,
-        vision_prefix=1,
-        merge_layer_class=None,
-        language_model=inner.language_model,
-        decoder_layers=list(inner.language_model.layers),
-        apply_rope=apply_rope,
-        vision_driver=InternVLVisionMerge,
-        projector_rows=True,
-    )
+from prunebench.families import Family, hf_class, lazy
+from prunebench.families.llava import feeding_layers, merging_layer_class
+from prunebench.seams import Seams, apply_rope
 
 
 def _packed(args: tuple, kwargs: dict, output: object) -> list[torch.Tensor]:
@@ -198,3 +161,13 @@ def packed_seams(model: nn.Module) -> Seams:
         visual_fns={"get_image_features": _packed, **({"get_video_features": _video_frames} if video is not None else {})},
         always_keep=is_newline,
     )
+
+
+_LOCAL = lazy("prunebench.fixtures.tiny_families:family_local_processor")
+_LOAD = lazy("prunebench.families.processors:load_processor")  # torchvision-free (5.23 needs it otherwise)
+FAMILY_ENTRIES = (
+    Family("llava_next", hf_class("LlavaNextForConditionalGeneration"), packed_seams, _LOCAL, _LOAD,
+           tiny="prunebench.fixtures.tiny_families:build_tiny_llava_next", tiny_image_side=48),
+    Family("llava_onevision", hf_class("LlavaOnevisionForConditionalGeneration"), packed_seams, _LOCAL,
+           _LOAD, tiny="prunebench.fixtures.tiny_families:build_tiny_onevision", tiny_image_side=48),
+)

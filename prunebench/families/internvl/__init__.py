@@ -1,0 +1,59 @@
+"""InternVL3 adapter (`InternVLForConditionalGeneration`, transformers `models/internvl/modeling_internvl.py`).
+
+Each 448 px tile is encoded by InternViT ([CLS] dropped), pixel-shuffled 2x2 and projected; the
+projector output [tiles, 256, D] is the pre-LLM seam. The processor does not tell the model
+which tiles belong to which image, so budgets are per tile (as UniPruneBench pools each tile).
+Vision-stage merges run on tiles at whole pixel-shuffle-group granularity (`vision.py`, this room).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from prunebench.families import Family, hf_class, lazy
+from prunebench.seams import Seams, apply_rope
+
+
+def _per_row(args: tuple, kwargs: dict, output: torch.Tensor) -> list[torch.Tensor]:
+    return list(output)
+
+
+def _square_grids(args: tuple, kwargs: dict, tokens: list[torch.Tensor]) -> list[tuple[int, int] | None]:
+    sides = [math.isqrt(t.shape[0]) for t in tokens]
+    return [(s, s) if s * s == t.shape[0] else None for s, t in zip(sides, tokens, strict=True)]
+
+
+def internvl_seams(model: nn.Module) -> Seams:
+    from prunebench.families.internvl.vision import InternVLVisionMerge
+
+    cfg, inner = model.config, model.model
+    return Seams(
+        family="internvl",
+        multimodal=inner,
+        image_token_ids=(cfg.image_token_id,),
+        visual_output=inner.multi_modal_projector,
+        split_visual=_per_row,
+        visual_grids=_square_grids,
+        vision_tower=inner.vision_tower,
+        vision_layers=list(inner.vision_tower.encoder.layer),
+        vision_grid=None,
+        vision_prefix=1,
+        merge_layer_class=None,
+        language_model=inner.language_model,
+        decoder_layers=list(inner.language_model.layers),
+        apply_rope=apply_rope,
+        vision_driver=InternVLVisionMerge,
+        projector_rows=True,
+    )
+
+
+_LOCAL = lazy("prunebench.fixtures.tiny_families:family_local_processor")
+_LOAD = lazy("prunebench.families.processors:load_processor")  # torchvision-free (5.23 needs it otherwise)
+
+FAMILY_ENTRIES = (
+    Family("internvl", hf_class("InternVLForConditionalGeneration"), internvl_seams, _LOCAL, _LOAD,
+           tiny="prunebench.fixtures.tiny_families:build_tiny_internvl", tiny_image_side=64),
+)
