@@ -15,6 +15,53 @@ SplitVisual = Callable[[tuple, dict, Any], list[torch.Tensor]]
 VisualGrids = Callable[[tuple, dict, list[torch.Tensor]], list[tuple[int, int] | None]]
 
 
+@dataclass(frozen=True)
+class DecoderAccess:
+    """How the stages read a decoder layer's attention inputs, so they name no attribute of a family's LLM.
+
+    The default is transformers' Llama / Qwen2 layout (`self_attn.{q,k}_proj`, `input_layernorm`, the model's
+    `norm` and `rotary_emb(hidden, position_ids=...)`). qk_norm: Qwen3 normalises each head of q and k (RMSNorm
+    `self_attn.{q,k}_norm`) between the projections and RoPE, so the rows recomputed from captured q/k must be
+    read after those norms.
+    """
+
+    qk_norm: bool = False
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def qk_modules(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The modules whose outputs are q / k right before RoPE (see `flat`)."""
+        attn = self.attention(layer)
+        return (attn.q_norm, attn.k_norm) if self.qk_norm else (attn.q_proj, attn.k_proj)
+
+    @staticmethod
+    def flat(output: torch.Tensor) -> torch.Tensor:
+        """A q/k module's output as [B, L, heads*d] (the per-head norms return [B, L, heads, d])."""
+        return output.flatten(2) if output.dim() == 4 else output
+
+    def queries_keys(self, layer: nn.Module, hidden: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s q of hidden[:, rows] and k of all of hidden [B, L, D], pre-RoPE: [B, H, R, d], [B, Hkv, L, d]
+        (its input norm and projections, as its own forward computes them)."""
+        attn = self.attention(layer)
+        b, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        q = attn.q_proj(normed[:, rows])
+        q = q.view(b, q.shape[1], -1, attn.head_dim)
+        k = attn.k_proj(normed).view(b, length, -1, attn.head_dim)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
+    def final_norm(self, language_model: nn.Module) -> nn.Module:
+        return language_model.norm
+
+    def rotary(self, language_model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the LLM's rotary embedding at position_ids."""
+        return language_model.rotary_emb(hidden, position_ids=position_ids)
+
+
 @dataclass
 class Seams:
     """Module handles of one loaded model, as the stage hooks need them.
@@ -35,6 +82,7 @@ class Seams:
     language_model / decoder_layers: the LLM stack (entry compaction, intra-LLM seam).
     apply_rope: (x [B, h, T, d], cos [B, T, d], sin) -> x, the family's rotary embedding.
     mrope: multi-axis rotary positions (Qwen M-RoPE): only original positions are defined.
+    decoder: how the LLM's attention inputs are read (`DecoderAccess`).
     visual_fns / always_keep: see the fields.
     """
 
@@ -53,6 +101,7 @@ class Seams:
     decoder_layers: list[nn.Module]
     apply_rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     mrope: bool = False
+    decoder: DecoderAccess = field(default_factory=DecoderAccess)
     # Methods of `multimodal` whose return value holds the visual tokens as scattered (e.g. the
     # packed any-resolution features of LLaVA-NeXT), each with its own split into budget units;
     # when set, the pre-LLM seam wraps these instead of hooking `visual_output` (which then only
@@ -69,6 +118,11 @@ class Seams:
     # A family-specific vision-stage driver replacing `stages.vision.VisionMerge` (same
     # constructor and register()/restore()/schedule contract), e.g. Qwen's 2x2-unit merges.
     vision_driver: Any = None
+    # A family-specific encoder-signal reader replacing `stages.vision_signals.VisionSignals` (a subclass:
+    # the Qwen ViT's fused qkv over a packed, windowed sequence), and for per-view encoders the patches each
+    # LLM token folds: side -> [U, g] raster patch indices (InternVL's pixel shuffle), None = one patch a token.
+    vision_signals: Any = None
+    signal_groups: Callable[[int], torch.Tensor] | None = None
     # The first argument of `visual_output` (the projector) is [units, N, D_v], row i of unit u
     # becoming output row i of unit u: methods working in encoder feature space (VisionZip,
     # PruMerge) run on it (`stages/vision_preproj.py`); False = they run on the output.

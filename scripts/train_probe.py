@@ -30,7 +30,7 @@ is the same measurement with zero visual tokens (the image placeholder removed f
 The final checkpoint (`<out>/final/`: safetensors, tokenizer, processor, README.md card) loads with
 `LlavaForConditionalGeneration.from_pretrained` (`Qwen2_5_VLForConditionalGeneration` for --family qwen2_5_vl,
 `InternVLForConditionalGeneration` for --family internvl; its processor through
-`prunebench.fixtures.tiny_families.load_processor`, which needs no torchvision).
+`prunebench.families.processors.load_processor`, which needs no torchvision).
 What differs between the families (model, processor, prompts, pixels, the features the dense heads
 read) is in one object per family, `LlavaProbe` / `QwenProbe` / `InternVLProbe`; stages, losses, data,
 state and evaluation are shared.
@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -343,7 +344,7 @@ class InternVLProbe:
 2x2 pixel shuffle -> {g * g} visual tokens; LayerNorm + MLP projector; Qwen2 {args.text_layers}x{args.text_hidden};
 the dense heads of the recipe read the projector output, so "vision encoder" below means InternViT + projector
 in stage A and InternViT alone in stage B; without torchvision the processor loads through
-`prunebench.fixtures.tiny_families.load_processor`, as `InternVLProcessor` needs a video processor)"""
+`prunebench.families.processors.load_processor`, as `InternVLProcessor` needs a video processor)"""
 
 
 FAMILIES = {"llava": LlavaProbe, "qwen2_5_vl": QwenProbe, "internvl": InternVLProbe}
@@ -356,9 +357,9 @@ def build(args: argparse.Namespace):
 
 def probe_family(processor) -> LlavaProbe | QwenProbe | InternVLProbe:
     """The family object for a processor the script built (or saved and loaded back)."""
-    if isinstance(processor, tiny_qwen.Qwen2_5_VLProcessor):
+    if isinstance(processor, transformers.Qwen2_5_VLProcessor):
         return QwenProbe(processor)
-    if isinstance(processor, tiny_families.InternVLProcessor):
+    if isinstance(processor, transformers.InternVLProcessor):
         return InternVLProbe(processor)
     return LlavaProbe(processor)
 

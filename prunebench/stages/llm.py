@@ -281,10 +281,12 @@ class IntraLLM:
     def _register_capture(self, layer: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         caps = self.state.captures
 
+        decoder = self.seams.decoder
+
         def keep_output(name: str):
             def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
                 if self.state.phase == "prefill":
-                    caps[name] = output
+                    caps[name] = decoder.flat(output)
 
             return hook
 
@@ -292,11 +294,11 @@ class IntraLLM:
             if self.state.phase == "prefill":
                 caps["rope"] = kwargs["position_embeddings"]
 
-        attn = layer.self_attn
+        q_module, k_module = decoder.qk_modules(layer)
         return [
             layer.register_forward_pre_hook(keep_rope, with_kwargs=True),
-            attn.q_proj.register_forward_hook(keep_output("q")),
-            attn.k_proj.register_forward_hook(keep_output("k")),
+            q_module.register_forward_hook(keep_output("q")),
+            k_module.register_forward_hook(keep_output("k")),
         ]
 
     def _raters(self, module: torch.nn.Module, args: tuple, kwargs: Kwargs) -> None:
@@ -331,7 +333,7 @@ class IntraLLM:
             out["layer_last_query_attention"] = self._own_last_row(k, hidden, kwargs, key_mask).gather(1, image_rows)
         if CAPTURED_SIGNALS.isdisjoint(needs):
             return out
-        caps, attn = self.state.captures, self.seams.decoder_layers[k - 1].self_attn
+        caps, attn = self.state.captures, self.seams.decoder.attention(self.seams.decoder_layers[k - 1])
         cos, sin = caps["rope"]
         if "layer_keys" in needs:  # DART: heads concatenated, as its `any_states.permute(0, 2, 1, 3)`
             b, length, _ = caps["k"].shape
@@ -355,7 +357,7 @@ class IntraLLM:
         if "last_token_hidden" in needs:
             out["last_token_hidden"] = hidden[:, -1]
         if "normed_hidden" in needs:  # DART: `self.norm(last_layer_state)`
-            out["normed_hidden"] = self.seams.language_model.norm(hidden)
+            out["normed_hidden"] = self.seams.decoder.final_norm(self.seams.language_model)(hidden)
         if "visual_rows" in needs:
             out["visual_rows"] = image_rows
         if "sequence_index" in needs:  # DART's set of pivot indices: the unpadded index, as batch 1 has it
@@ -393,11 +395,8 @@ class IntraLLM:
         """PyramidDrop's row: layer k's input_layernorm + q (last token) / k projections + RoPE on the
         hidden states entering k; head-mean softmax over all keys: [B, L]."""
         layer = self.seams.decoder_layers[k]
-        attn = layer.self_attn
-        b, length, _ = hidden.shape
-        normed = layer.input_layernorm(hidden)
-        q = attn.q_proj(normed[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-        keys = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        q, keys = self.seams.decoder.queries_keys(layer, hidden, slice(-1, None))
+        attn = self.seams.decoder.attention(layer)
         cos, sin = kwargs["position_embeddings"]
         q = self.seams.apply_rope(q, cos[:, -1:], sin[:, -1:])
         keys = self.seams.apply_rope(keys, cos, sin)
@@ -671,7 +670,7 @@ class IntraLLM:
                   sin.expand(b, -1, -1).gather(1, index[..., None].expand(-1, -1, d)))
             shift = 0
         else:
-            pe = self.seams.language_model.rotary_emb(hidden, position_ids=new_pos)
+            pe = self.seams.decoder.rotary(self.seams.language_model, hidden, new_pos)
             shift = length - index.shape[1] if pad is None else \
                 (length - index.shape[1] + pad.sum(dim=1, keepdim=True)).to(new_pos.device)
         mask = kwargs.get("attention_mask")
@@ -713,7 +712,7 @@ class IntraLLM:
             hidden = args[0] if args else kwargs["hidden_states"]
             pos = kwargs["position_ids"] - c.shift
             kwargs["position_ids"] = pos
-            kwargs["position_embeddings"] = self.seams.language_model.rotary_emb(hidden, position_ids=pos)
+            kwargs["position_embeddings"] = self.seams.decoder.rotary(self.seams.language_model, hidden, pos)
         return args, kwargs
 
 

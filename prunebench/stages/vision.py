@@ -51,7 +51,8 @@ class PreLLMSelect:
         # The text is embedded after this seam: text-conditioned methods select at the LLM entry.
         self.deferred = "text_embeddings" in method.spec.needs
         self._pending: list[tuple[torch.Tensor, tuple[int, int] | None, dict[str, torch.Tensor]]] = []
-        self.signals = VisionSignals(seams, method, timer) if VISION_SIGNALS & method.spec.needs else None
+        self.signals = (seams.vision_signals or VisionSignals)(seams, method, timer) \
+            if VISION_SIGNALS & method.spec.needs else None
 
     def register(self) -> list:
         handles = self.signals.register() if self.signals is not None else []

@@ -36,7 +36,6 @@ official code reads as `attentions[-2]`), else a Python index into the encoder's
 from __future__ import annotations
 
 import functools
-import sys
 from collections import deque
 
 import torch
@@ -124,29 +123,14 @@ class VisionSignals:
         self.features: deque[torch.Tensor] = deque()  # pre-projector features per visual unit
         self.want_features = "vision_features" in method.spec.needs
         self._captured: dict[str, object] = {}
-        self._grid: torch.Tensor | None = None  # Qwen: grid_thw of the current tower call
-        self.qwen = seams.family in ("qwen2_5_vl", "qwen2_vl")
         self.packed = seams.always_keep is not None  # LLaVA-NeXT / OneVision: per view, then packed
         self.views: deque[dict[str, torch.Tensor]] = deque()  # packed families: per-view signals
-        if not self.qwen and seams.family not in ("llava", "internvl", "llava_next", "llava_onevision"):
-            raise UserError(f"{method.name} needs vision-encoder signals: not supported on the {seams.family} family")
 
     def register(self) -> list:
-        handles = []
-        if self.qwen:
-            attn = self.layer.attn
-            handles.append(self.seams.vision_tower.register_forward_pre_hook(self._tower_start, with_kwargs=True))
-            handles.append(self.layer.register_forward_pre_hook(self._store_kwargs, with_kwargs=True))
-            handles.append(attn.qkv.register_forward_hook(functools.partial(self._store, "qkv")))
-        else:
-            attn = getattr(self.layer, "self_attn", None) or self.layer.attention
-            q_mod, k_mod = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (attn.q_proj, attn.k_proj)
-            handles += [q_mod.register_forward_hook(functools.partial(self._store, "q")),
-                        k_mod.register_forward_hook(functools.partial(self._store, "k"))]
+        handles = self._capture_qk()
         handles.append(self.layer.register_forward_hook(self._done))
         if self.want_features:
-            where = self.seams.vision_tower.merger if self.qwen else self.seams.visual_output
-            handles.append(where.register_forward_pre_hook(self._store_features))
+            handles.append(self._features_module().register_forward_pre_hook(self._store_features))
         if self.packed:
             from prunebench.stages.vision import MethodWrap
 
@@ -169,62 +153,62 @@ class VisionSignals:
                 entry["vision_features"] = self.features.popleft()
         return out
 
-    # -- hooks ---------------------------------------------------------------------------------
-    def _store(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._captured[name] = output
+    # -- what a family-specific reader (`Seams.vision_signals`) overrides ----------------------------
+    def _capture_qk(self) -> list:
+        """Hooks keeping the layer's q and k (per-view encoders: [B, T, heads*d], after InternViT's q/k norms)."""
+        attn = self._attention()
+        q_mod, k_mod = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else (attn.q_proj, attn.k_proj)
+        return [q_mod.register_forward_hook(functools.partial(self._store, "q")),
+                k_mod.register_forward_hook(functools.partial(self._store, "k"))]
 
-    def _tower_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Qwen: the call's grid_thw (the window order depends on it)."""
-        self._grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+    def _attention(self) -> nn.Module:
+        return getattr(self.layer, "self_attn", None) or self.layer.attention  # CLIP / SigLIP, InternViT
 
-    def _store_kwargs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._captured["cu_seqlens"] = kwargs["cu_seqlens"]
-        self._captured["position_embeddings"] = kwargs["position_embeddings"]
+    def _features_module(self) -> nn.Module:
+        """The module whose input is the pre-projector feature of each visual unit."""
+        return self.seams.visual_output
+
+    def _units(self) -> list[dict[str, torch.Tensor]]:
+        """The signals of the visual units of one tower call, from the captured q/k."""
+        return self._cls()
 
     def _store_features(self, module: nn.Module, args: tuple) -> None:
         """The projector's input: LLaVA [B, N, C] selected CLIP features; InternVL [tiles, U, 4C]
-        pixel-shuffled groups; Qwen the merger input [S, C] in window order -> [U, 4C] per unit, raster."""
+        pixel-shuffled groups; packed families per view."""
         x = args[0]
         if self.packed:  # per view, joined with the view's attention signals when packed
             for entry, feats in zip(list(self.views)[len(self.views) - x.shape[0]:], x, strict=True):
                 entry["vision_features"] = feats
             return
-        if not self.qwen:
-            self.features.extend(x)
-            return
-        m = int(self.seams.vision_tower.spatial_merge_size) ** 2
-        units = x.reshape(-1, m * x.shape[-1])
-        raster = torch.empty_like(units)
-        raster[self._window_index(units.device)] = units
-        self.features.extend(raster.split(self._part_sizes()))
+        self.features.extend(x)
 
-    def _part_sizes(self) -> list[int]:
-        m = int(self.seams.vision_tower.spatial_merge_size) ** 2
-        return [h * w // m for t, h, w in self._grid.tolist() for _ in range(t)]
+    # -- hooks ---------------------------------------------------------------------------------
+    def _store(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._captured[name] = output
 
     def _done(self, module: nn.Module, args: tuple, output: object) -> None:
         with torch.no_grad(), self.timer.span("method"):  # the signal is the method's cost (eager in official code)
             if self.packed:
                 self.views.extend(self._cls() if self.seams.vision_prefix else self._received())
             else:
-                self.queue.extend(self._qwen() if self.qwen else self._cls())
+                self.queue.extend(self._units())
         self._captured.clear()
 
-    # -- families --------------------------------------------------------------------------------
+    # -- per-view encoders -------------------------------------------------------------------------
     def _cls(self) -> list[dict[str, torch.Tensor]]:
-        attn = getattr(self.layer, "self_attn", None) or self.layer.attention
+        attn = self._attention()
         q_out, k_out = self._captured["q"], self._captured["k"]
         b, t, _ = q_out.shape
         q = q_out.view(b, t, -1, attn.head_dim).transpose(1, 2)
         k = k_out.view(b, t, -1, attn.head_dim).transpose(1, 2)
         row, keys = cls_row_and_keys(q, k, attn.scale)
-        if self.seams.family == "internvl":
-            row, keys = self._internvl_groups(row, keys)
+        if self.seams.signal_groups is not None:
+            row, keys = self._grouped(row, keys)
         out = [{"cls_attention": r, "cls_keys": kk} for r, kk in zip(row, keys, strict=True)]
         if FULL_WIDTH & self.method.spec.needs:
             row, keys = full_width_cls_row(q_out, k_out)
-            if self.seams.family == "internvl":
-                row, keys = self._internvl_groups(row, keys)
+            if self.seams.signal_groups is not None:
+                row, keys = self._grouped(row, keys)
             for entry, r, kk in zip(out, row, keys, strict=True):
                 entry.update(cls_attention_full=r, cls_keys_full=kk)
         return out
@@ -273,52 +257,8 @@ class VisionSignals:
                 self.queue.extend(unstack_channels(frame, layout) for frame in video)
                 self.queue.append(newline)
 
-    def _internvl_groups(self, row: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch signals [B, N], [B, N, d] -> pixel-shuffle group means [B, U], [B, U, d]."""
-        from prunebench.families.internvl.vision import shuffle_groups
-
-        groups = shuffle_groups(self.seams.multimodal, int(round(row.shape[1] ** 0.5))).to(row.device)  # [U, 4]
+    def _grouped(self, row: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch signals [B, N], [B, N, d] -> means over the patches each LLM token folds (`Seams.signal_groups`,
+        InternVL's pixel shuffle): [B, U], [B, U, d]."""
+        groups = self.seams.signal_groups(int(round(row.shape[1] ** 0.5))).to(row.device)  # [U, g]
         return row[:, groups].mean(-1), keys[:, groups].mean(-2)
-
-    def _qwen(self) -> list[dict[str, torch.Tensor]]:
-        """Received attention per segment of this block, per 2x2 unit, raster order per image/slice."""
-        visual, attn = self.seams.vision_tower, self.layer.attn
-        qkv = self._captured["qkv"]
-        s, m = qkv.shape[0], int(visual.spatial_merge_size) ** 2
-        q, k, _ = qkv.reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, H, d]
-        keys = k.float().mean(1)  # pre-RoPE head-mean keys [S, d]
-        cos, sin = self._captured["position_embeddings"]
-        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
-        received = torch.zeros(s, dtype=torch.float32, device=qkv.device)
-        cu = self._captured["cu_seqlens"].tolist()
-        for a, e in zip(cu[:-1], cu[1:], strict=True):
-            if e > a:
-                received[a:e] = received_attention(q[a:e].transpose(0, 1)[None], k[a:e].transpose(0, 1)[None],
-                                                   attn.scaling)[0]
-        units = self._qwen_units(received.view(-1, m).mean(1), keys.view(-1, m, keys.shape[-1]).mean(1))
-        for entry in units:  # no [CLS], no single-head reading: the full-width names get the §0.4 substitute
-            entry.update(cls_attention_full=entry["cls_attention"], cls_keys_full=entry["cls_keys"])
-        return units
-
-    def _qwen_units(self, received: torch.Tensor, keys: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Units in the tower's sequence order -> per image / temporal slice, raster order."""
-        order = self._window_index(received.device)  # sequence unit u holds raster unit order[u]
-        raster_att = torch.empty_like(received)
-        raster_att[order] = received
-        raster_keys = torch.empty_like(keys)
-        raster_keys[order] = keys
-        sizes = self._part_sizes()
-        return [{"cls_attention": a, "cls_keys": kk}
-                for a, kk in zip(raster_att.split(sizes), raster_keys.split(sizes), strict=True)]
-
-    def _window_index(self, device: torch.device) -> torch.Tensor:
-        from transformers.vision_utils import get_vision_window_index
-
-        v, grid = self.seams.vision_tower, self._grid
-        if getattr(v, "fullatt_block_indexes", None) is None:  # Qwen2-VL: raster order throughout
-            return torch.arange(int(sum(t * h * w for t, h, w in grid.tolist())) // v.spatial_merge_size**2,
-                                device=device)
-        index, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                                           patch_size=v.patch_size, kwargs={})
-        return index.to(device)
-

@@ -27,7 +27,7 @@ def _square_grids(args: tuple, kwargs: dict, tokens: list[torch.Tensor]) -> list
 
 
 def internvl_seams(model: nn.Module) -> Seams:
-    from prunebench.families.internvl.vision import InternVLVisionMerge
+    from prunebench.families.internvl.vision import InternVLVisionMerge, shuffle_groups
 
     cfg, inner = model.config, model.model
     return Seams(
@@ -46,6 +46,7 @@ def internvl_seams(model: nn.Module) -> Seams:
         decoder_layers=list(inner.language_model.layers),
         apply_rope=apply_rope,
         vision_driver=InternVLVisionMerge,
+        signal_groups=lambda side: shuffle_groups(inner, side),
         projector_rows=True,
     )
 

@@ -31,9 +31,8 @@ def _grid_thw(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def qwen_vl_seams(model: nn.Module) -> Seams:
-    from prunebench.families.qwen.vision import (
-        QwenVisionMerge,  # its own import is transformers' vision utils
-    )
+    from prunebench.families.qwen.signals import QwenVisionSignals
+    from prunebench.families.qwen.vision import QwenVisionMerge  # imports transformers' vision utils
 
     cfg = model.config
     visual = model.model.visual
@@ -64,6 +63,7 @@ def qwen_vl_seams(model: nn.Module) -> Seams:
         apply_rope=apply_rope,
         mrope=True,
         vision_driver=QwenVisionMerge,
+        vision_signals=QwenVisionSignals,
     )
 
 
