@@ -123,6 +123,10 @@ class Seams:
     # LLM token folds: side -> [U, g] raster patch indices (InternVL's pixel shuffle), None = one patch a token.
     vision_signals: Any = None
     signal_groups: Callable[[int], torch.Tensor] | None = None
+    # Visual features a family injects into the LLM beside its input (Qwen3-VL's DeepStack levels): an object with
+    # `follow(language_model, state) -> handles` keeping them in step with the rows the stages leave, `note` (for
+    # the record) and `scatter_levels(full_length) -> handles` for vision-stage merges; None = no such features.
+    deepstack: Any = None
     # The first argument of `visual_output` (the projector) is [units, N, D_v], row i of unit u
     # becoming output row i of unit u: methods working in encoder feature space (VisionZip,
     # PruMerge) run on it (`stages/vision_preproj.py`); False = they run on the output.

@@ -29,8 +29,9 @@ def _sizes(fam) -> list[tuple[int, int]]:
     """Image (width, height) per sample: every family but LLaVA-1.5 (one fixed grid) gets sizes that give
     different visual-token counts (Qwen: resolution; InternVL tiles, NeXT / OneVision any-res: aspect ratio)."""
     side = fam.image_side
-    if fam.family in ("qwen2_5_vl", "qwen2_vl"):
-        return [(s, s) for s in (side, side - 28, side, side + 28)]
+    if fam.family in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl"):  # one LLM token per 28 px (Qwen3-VL: 32 px)
+        step = 32 if fam.family == "qwen3_vl" else 28
+        return [(s, s) for s in (side, side - step, side, side + step)]
     if fam.family == "llava":
         return [(side, side)] * len(QUESTIONS)
     return [(side, side), (2 * side, side), (side, side), (3 * side, side)]

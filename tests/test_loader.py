@@ -59,3 +59,16 @@ def test_shipped_real_size_architectures_construct(arch, layers, tokens):
 def test_missing_weights_is_one_clear_line(tmp_path):
     with pytest.raises(UserError, match="no weights for model 'x'.*model.path=.*model.weights=random"):
         loader.load_model({"name": "x", "path": str(tmp_path / "absent")}, torch.device("cpu"))
+
+
+def test_a_pretrained_run_never_imports_the_fixtures(tiny_path):
+    """Loading a checkpoint (no `build:`) imports the family's room only: no tiny builder, no test processor."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from prunebench.models.loader import load_model\n"
+            f"load_model({{'name': 'x', 'family': 'llava', 'path': {str(tiny_path)!r}}}, torch.device('cpu'))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('prunebench.fixtures')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

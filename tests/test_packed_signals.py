@@ -14,7 +14,7 @@ from PIL import Image
 
 from prunebench.methods import resolve_method
 from prunebench.stages import install
-from prunebench.stages.vision import MethodWrap
+from prunebench.stages.patches import MethodWrap
 from prunebench.stages.vision_signals import encoder_layers
 
 PACKED = ["llava_next", "llava_onevision"]

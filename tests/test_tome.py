@@ -142,7 +142,7 @@ def test_proportional_attention_bias_is_log_size(tiny):
 
 
 def test_prop_attn_noted_where_not_applied(fam):
-    if fam.family not in ("qwen2_5_vl", "qwen2_vl", "internvl"):
+    if fam.family not in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "internvl"):
         pytest.skip("proportional attention is applied on this family")
     with install(fam.seams, resolve_method("tome"), keep=0.5) as inst:
         pass

@@ -19,9 +19,10 @@ from prunebench.methods.merge_ops import layer_schedule
 from prunebench.stages import install
 
 SIZES = [(168, 112), (140, 84)]  # (w, h) -> 6x4 = 24 and 5x3 = 15 merge units (odd: padded windows)
+# at 28 px per merge unit (Qwen2.x); Qwen3-VL's 32 px units get the same unit grids from `_scaled`
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def qwen(request, tmp_path_factory):
     from conftest import load_tiny, tiny_checkpoint
 
@@ -32,13 +33,21 @@ def image(seed: int, w: int, h: int) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
 
 
+def _scaled(qwen, sizes):
+    """Sizes given at 28 px per merge unit -> the same unit grids at this processor's unit size."""
+    unit = qwen.processor.image_processor.patch_size * qwen.processor.image_processor.merge_size
+    return [(w * unit // 28, h * unit // 28) for w, h in sizes]
+
+
 def prompt_inputs(qwen, sizes=SIZES):
+    sizes = _scaled(qwen, sizes)
     conv = [{"role": "user", "content": [{"type": "image"} for _ in sizes] + [{"type": "text", "text": "Colors?"}]}]
     prompt = qwen.processor.apply_chat_template(conv, add_generation_prompt=True)
     return qwen.processor(images=[image(i, w, h) for i, (w, h) in enumerate(sizes)], text=prompt, return_tensors="pt")
 
 
 def pixels(qwen, sizes):
+    sizes = _scaled(qwen, sizes)
     out = qwen.processor.image_processor(images=[image(i, w, h) for i, (w, h) in enumerate(sizes)], return_tensors="pt")
     return out["pixel_values"], out["image_grid_thw"]
 

@@ -1,6 +1,6 @@
 """Processor loading without torchvision, for tiny and real checkpoints alike (transformers 5.23).
 
-- Qwen2-VL / Qwen2.5-VL: the native processors take a video processor, and every video processor class
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the native processors take a video processor, and every video processor class
   (``VideoProcessorMixin`` included) needs torchvision, so ``AutoProcessor.from_pretrained`` fails on any
   Qwen-VL checkpoint without it. :class:`Qwen2_5_VLImageTextProcessor` / :class:`Qwen2VLImageTextProcessor`
   are the native processors minus the video processor, saved under the native class name
@@ -32,6 +32,7 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
+    Qwen3VLProcessor,
     processing_utils,
 )
 from transformers.image_processing_backends import PilBackend
@@ -91,11 +92,20 @@ class Qwen2VLImageTextProcessor(ImageTextOnly, Qwen2VLProcessor):
     native_class = Qwen2VLProcessor
 
 
-PROCESSORS = {"qwen2_5_vl": Qwen2_5_VLImageTextProcessor, "qwen2_vl": Qwen2VLImageTextProcessor}
+class Qwen3VLImageTextProcessor(ImageTextOnly, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` for images and text only: works without torchvision (its video processor needs it;
+    a real checkpoint's ``video_preprocessor_config.json`` is ignored)."""
+
+    native_class = Qwen3VLProcessor
+
+
+PROCESSORS = {"qwen2_5_vl": Qwen2_5_VLImageTextProcessor, "qwen2_vl": Qwen2VLImageTextProcessor,
+              "qwen3_vl": Qwen3VLImageTextProcessor}
 
 
 def load_qwen_processor(path: str | Path, **kwargs: Any) -> ImageTextOnly:
-    """Load the (image+text) processor of a Qwen2-VL / Qwen2.5-VL checkpoint, tiny or real, without torchvision."""
+    """Load the (image+text) processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint, tiny or real, without
+    torchvision."""
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in PROCESSORS:
         raise ValueError(f"{path} is a '{model_type}' checkpoint, not one of {sorted(PROCESSORS)}")

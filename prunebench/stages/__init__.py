@@ -142,6 +142,10 @@ def install(
                 seams.language_model.register_forward_pre_hook(llm_entry(state, policies[0][0]), with_kwargs=True))
         for stage, (positions, _) in zip(stages, policies, strict=True):
             inst.handles += _install_stage(seams, stage, positions, inst, timer, merges)
+        if seams.deepstack is not None and any(stage.keep < 1.0 for stage in stages):  # injected visual features
+            # follow the rows the stages leave
+            inst.handles += seams.deepstack.follow(seams.language_model, state)
+            inst.notes.append(seams.deepstack.note)
         yield inst
     finally:
         for handle in inst.handles:

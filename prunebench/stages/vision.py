@@ -19,6 +19,7 @@ from prunebench.methods.base import ResolvedMethod, SelectContext, Selection, n_
 from prunebench.methods.tome_ops import head_mean_keys, proportional_bias
 from prunebench.seams import Seams
 from prunebench.stages.attention import received_attention
+from prunebench.stages.patches import ClassSwaps, MethodWrap
 from prunebench.stages.state import CallState
 from prunebench.stages.text import text_embeddings, unit_batch_rows
 from prunebench.stages.vision_signals import VISION_SIGNALS, VisionSignals
@@ -156,58 +157,6 @@ class PreLLMSelect:
                 new = torch.cat([new, x[fixed]])[order.indices]
             self.state.fixed += int(fixed.sum())
         return kept, new
-
-
-class MethodWrap:
-    """Shadow `owner.name` with a per-instance wrapper that calls `before(owner, args, kwargs)` and
-    `after(owner, args, kwargs, output)` around it; `remove()` restores the class's method (the
-    instance attribute is deleted)."""
-
-    def __init__(self, owner: torch.nn.Module, name: str, after: object = None, before: object = None) -> None:
-        self.owner, self.name = owner, name
-        original = getattr(owner, name)
-
-        @functools.wraps(original)  # keeps the signature: `generate` inspects it to route kwargs
-        def wrapped(*args: object, **kwargs: object) -> object:
-            if before is not None:
-                before(owner, args, kwargs)
-            output = original(*args, **kwargs)
-            if after is not None:
-                after(owner, args, kwargs, output)
-            return output
-
-        setattr(owner, name, wrapped)
-
-    def remove(self) -> None:
-        if self.name in vars(self.owner):
-            delattr(self.owner, self.name)
-
-
-class AttrOverride(MethodWrap):
-    """Shadow `owner.name` with `value` on this instance only; `remove()` restores the class's."""
-
-    def __init__(self, owner: torch.nn.Module, name: str, value: object) -> None:
-        self.owner, self.name = owner, name
-        setattr(owner, name, value)
-
-
-class ClassSwaps:
-    """Per-instance class swaps of encoder layers to their merging subclass (ToMe-style), with the
-    merge step attached as `layer._pb_merge`; `restore()` puts every class back."""
-
-    def __init__(self) -> None:
-        self._swapped: list[tuple[torch.nn.Module, type]] = []
-
-    def swap(self, layer: torch.nn.Module, cls: type, step: object) -> None:
-        self._swapped.append((layer, type(layer)))
-        layer.__class__ = cls
-        layer._pb_merge = step
-
-    def restore(self) -> None:
-        for layer, cls in self._swapped:
-            layer.__class__ = cls
-            del layer._pb_merge
-        self._swapped.clear()
 
 
 class VisionMerge:

@@ -132,7 +132,7 @@ class VisionSignals:
         if self.want_features:
             handles.append(self._features_module().register_forward_pre_hook(self._store_features))
         if self.packed:
-            from prunebench.stages.vision import MethodWrap
+            from prunebench.stages.patches import MethodWrap
 
             inner = self.seams.multimodal
             handles.append(MethodWrap(inner, "pack_image_features", after=self._pack_images))

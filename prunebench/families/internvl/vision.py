@@ -25,8 +25,9 @@ from prunebench.methods.merge_ops import merge_units
 from prunebench.methods.tome_ops import head_mean_keys
 from prunebench.seams import Seams, merging_subclass
 from prunebench.stages.attention import received_attention
+from prunebench.stages.patches import ClassSwaps
 from prunebench.stages.state import CallState
-from prunebench.stages.vision import ClassSwaps, capture_output, merge_params, unapplied_prop_attn
+from prunebench.stages.vision import capture_output, merge_params, unapplied_prop_attn
 from prunebench.timing import Timer
 
 

@@ -47,7 +47,7 @@ def _onevision_video_hand_on(inner: nn.Module, side: int, pooled: int):
     With keep=1.0 nothing is merged and the family's own pooling runs. Images (any-resolution
     packing) are refused while merges are active.
     """
-    from prunebench.stages.vision import AttrOverride, MethodWrap
+    from prunebench.stages.patches import AttrOverride, MethodWrap
 
     def hand_on(merge: object) -> list[object]:
         state = merge.state
@@ -93,7 +93,7 @@ def _next_image_hand_on(inner: nn.Module):
     own `pack_image_features` (kept patch 1, merged-away 0, newline 2), so unpadding and newline
     layout are exactly the model's; newlines are kept outside the budget.
     """
-    from prunebench.stages.vision import MethodWrap
+    from prunebench.stages.patches import MethodWrap
 
     def hand_on(merge: object) -> list[object]:
         state = merge.state

@@ -55,8 +55,9 @@ from prunebench.methods.merge_ops import merge_units
 from prunebench.methods.tome_ops import head_mean_keys
 from prunebench.seams import Seams, merging_subclass
 from prunebench.stages.attention import received_attention
+from prunebench.stages.patches import ClassSwaps
 from prunebench.stages.state import CallState
-from prunebench.stages.vision import ClassSwaps, merge_params, unapplied_prop_attn
+from prunebench.stages.vision import merge_params, unapplied_prop_attn
 from prunebench.timing import Timer
 
 
@@ -119,6 +120,9 @@ class QwenVisionMerge:
             raise UserError(f"{method.name}: merge_point must be one of: attention, layer (got '{self.merge_point}')")
         self.merge_params = merge_params(method)
         self.notes = unapplied_prop_attn(method, seams.family, "its windowed varlen attention takes no mask")
+        if seams.deepstack is not None:
+            self.notes.append(f"{method.name}: a DeepStack level taken at a ViT block before a merge carries the "
+                              "surviving unit's own feature there (levels are not merged)")
         try:  # validates the strategy string now; the counts depend on each image's size
             method.spec.schedule(self.strategy, len(self.blocks), 0, 0)
         except ValueError as err:
@@ -137,6 +141,8 @@ class QwenVisionMerge:
             return []
         handles = [self.visual.register_forward_pre_hook(self._start, with_kwargs=True),
                    self.visual.merger.register_forward_hook(self._finish)]
+        if self.seams.deepstack is not None:  # Qwen3-VL: the levels taken inside the ViT, at full length too
+            handles += self.seams.deepstack.scatter_levels(self._full_length)
         needs_qkv = bool(self.method.spec.needs & {"received_attention", "keys"})
         for i, block in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(functools.partial(self._enter, i), with_kwargs=True))
@@ -300,11 +306,17 @@ class QwenVisionMerge:
     # -- merger output: back to full length, decision to the LLM entry ------------------------------------
     def _finish(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         st: UnitState = self.state.vision
+        full = self._full_length(output)
+        self.state.visual_sizes = list(st.n_units)
+        self.state.visual_keep = [st.rep[st.part == p].sort().values for p in range(len(st.n_units))]
+        self.state.clamped |= st.clamped
+        return full
+
+    def _full_length(self, output: torch.Tensor) -> torch.Tensor:
+        """A merger's output over the units alive now -> all units of the call (zeros at units merged away)."""
+        st: UnitState = self.state.vision
         if output.shape[0] != st.pos.numel():
             raise RuntimeError(f"vision merge left {st.pos.numel()} merge units but the merger gave {output.shape[0]}")
         full = output.new_zeros(st.n_total, *output.shape[1:])
         full[st.pos.to(output.device)] = output
-        self.state.visual_sizes = list(st.n_units)
-        self.state.visual_keep = [st.rep[st.part == p].sort().values for p in range(len(st.n_units))]
-        self.state.clamped |= st.clamped
         return full
