@@ -8,21 +8,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from PIL import Image
-
+from prunebench.data.items import Item
 from prunebench.registry import Registry
-
-
-@dataclass(frozen=True)
-class Item:
-    """One question with a closed answer, about an image or (when `frames` is set) a video."""
-
-    index: int
-    image: Image.Image
-    question: str
-    answer: str
-    category: str
-    frames: tuple[Image.Image, ...] | None = None
 
 
 @dataclass(frozen=True)

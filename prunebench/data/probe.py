@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from prunebench.data.datasets import Item
+from prunebench.data.items import Item
 from prunebench.errors import UserError
 
 FAMILIES: tuple[str, ...] = ("background", "existence", "attribute", "count", "spatial", "reading")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from prunebench.data.datasets import Item
+from prunebench.data.items import Item
 
 CATEGORIES: tuple[str, ...] = ("background", "existence", "count", "color", "position")
 COLORS: dict[str, tuple[int, int, int]] = {

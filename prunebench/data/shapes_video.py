@@ -14,7 +14,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prunebench.data.datasets import Item
+from prunebench.data.items import Item
 from prunebench.data.shapes import COLORS, SHAPES
 
 Q_DIRECTION = "Does the {color} {shape} move to the left or to the right? Answer with one word."

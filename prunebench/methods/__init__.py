@@ -1,39 +1,14 @@
 """The method registry. Importing this package registers every method.
 
 Adding a method: write one module here with a pure tensor function decorated by
-`@register_method(...)`, import it below, and add `configs/method/<name>.yaml`.
+`@register_method(...)` and add `configs/method/<name>.yaml`; every module of this package is imported below.
 """
 
 from __future__ import annotations
 
-from prunebench.methods import (  # noqa: F401  (registration)
-    adaptive_mi,
-    cdpruner,
-    compose,
-    dart,
-    divprune,
-    evoprune,
-    fastervlm,
-    fastv,
-    fastv_alpha,
-    fastv_reverse,
-    fastv_vis,
-    fastv_window,
-    gprune,
-    holov,
-    mustdrop,
-    pdrop,
-    pooling_intra,
-    pooling_pre,
-    prumerge,
-    random,
-    sparsevlm,
-    tome,
-    vanilla,
-    visionzip,
-    vispruner,
-    vtw,
-)
+import importlib
+import pkgutil
+
 from prunebench.methods.base import (
     METHODS,
     MethodSpec,
@@ -43,5 +18,8 @@ from prunebench.methods.base import (
     Stage,
     resolve_method,
 )
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # registration: each module's decorators
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["METHODS", "MethodSpec", "Positions", "ResolvedMethod", "SelectContext", "Stage", "resolve_method"]
