@@ -123,6 +123,17 @@ def force_method_params(argv: list[str]) -> list[str]:
     return [f"++{a}" if a.startswith("method.params.") and "=" in a else a for a in argv]
 
 
+def models_first(argv: list[str]) -> list[str]:
+    """Multirun: the `model=` override first, so the sweep varies the model slowest (Hydra's basic sweeper takes
+    the product in command-line order) and each model loads once (`models.loader.resident_model`)."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    models = [a for a in argv if a.startswith("model=")]
+    rest = [a for a in argv if not a.startswith("model=")]
+    first = next((i for i, a in enumerate(rest) if "=" in a and not a.startswith("-")), len(rest))
+    return rest[:first] + models + rest[first:]  # Hydra's flags (and their values) stay where they were
+
+
 def run_with_baseline(cfg: Any) -> None:
     from omegaconf import OmegaConf, open_dict
 
@@ -160,7 +171,7 @@ def main() -> None:
     except UserError as err:
         print(f"prunebench: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    sys.argv[1:] = force_method_params(sys.argv[1:])
+    sys.argv[1:] = models_first(force_method_params(sys.argv[1:]))
     multirun = bool({"-m", "--multirun"} & set(sys.argv[1:]))
     refused: list[str] = []
     import hydra

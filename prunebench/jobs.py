@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from prunebench.checks import check_options, check_params, yaml_defaults
 from prunebench.errors import UserError
 from prunebench.methods import ResolvedMethod, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
-from prunebench.models.loader import LoadedModel, decoder_layer_count, resolve_device
+from prunebench.models.loader import LoadedModel, decoder_layer_count, resident_model, resolve_device
 from prunebench.record import LOCK_NAME, RunRecord, load_record, now, versions
 from prunebench.stages import batch_refusal, planned_stages
 from prunebench.stages.llm import intra_layers_checked
@@ -236,3 +237,13 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def model_for_job(model_cfg: Mapping[str, Any], device: torch.device, quiet: bool) -> LoadedModel:
+    """The job's model: the one this process already holds for the same config, else loaded now (said once)."""
+    start = time.perf_counter()
+    loaded, reused = resident_model(model_cfg, device)
+    if not reused:
+        say(quiet, f"[prunebench] loaded model {loaded.name} on {device.type} in {time.perf_counter() - start:.1f} s"
+                   f" (kept for the next job of this process)")
+    return loaded

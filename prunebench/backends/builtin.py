@@ -17,10 +17,18 @@ from prunebench.data.datasets import Dataset, Item, build_dataset
 from prunebench.errors import UserError
 from prunebench.flops import flops_summary
 from prunebench.generation import batch_inputs, generate_batch_timed, sample_seed
-from prunebench.jobs import Interrupted, Job, check_layers_before_loading, new_record, reusable, say
+from prunebench.jobs import (
+    Interrupted,
+    Job,
+    check_layers_before_loading,
+    model_for_job,
+    new_record,
+    reusable,
+    say,
+)
 from prunebench.measure import instrument
 from prunebench.methods import Stage, resolve_method
-from prunebench.models.loader import LoadedModel, load_model, resolve_device
+from prunebench.models.loader import LoadedModel, resolve_device
 from prunebench.record import (
     PREDICTIONS_NAME,
     RECORD_NAME,
@@ -47,7 +55,7 @@ def run_builtin(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Pat
     check_layers_before_loading(job, cfg["model"])
     if device.type == "cpu" and cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg["cpu_threads"]))
-    loaded = load_model(cfg["model"], device)
+    loaded = model_for_job(cfg["model"], device, quiet)
     items = dataset.items()[: job.limit] if job.limit else dataset.items()
     record = new_record(job, cfg, loaded)
     record.floor = blind_floor(cfg["model"], cfg["dataset"], dataset)

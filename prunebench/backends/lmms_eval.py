@@ -21,6 +21,7 @@ from prunebench.jobs import (
     Job,
     check_layers_before_loading,
     job_lock,
+    model_for_job,
     new_record,
     reusable,
     say,
@@ -45,7 +46,7 @@ def _run(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Path:
 
     from prunebench.flops import flops_summary
     from prunebench.measure import instrument
-    from prunebench.models.loader import load_model, resolve_device
+    from prunebench.models.loader import resolve_device
     from prunebench.record import (
         PREDICTIONS_NAME,
         RECORD_NAME,
@@ -69,7 +70,7 @@ def _run(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Path:
     device = resolve_device(str(cfg["device"]))
     if device.type == "cpu" and cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg["cpu_threads"]))
-    loaded = load_model(cfg["model"], device)
+    loaded = model_for_job(cfg["model"], device, quiet)
     record = new_record(job, cfg, loaded)
     save_record(out, record)
     sink = out / PREDICTIONS_NAME

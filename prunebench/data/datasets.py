@@ -3,6 +3,7 @@ and scores predictions; it knows nothing about models or methods."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -49,8 +50,15 @@ class Shapes:
                  **_: Any) -> None:
         self.name, self.n, self.seed, self.image_size = name, n, seed, image_size
         self.max_new_tokens = max_new_tokens
+        self._items: list[Item] | None = None
 
     def items(self) -> list[Item]:
+        """The items, generated on first use (a fresh list each call; the items are shared and immutable)."""
+        if self._items is None:
+            self._items = self._build()
+        return list(self._items)
+
+    def _build(self) -> list[Item]:
         from prunebench.data.shapes import build_shapes
 
         return build_shapes(self.n, seed=self.seed, image_size=self.image_size)
@@ -72,7 +80,7 @@ class ShapesVideo(Shapes):
         super().__init__(name, n=n, seed=seed, image_size=image_size, max_new_tokens=max_new_tokens)
         self.source_frames, self.num_frames = source_frames, num_frames
 
-    def items(self) -> list[Item]:
+    def _build(self) -> list[Item]:
         from prunebench.data.shapes_video import build_shapes_video
 
         return build_shapes_video(self.n, seed=self.seed, image_size=self.image_size,
@@ -93,7 +101,7 @@ class Probe(Shapes):
         super().__init__(name, n=n, seed=seed, image_size=image_size, max_new_tokens=max_new_tokens)
         self.families = check_families(list(families) if families is not None else None)
 
-    def items(self) -> list[Item]:
+    def _build(self) -> list[Item]:
         from prunebench.data.probe import build_probe
 
         return build_probe(self.n, seed=self.seed, image_size=self.image_size, families=self.families)
@@ -106,6 +114,16 @@ DATASET_KINDS.add("probe", Probe)
 
 
 def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
+    """The dataset of a config; built once per process per config (the jobs of a sweep share it: items are
+    immutable and every consumer slices its own list)."""
     params = dict(cfg)
-    kind = DATASET_KINDS.get(str(params.pop("kind")))
-    return kind(**params)
+    key = json.dumps(params, sort_keys=True, default=str)
+    if key not in _BUILT:
+        if len(_BUILT) >= 4:  # a few suites at a time, the oldest dropped
+            _BUILT.pop(next(iter(_BUILT)))
+        kind = DATASET_KINDS.get(str(params.pop("kind")))
+        _BUILT[key] = kind(**params)
+    return _BUILT[key]
+
+
+_BUILT: dict[str, Dataset] = {}

@@ -65,7 +65,49 @@ def _local_path(path: str | None) -> Path | None:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+# The model a process keeps loaded for its next job (multirun jobs sharing a model config): one at a time.
+_RESIDENT: dict[str, LoadedModel] = {}
+
+
+def resident_model(cfg: Mapping[str, Any], device: torch.device) -> tuple[LoadedModel, bool]:
+    """The loaded model for `cfg` on `device`, and whether it was already loaded by an earlier job of this process.
+
+    A job leaves the model as it found it (every patch is undone on exit: the contract tests prove it), so the
+    jobs of a sweep that share a model config share one load; a different config frees the old model first.
+    """
+    key = json.dumps({"model": _plain(cfg), "device": str(device)}, sort_keys=True, default=str)
+    if key in _RESIDENT:
+        return _RESIDENT[key], True
+    release_resident()
+    loaded = load_model(cfg, device)
+    _RESIDENT[key] = loaded
+    return loaded, False
+
+
+def release_resident() -> None:
+    """Drop the kept model (its memory returns before the next one loads)."""
+    if not _RESIDENT:
+        return
+    _RESIDENT.clear()
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _plain(cfg: Mapping[str, Any]) -> Any:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        return dict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
 def load_model(cfg: Mapping[str, Any], device: torch.device) -> LoadedModel:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per load: prunebench says what it loads
     family = FAMILIES.get(str(cfg.get("family", "llava")))
     weights = str(cfg.get("weights", "pretrained"))
     if weights not in ("pretrained", "random"):
