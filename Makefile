@@ -9,7 +9,7 @@ ARGS   ?=
 METHODS ?= random_pre,pooling_pre,divprune,fastervlm,random_intra,fastv,dart
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench bench-throughput lint clean vlmeval-check vlmeval-test lmms-setup lmms-test probe probe-qwen probe-internvl
+.PHONY: setup demo test sweep report bench bench-throughput gpu-check lint clean vlmeval-check vlmeval-test lmms-setup lmms-test probe probe-qwen probe-internvl
 
 setup: $(STAMP)
 
@@ -20,9 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,plot]"
 	touch $(STAMP)
 
-demo: setup          ## default job (trained probe LLaVA, DivPrune keep 0.111, probe suite) + report
+demo: setup          ## default job (trained probe LLaVA, DivPrune keep 0.111, probe suite) and its report
 	$(BIN)/python -m prunebench $(ARGS)
-	$(BIN)/python -m prunebench.report results
 
 test: setup          ## the test suite (what CI runs)
 	$(BIN)/python -m pytest -q
@@ -36,6 +35,9 @@ report: setup
 
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)
+
+gpu-check: setup     ## the prepared GPU check (<= 8 min on one GPU) -> docs/gpu_check.md; DRY=1: tiny models on CPU
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh $(if $(DRY),--dry --out results/gpu_check_dry.md,) $(ARGS)
 
 bench-throughput: setup  ## samples/s and tokens/s at batch 1 / 4 / 16, vanilla vs pruned (CPU, 1 thread; ~20 min)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_throughput.py $(ARGS)

@@ -103,3 +103,11 @@ def test_a_refused_job_does_not_stop_a_sweep(tiny_path, tmp_path):
     assert records["random_pre"].status == "complete"
     assert records["evoprune"].status == "refused" and "at most" in records["evoprune"].notes[-1]
     assert "1 run refused by the model" in render(collect(tmp_path))
+
+
+def test_help_explains_the_options_and_lists_the_choices():
+    out = cli("--help", timeout=120)
+    assert out.returncode == 0
+    assert "fraction of visual tokens kept, in (0, 1]" in out.stdout and "lmms_eval" in out.stdout
+    choices = {line.split(":")[0]: line for line in out.stdout.splitlines() if line.startswith(("model:", "method:"))}
+    assert "qwen3vl_8b" in choices["model"] and "fastv" in choices["method"]

@@ -69,3 +69,35 @@ def test_multirun_sweeps_the_model_slowest():
     assert models_first(["method=fastv", "model=x"]) == ["method=fastv", "model=x"]  # one job: as given
     assert models_first(["--config-name", "config", "-m", "keep=0.5", "model=a,b"]) == \
         ["--config-name", "config", "-m", "model=a,b", "keep=0.5"]
+
+
+def test_the_prepared_gpu_check_runs_dry_on_cpu(tmp_path):
+    """`make gpu-check DRY=1`: the GPU check's whole path (four families, a video, every method, the table) on
+    the tiny checkpoints; a refused job is a row, not a stop."""
+    import subprocess
+    import sys
+
+    from test_cli import REPO
+
+    out = tmp_path / "gpu_check.md"
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry", "--limit", "1", "--out", str(out),
+                           "--results", str(tmp_path / "results")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    assert text.startswith("# GPU check (DRY RUN on CPU")
+    rows = [line for line in text.splitlines() if line.startswith("| tiny_")]
+    assert len(rows) == 16
+    assert {line.split(" | ")[3] for line in rows} == {"vanilla", "fastv", "divprune", "evoprune"}
+    assert all("| perf_counter |" in line or "refused:" in line for line in rows)
+
+
+def test_progress_in_logs_is_a_line_per_tenth(capsys):
+    from prunebench.progress import LogProgress
+
+    with LogProgress(100, "fastv keep=0.5") as bar:
+        for _ in range(100):
+            bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("[prunebench] fastv keep=0.5: 100/100 samples,")
+    assert "samples/s, ETA" in lines[0]

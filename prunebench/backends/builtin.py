@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from prunebench.data.datasets import Dataset, Item, build_dataset
 from prunebench.errors import UserError
@@ -29,6 +28,7 @@ from prunebench.jobs import (
 from prunebench.measure import instrument
 from prunebench.methods import Stage, resolve_method
 from prunebench.models.loader import LoadedModel, resolve_device
+from prunebench.progress import progress
 from prunebench.record import (
     PREDICTIONS_NAME,
     RECORD_NAME,
@@ -145,8 +145,7 @@ def _predict_all(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[It
                     method.off()
                     _control(loaded, dataset, batch, timer, job.seed)
         truncate_torn_tail(path)
-        with path.open("a") as sink, tqdm(total=len(todo), desc=f"{job.method.name} keep={job.keep:g}",
-                                          disable=quiet or None, leave=False, unit="sample") as bar:
+        with path.open("a") as sink, progress(len(todo), f"{job.method.name} keep={job.keep:g}", quiet) as bar:
             for at, batch in enumerate(groups):
                 before = at in controls and controls.index(at) % 2 == 1  # alternate: vanilla first, then after
                 control = None
