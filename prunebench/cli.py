@@ -134,6 +134,35 @@ def models_first(argv: list[str]) -> list[str]:
     return rest[:first] + models + rest[first:]  # Hydra's flags (and their values) stay where they were
 
 
+def grid_jobs(cfg: Any) -> list[Any]:
+    """The jobs of `grid.method` x `grid.keep` (each a method config from configs/method/), or this job alone."""
+    from omegaconf import OmegaConf, open_dict
+
+    grid = cfg.get("grid") or {}
+    methods, keeps = grid.get("method"), grid.get("keep")
+    if methods is None and keeps is None:
+        return [cfg]
+    names = [cfg.method.name] if methods is None else [str(m) for m in _as_list(methods)]
+    check_group_choices([f"method={','.join(names)}"])
+    jobs = []
+    for name in names:
+        for keep in [cfg.keep] if keeps is None else _as_list(keeps):
+            job = cfg.copy()
+            with open_dict(job):
+                if name != cfg.method.name:
+                    job.method = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
+                job.keep = float(keep)
+                job.grid = {"method": None, "keep": None}
+            jobs.append(job)
+    return jobs
+
+
+def _as_list(value: Any) -> list[Any]:
+    from omegaconf import ListConfig
+
+    return list(value) if isinstance(value, list | tuple | ListConfig) else [value]
+
+
 def run_with_baseline(cfg: Any) -> None:
     from omegaconf import OmegaConf, open_dict
 
@@ -179,13 +208,19 @@ def main() -> None:
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def _task(cfg: Any) -> None:
         try:
-            run_with_baseline(cfg)
+            jobs = grid_jobs(cfg)
         except UserError as err:
             print(f"prunebench: error: {err}", file=sys.stderr)
-            if not multirun:
-                raise SystemExit(2) from None
-            # one job the model cannot run (e.g. more merges than its encoder allows) does not stop a sweep
-            refused.append(f"{cfg.method.name} keep={cfg.keep}: {err}")
+            raise SystemExit(2) from None
+        for job in jobs:
+            try:
+                run_with_baseline(job)
+            except UserError as err:
+                print(f"prunebench: error: {err}", file=sys.stderr)
+                if not multirun and len(jobs) == 1:
+                    raise SystemExit(2) from None
+                # one job the model cannot run (e.g. more merges than its encoder allows) does not stop a sweep
+                refused.append(f"{job.method.name} keep={job.keep}: {err}")
 
     try:
         _task()

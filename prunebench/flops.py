@@ -120,6 +120,7 @@ def flops_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     counted = [r["flops"] for r in rows if r.get("flops")]
     if not counted:
         return {}
-    names = [k for k in counted[0] if k != "layer_lengths"]
-    return {**{k: sum(c[k] for c in counted) / len(counted) for k in names}, "n_counted": len(counted)}
+    names = [k for k in counted[0] if k not in ("layer_lengths", "reused")]
+    return {**{k: sum(c[k] for c in counted) / len(counted) for k in names}, "n_counted": len(counted),
+            "n_measured": sum(not c.get("reused") for c in counted)}  # the others: a counted sample's shapes
 

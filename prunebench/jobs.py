@@ -83,7 +83,7 @@ class Job:
 
 
 # Options that change how a job runs but not what it measures (its numbers' meaning): not in the key.
-_NOT_IN_KEY = {"results_dir", "report", "baseline", "wait", "hydra"}
+_NOT_IN_KEY = {"results_dir", "report", "baseline", "wait", "hydra", "grid"}  # grid: which jobs, not how
 
 
 def job_key(cfg: Mapping[str, Any], method: ResolvedMethod, keep: float) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from prunebench import (
@@ -67,3 +68,31 @@ def test_counting_leaves_the_clock_as_it_was():
     with timer.span("x"):
         pass
     assert timer.spans("llm") == [] and 0 <= timer.spans("x")[0] < 1
+
+
+@pytest.mark.parametrize("method, keep", [("divprune", 0.25), ("fastv", 0.25), ("evoprune", 0.5), ("dart", 0.25),
+                                          ("vanilla", 1.0)])
+def test_a_sample_shaped_like_a_counted_one_costs_what_a_fresh_count_says(tiny, method, keep):
+    """Within a job, a sample equal to a counted one in every input shape and reported count reuses its FLOPs
+    (`reused`); counted afresh on its own (a new installation, nothing to reuse), it gives the same numbers."""
+    from prunebench.data.datasets import build_dataset
+    from prunebench.generation import batch_inputs, generate_timed, sample_seed
+    from prunebench.methods import resolve_method
+    from prunebench.models.loader import LoadedModel
+    from prunebench.stages import install
+
+    loaded = LoadedModel("tiny", tiny.model, tiny.processor, tiny.seams, torch.device("cpu"), torch.float32,
+                         "pretrained", "test", True)
+    items = build_dataset({"kind": "shapes", "name": "shapes", "n": 6, "image_size": 48}).items()
+    timer, resolved = Timer(torch.device("cpu")), resolve_method(method)
+    with install(tiny.seams, resolved, keep, seed=0, timer=timer) as inst:
+        rows = [generate_timed(loaded, batch_inputs(loaded, [it]), inst, timer, sample_seed(0, it.index), 4)
+                for it in items]
+    reused = [i for i, r in enumerate(rows) if r["flops"].get("reused")]
+    assert reused, "the shapes set repeats its question templates: some samples must share a signature"
+    for i in reused:
+        with install(tiny.seams, resolved, keep, seed=0, timer=timer) as fresh:
+            alone = generate_timed(loaded, batch_inputs(loaded, [items[i]]), fresh, timer,
+                                   sample_seed(0, items[i].index), 4)
+        assert not alone["flops"].get("reused")
+        assert {k: v for k, v in rows[i]["flops"].items() if k != "reused"} == alone["flops"]

@@ -101,3 +101,22 @@ def test_progress_in_logs_is_a_line_per_tenth(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 10 and lines[-1].startswith("[prunebench] fastv keep=0.5: 100/100 samples,")
     assert "samples/s, ETA" in lines[0]
+
+
+def test_submitit_local_launcher_records_equal_the_basic_launchers(tiny_path, tmp_path):
+    """`hydra/launcher=submitit_local` (the SLURM launcher's local twin) with a grid inside each task: the same
+    records as the same grid run by the basic launcher in this process."""
+    import pytest
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra (make setup installs it)")
+    from test_cli import cli
+
+    grid = ("model=tiny_llava", f"model.path={tiny_path}", *COMMON, "grid.method=[random_pre,fastv]",
+            "grid.keep=[0.5,0.25]")
+    local = cli("-m", "hydra/launcher=submitit_local", *grid, f"results_dir={tmp_path / 'submitit'}")
+    assert local.returncode == 0, local.stderr[-2000:]
+    basic = cli(*grid, f"results_dir={tmp_path / 'basic'}")
+    assert basic.returncode == 0, basic.stderr[-2000:]
+    assert basic.stderr.count("[prunebench] loaded model tiny_llava") == 1  # the grid: one load for 4 jobs
+    submitted, here = _outputs(tmp_path / "submitit"), _outputs(tmp_path / "basic")
+    assert len(here) == 4 and submitted == here

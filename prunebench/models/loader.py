@@ -141,11 +141,22 @@ def _pretrained(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, devi
     try:
         load = family.load_processor or AutoProcessor.from_pretrained
         processor = load(where, **dict(cfg.get("processor_kwargs") or {}))
-        model = family.model_class().from_pretrained(where, dtype=dtype, attn_implementation=attn, device_map=None,
+        model = family.model_class().from_pretrained(where, dtype=dtype, attn_implementation=attn,
+                                                     device_map=_direct(device),
                                                      use_safetensors=True)  # never unpickle weights
     except (OSError, ValueError) as err:
         raise _missing_weights(cfg, where) from err
     return model.to(device), processor, where
+
+
+def _direct(device: torch.device) -> dict[str, str] | None:
+    """Load straight onto a GPU, in the configured dtype, where transformers can (it needs `accelerate` for a
+    device map); else load on the CPU and move (`.to(device)`, a no-op on CPU)."""
+    import importlib.util
+
+    if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+        return {"": str(device)}
+    return None
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -46,6 +46,8 @@ class Installation:
     flags: list[str] = field(default_factory=list)
     handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     stages: list[PlannedStage] = field(default_factory=list)  # `method=compose`: its stages, in order
+    # the FLOPs counted under this installation, per signature of shapes and counts (`generation.flops_signature`)
+    flops_counted: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def counts(self) -> TokenCounts:
