@@ -9,7 +9,7 @@ ARGS   ?=
 METHODS ?= random_pre,pooling_pre,divprune,fastervlm,random_intra,fastv,dart
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench bench-throughput gpu-check lint clean vlmeval-check vlmeval-test lmms-setup lmms-test probe probe-qwen probe-internvl
+.PHONY: setup demo test sweep report bench bench-throughput bench-sweep bench-selection gpu-check lint clean vlmeval-check vlmeval-test lmms-setup lmms-test probe probe-qwen probe-internvl
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ report: setup
 
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)
+
+bench-sweep: setup   ## a 6-job multirun's wall / one job's, and the default job's harness overhead (CPU, 1 thread)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_sweep.py $(ARGS)
+
+bench-selection: setup  ## every select method's time at 576 / 2,880 / 10,816 tokens beside the similarity matrix
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_selection.py $(ARGS)
 
 gpu-check: setup     ## the prepared GPU check (<= 8 min on one GPU) -> docs/gpu_check.md; DRY=1: tiny models on CPU
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh $(if $(DRY),--dry --out results/gpu_check_dry.md,) $(ARGS)

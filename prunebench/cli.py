@@ -138,6 +138,8 @@ def grid_jobs(cfg: Any) -> list[Any]:
     """The jobs of `grid.method` x `grid.keep` (each a method config from configs/method/), or this job alone."""
     from omegaconf import OmegaConf, open_dict
 
+    from prunebench.checks import OPTIONS, check_value
+
     grid = cfg.get("grid") or {}
     methods, keeps = grid.get("method"), grid.get("keep")
     if methods is None and keeps is None:
@@ -147,6 +149,7 @@ def grid_jobs(cfg: Any) -> list[Any]:
     jobs = []
     for name in names:
         for keep in [cfg.keep] if keeps is None else _as_list(keeps):
+            check_value("grid.keep", keep, OPTIONS["keep"])
             job = cfg.copy()
             with open_dict(job):
                 if name != cfg.method.name:

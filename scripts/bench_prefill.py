@@ -6,7 +6,8 @@
 
 Architecture: CLIP 12x768 (336 px, patch 14 -> 576 visual tokens), Llama 8x1024, random weights
 (shapes are what matter for time). Prints per-keep medians over --runs timed generations (after
---warmup untimed ones) of the vision, method and LLM-prefill spans, and prefill(keep) / prefill(1.0).
+--warmup untimed rounds) of the vision, method and LLM-prefill spans, and prefill(keep) / prefill(1.0); the jobs
+run interleaved, one generation each per round, so a slow stretch of a shared machine falls on all of them.
 On CPU use one thread: shared cores make absolute times noisy; the ratios are what to read.
 """
 
@@ -67,20 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     timer, rows = Timer(device), []
     jobs = [("vanilla", 1.0)] if 1.0 in args.keeps else []
     jobs += [(m, k) for m in args.method for k in args.keeps if k != 1.0]
+    spans: dict[tuple[str, float], list[tuple[float, float, float]]] = {job: [] for job in jobs}
+    counts = {}
     with instrument(model, seams, timer):
-        for name, keep in jobs:
-            with install(seams, resolve_method(name), keep, seed=0, timer=timer) as inst:
-                spans = []
-                for i in range(args.warmup + args.runs):
+        for i in range(args.warmup + args.runs):  # interleaved: every job once per round, so drift hits all alike
+            for name, keep in jobs:
+                with install(seams, resolve_method(name), keep, seed=0, timer=timer) as inst:
                     timer.reset()
                     with torch.inference_mode():
                         model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)
-                    if i >= args.warmup:
-                        s = timer.seconds()
-                        spans.append((s.get("vision", 0.0), s.get("method", 0.0), timer.spans("forward")[0]))
-            counts = inst.counts
-            rows.append((name, keep, counts.n_visual_out, counts.layer_avg,
-                         *(statistics.median(x) for x in zip(*spans, strict=True))))
+                    counts[name, keep] = inst.counts
+                if i >= args.warmup:
+                    s = timer.seconds()
+                    spans[name, keep].append((s.get("vision", 0.0), s.get("method", 0.0), timer.spans("forward")[0]))
+    for (name, keep), got in spans.items():
+        c = counts[name, keep]
+        rows.append((name, keep, c.n_visual_out, c.layer_avg, *(statistics.median(x) for x in zip(*got, strict=True))))
 
     base = next(((r[4], r[6]) for r in rows if r[0] == "vanilla"), None)
     print(f"{'method':<14} {'keep':>6} {'tokens':>6} {'layer avg':>9} {'vision ms':>10} {'method ms':>10} "

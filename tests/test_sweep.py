@@ -120,3 +120,12 @@ def test_submitit_local_launcher_records_equal_the_basic_launchers(tiny_path, tm
     assert basic.stderr.count("[prunebench] loaded model tiny_llava") == 1  # the grid: one load for 4 jobs
     submitted, here = _outputs(tmp_path / "submitit"), _outputs(tmp_path / "basic")
     assert len(here) == 4 and submitted == here
+
+
+def test_a_bad_grid_is_one_line(tiny_path):
+    from test_cli import cli
+
+    for grid, message in (("grid.keep=[0.5,abc]", "grid.keep must be a number in (0, 1], got 'abc'"),
+                          ("grid.method=[fastv,fastvv]", "unknown method 'fastvv' (did you mean 'fastv'?)")):
+        out = cli("model=tiny_llava", f"model.path={tiny_path}", "dataset=shapes", "limit=1", grid, timeout=120)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-800:]
