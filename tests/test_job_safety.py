@@ -210,7 +210,9 @@ def test_a_layer_out_of_range_is_refused_before_the_model_loads(tiny_path, tmp_p
     def no_load(*args):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(builtin, "load_model", no_load)
+    from prunebench import jobs
+
+    monkeypatch.setattr(jobs, "resident_model", no_load)  # neither loaded nor taken from this process's cache
     with pytest.raises(UserError, match=r"fastv: layer must be in 1\.\.3 for this model \(4 decoder layers\), got 9"):
         runner.run(config(tiny_path, tmp_path, "method=fastv", "method.params.layer=9"), quiet=True)
     assert not list(tmp_path.rglob("record.json"))
