@@ -203,3 +203,20 @@ def test_vispruner_scores_in_the_feature_dtype_by_default() -> None:
         assert torch.equal(fp32, _official_vispruner_dup(att, feats.float(), 24, 0.5))
         differs += not torch.equal(ours, fp32)
     assert differs > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_vispruner_precomputed_cosines_pick_as_the_per_iteration_gemm(dtype, monkeypatch) -> None:
+    """The one-matrix path and the official per-iteration GEMM path keep the same tokens (many sizes and widths)."""
+    from prunebench.methods import cls_ops
+
+    for seed in range(25):
+        g = torch.Generator().manual_seed(seed)
+        n, c = int(torch.randint(20, 400, (1,), generator=g)), int(torch.randint(4, 200, (1,), generator=g))
+        att, feats = torch.rand(n, generator=g), torch.randn(n, c, generator=g).to(dtype)
+        k = max(1, round(0.111 * n))
+        fast = cls_ops.vispruner_select(att, feats, k, 0.5)
+        monkeypatch.setattr(cls_ops, "SIM_LIMIT", 0)
+        slow = cls_ops.vispruner_select(att, feats, k, 0.5)
+        monkeypatch.undo()
+        assert torch.equal(fast, slow)

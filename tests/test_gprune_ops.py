@@ -78,3 +78,19 @@ def test_float32_inputs_give_float32_scores():
 def test_bad_parameters_are_user_errors(tau, temperature, iters):
     with pytest.raises(UserError, match="gprune"):
         check_gprune_params(tau, temperature, iters)
+
+
+def test_left_to_right_propagation_picks_as_the_matrix_power():
+    """The vector-matrix form of w^T A^n keeps the tokens the official A^n form keeps."""
+    from prunebench.methods.gprune_ops import gprune_scores, propagation_matrix
+
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        n, d = int(torch.randint(20, 300, (1,), generator=g)), int(torch.randint(8, 128, (1,), generator=g))
+        x = torch.randn(1, n, d, generator=g) + 2 * torch.randn(1, 1, d, generator=g)  # a graph with edges
+        a = propagation_matrix(x, 0.5, 0.03)
+        power = (x.norm(dim=-1)[:, None, :] @ torch.linalg.matrix_power(a, 5))[:, 0] / (a > 0).sum(-1)
+        k = max(1, round(0.111 * n))
+        ours = gprune_scores(x)
+        torch.testing.assert_close(ours, power, rtol=1e-4, atol=1e-6)
+        assert torch.equal(ours.topk(k).indices.sort().values, power.topk(k).indices.sort().values)

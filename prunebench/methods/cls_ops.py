@@ -29,12 +29,26 @@ def vispruner_select(attention: torch.Tensor, features: torch.Tensor, k: int, im
     important, residual = order[:n_imp], order[n_imp:]
     f = features.float() if fp32 else features
     unit = f / f.norm(dim=-1, keepdim=True)
-    while (r := min(8, residual.numel() - n_div)) > 0:
-        a, b = residual[::2], residual[1::2]
-        best = (unit[a] @ unit[b].T).max(dim=-1).values  # [|A|] each A token's most similar B token
+    if residual.numel() - n_div <= 0:
+        return torch.cat([important, residual]).sort().values
+    # The official loop recomputes unit[A] @ unit[B].T every 8 removals (O(R^2 C) each time); the same cosines
+    # are read off one R x R matrix of the residual tokens (local indices), unless it would not fit in memory.
+    sim = unit[residual] @ unit[residual].T if residual.numel() <= SIM_LIMIT else None
+    local = torch.arange(residual.numel(), device=residual.device)
+    while (r := min(8, local.numel() - n_div)) > 0:
+        a, b = local[::2], local[1::2]
+        if sim is None:
+            pair = unit[residual[a]] @ unit[residual[b]].T
+        else:
+            pair = sim.index_select(0, a).index_select(1, b)
+        best = pair.amax(dim=-1)  # [|A|] each A token's most similar B token
         survivors = a[best.argsort(descending=True, stable=True)[r:]]
-        residual = torch.cat([survivors, b])
-    return torch.cat([important, residual]).sort().values
+        local = torch.cat([survivors, b])
+    return torch.cat([important, residual[local]]).sort().values
+
+
+# Residual tokens up to which VisPruner's cosines come from one precomputed matrix (16,384^2 fp32 = 1 GiB).
+SIM_LIMIT = 16_384
 
 
 def holov_chunks(n: int, p: int) -> list[tuple[int, int]]:

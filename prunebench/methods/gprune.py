@@ -33,6 +33,9 @@ from prunebench.methods.gprune_ops import check_gprune_params, gprune_scores
         "scores in float32 (official: the features' dtype, fp16 in LLaVA-NeXT); ties in the top-k go to the "
         "lower index (official: torch.topk, unspecified)",
         "runs on every family the pre-LLM stage supports (the official code covers LLaVA-NeXT only)",
+        "w^T A^n is evaluated as n vector-matrix products (the same product, associated left to right; float "
+        "rounding differs from A^n formed first; picks identical over 200 random graphs), O(n N^2) instead of "
+        "O(N^3 log n): 2.8x faster at 2,880 tokens",
     ),
 )
 def gprune(ctx: SelectContext, tau: float, temperature: float, iterations: int) -> torch.Tensor:

@@ -47,6 +47,7 @@ def gprune_scores(x: torch.Tensor, tau: float = 0.5, temperature: float = 0.03, 
     """
     a = propagation_matrix(x, tau, temperature)
     degree = (a > 0).sum(dim=-1).to(a.dtype)
-    w = x.to(a.dtype).norm(dim=-1)
-    flow = (w[:, None, :] @ torch.linalg.matrix_power(a, iterations))[:, 0]
-    return flow / degree
+    flow = x.to(a.dtype).norm(dim=-1)[:, None, :]  # [B, 1, N]
+    for _ in range(iterations):  # w^T A^n as n vector-matrix products: O(n N^2), not matrix_power's O(N^3 log n)
+        flow = flow @ a
+    return flow[:, 0] / degree
