@@ -151,3 +151,11 @@ def check_options(cfg: Mapping[str, Any]) -> None:
     for name, kind in OPTIONS.items():
         if name in cfg:
             check_value(name, cfg[name], kind)
+
+
+def plain(params: Any) -> dict[str, Any]:
+    """Hydra/OmegaConf containers -> plain dicts and lists (pipelines nest them; the record is JSON)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig | ListConfig) \
+        else dict(params)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from prunebench.checks import check_options, check_params, yaml_defaults
+from prunebench.checks import check_options, check_params, plain, yaml_defaults
 from prunebench.errors import UserError
 from prunebench.methods import ResolvedMethod, Stage, resolve_method
 from prunebench.methods.base import n_keep_for
@@ -96,14 +96,6 @@ def job_key(cfg: Mapping[str, Any], method: ResolvedMethod, keep: float) -> dict
     key["keep"] = repr(float(keep))
     key["device"] = resolve_device(str(values.get("device", "auto"))).type  # auto: the machine's, cpu or cuda
     return json.loads(json.dumps(key, sort_keys=True, default=str))
-
-
-def plain(params: Any) -> dict[str, Any]:
-    """Hydra/OmegaConf containers -> plain dicts and lists (pipelines nest them; the record is JSON)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig | ListConfig) \
-        else dict(params)
 
 
 def compose_job(options: Mapping[str, Any]) -> Any:
@@ -239,10 +231,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def model_for_job(model_cfg: Mapping[str, Any], device: torch.device, quiet: bool) -> LoadedModel:
-    """The job's model: the one this process already holds for the same config, else loaded now (said once)."""
+def model_for_job(job: Job, cfg: Mapping[str, Any], quiet: bool = False) -> LoadedModel:
+    """The job's model on its device, for every backend and entry point: its intra-LLM layers checked against the
+    model's config first (one line, nothing loaded), CPU threads set as every job times, then the model this
+    process already holds for the same config, else loaded now (said once)."""
+    check_layers_before_loading(job, cfg["model"])
+    device = resolve_device(str(cfg["device"]))
+    if device.type == "cpu" and cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg["cpu_threads"]))
     start = time.perf_counter()
-    loaded, reused = resident_model(model_cfg, device)
+    loaded, reused = resident_model(cfg["model"], device)
     if not reused:
         say(quiet, f"[prunebench] loaded model {loaded.name} on {device.type} in {time.perf_counter() - start:.1f} s"
                    f" (kept for the next job of this process)")

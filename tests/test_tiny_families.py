@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 from transformers.utils import is_torchvision_available
 
+from prunebench.families.processors import PilVideoProcessor, load_processor
 from prunebench.fixtures import tiny_families as tf
 from prunebench.fixtures.tiny import ARCH_DIR
 
@@ -57,7 +58,7 @@ def loaded(built: dict[str, Path]) -> dict[str, tuple[Any, Any]]:
     out = {}
     for family, path in built.items():
         model = tf.MODEL_CLASSES[family].from_pretrained(path).eval()
-        out[family] = (model, tf.load_processor(path))
+        out[family] = (model, load_processor(path))
     return out
 
 
@@ -397,10 +398,10 @@ def test_generate_position_ids(loaded: dict[str, tuple[Any, Any]], family: str) 
 def test_auto_processor_needs_torchvision(built: dict[str, Path], family: str) -> None:
     with pytest.raises((ImportError, ValueError, OSError, AttributeError)):
         AutoProcessor.from_pretrained(built[family])
-    processor = tf.load_processor(built[family])
+    processor = load_processor(built[family])
     native = {"internvl": "InternVLProcessor", "llava_onevision": "LlavaOnevisionProcessor"}[family]
     assert type(processor).__name__ == native
-    assert isinstance(processor.video_processor, tf.PilVideoProcessor)
+    assert isinstance(processor.video_processor, PilVideoProcessor)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,18 +10,20 @@ from PIL import Image
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from prunebench.data.shapes import all_answers, all_questions
+from prunebench.families.processors import (
+    Qwen2_5_VLImageTextProcessor,
+    Qwen2VLImageTextProcessor,
+    load_qwen_processor,
+)
 from prunebench.fixtures.tiny_qwen import (
     ARCH_DIR,
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN_REFERENCE,
     QWEN_SPECIAL_TOKENS,
-    Qwen2_5_VLImageTextProcessor,
-    Qwen2VLImageTextProcessor,
     build_qwen_tokenizer,
     build_tiny_qwen2_5_vl,
     build_tiny_qwen2_vl,
     ensure_tiny_qwen2_5_vl,
-    load_qwen_processor,
     mrope_section,
     qwen_local_processor,
     qwen_pixel_bounds,

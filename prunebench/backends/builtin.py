@@ -10,8 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from prunebench.data.datasets import Dataset, Item, build_dataset
 from prunebench.errors import UserError
 from prunebench.flops import flops_summary
@@ -19,7 +17,6 @@ from prunebench.generation import batch_inputs, generate_batch_timed, sample_see
 from prunebench.jobs import (
     Interrupted,
     Job,
-    check_layers_before_loading,
     model_for_job,
     new_record,
     reusable,
@@ -27,7 +24,7 @@ from prunebench.jobs import (
 )
 from prunebench.measure import instrument
 from prunebench.methods import Stage, resolve_method
-from prunebench.models.loader import LoadedModel, resolve_device
+from prunebench.models.loader import LoadedModel
 from prunebench.progress import progress
 from prunebench.record import (
     PREDICTIONS_NAME,
@@ -51,11 +48,7 @@ def run_builtin(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Pat
         say(quiet, f"[prunebench] complete, skipped: {record_path}")
         return record_path
     dataset = build_dataset(cfg["dataset"])
-    device = resolve_device(str(cfg["device"]))
-    check_layers_before_loading(job, cfg["model"])
-    if device.type == "cpu" and cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg["cpu_threads"]))
-    loaded = model_for_job(cfg["model"], device, quiet)
+    loaded = model_for_job(job, cfg, quiet)
     items = dataset.items()[: job.limit] if job.limit else dataset.items()
     record = new_record(job, cfg, loaded)
     record.floor = blind_floor(cfg["model"], cfg["dataset"], dataset)

@@ -19,7 +19,6 @@ from typing import Any
 from prunebench.errors import UserError
 from prunebench.jobs import (
     Job,
-    check_layers_before_loading,
     job_lock,
     model_for_job,
     new_record,
@@ -42,11 +41,9 @@ def run_lmms_eval(cfg: Mapping[str, Any], quiet: bool, wait: bool | None) -> Pat
 
 
 def _run(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Path:
-    import torch
 
     from prunebench.flops import flops_summary
     from prunebench.measure import instrument
-    from prunebench.models.loader import resolve_device
     from prunebench.record import (
         PREDICTIONS_NAME,
         RECORD_NAME,
@@ -66,11 +63,7 @@ def _run(job: Job, cfg: Mapping[str, Any], out: Path, quiet: bool) -> Path:
         return record_path
     dcfg = cfg["dataset"]
     task, include = str(dcfg["task"]), _task_folder(dcfg, out)
-    check_layers_before_loading(job, cfg["model"])
-    device = resolve_device(str(cfg["device"]))
-    if device.type == "cpu" and cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg["cpu_threads"]))
-    loaded = model_for_job(cfg["model"], device, quiet)
+    loaded = model_for_job(job, cfg, quiet)
     record = new_record(job, cfg, loaded)
     save_record(out, record)
     sink = out / PREDICTIONS_NAME

@@ -19,7 +19,16 @@ from prunebench.bridge import guard, naming, scores, tsv
 from prunebench.bridge.isolate import contained, scoped_env, vlmeval_api
 from prunebench.errors import UserError
 from prunebench.flops import flops_summary
-from prunebench.jobs import Job, job_lock, new_record, plain, reusable, say, writable_results_dir
+from prunebench.jobs import (
+    Job,
+    job_lock,
+    model_for_job,
+    new_record,
+    plain,
+    reusable,
+    say,
+    writable_results_dir,
+)
 from prunebench.record import PREDICTIONS_NAME, memory_summary, timing_summary, tokens_summary
 
 JUDGE_ENV = "OPENAI_API_KEY"
@@ -255,11 +264,8 @@ def _init_gloo() -> None:
 
 def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: Any, out: Path, rank: int,
                      world: int) -> tuple[Any, Any, list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
-    import torch
-
     from prunebench.bridge.model import Session, make_vlm, read_answers, track_index
     from prunebench.measure import instrument
-    from prunebench.models.loader import load_model, resolve_device
     from prunebench.record import save_record
     from prunebench.stages import install
     from prunebench.timing import Timer
@@ -268,10 +274,7 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     work.mkdir(parents=True, exist_ok=True)
     with contained(), _lmudata(data.root):  # VLMEvalKit reads (never downloads) the TSV, before the model
         dataset = build_vlmeval_dataset(api, data, work)
-    device = resolve_device(str(cfg["device"]))
-    if device.type == "cpu" and cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg["cpu_threads"]))
-    loaded = load_model(cfg["model"], device)
+    loaded = model_for_job(job, cfg, quiet=rank != 0)
     if data.modality == "video":
         check_video_processor(loaded, data.name)
     record = new_record(job, cfg, loaded)

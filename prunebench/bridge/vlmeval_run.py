@@ -34,9 +34,8 @@ def model_class(api: Any) -> type:
     from prunebench import methods  # noqa: F401  (registers the methods)
     from prunebench.bridge.model import Session
     from prunebench.checks import yaml_defaults
-    from prunebench.jobs import Job, compose_job
+    from prunebench.jobs import Job, compose_job, model_for_job
     from prunebench.measure import instrument
-    from prunebench.models.loader import load_model, resolve_device
     from prunebench.stages import install
     from prunebench.timing import Timer
 
@@ -51,12 +50,7 @@ def model_class(api: Any) -> type:
             cfg = compose_job({"model": model, "method": method, "keep": keep, "seed": seed, "device": device,
                                **overrides})
             job = Job.from_config(cfg)  # every value checked, one line each, before the model loads
-            device = resolve_device(str(cfg.device))
-            if device.type == "cpu" and cfg.get("cpu_threads"):  # as every prunebench job times on CPU
-                import torch
-
-                torch.set_num_threads(int(cfg.cpu_threads))
-            loaded = load_model(cfg.model, device)
+            loaded = model_for_job(job, cfg)
             timer = Timer(loaded.device)
             self._instrument = instrument(loaded.model, loaded.seams, timer)
             self._instrument.__enter__()

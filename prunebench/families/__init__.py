@@ -1,8 +1,8 @@
 """Model families, one room each: where a family's stages sit (its `Seams`), how its attention inputs are read,
 its vision-encoder merge driver, and how its processor loads.
 
-Every room (a module or package in this folder, but the shared `SHARED` modules) declares `FAMILY_ENTRIES`, a tuple of `Family`; the registry
-finds the rooms on first use, so adding a family is adding a room (plus a `configs/model/*.yaml`). Rooms keep
+Every room (a module or package in this folder, but the shared `SHARED` modules) declares `FAMILY_ENTRIES`, a
+tuple of `Family`; the registry finds the rooms on first use, so adding a family is adding a room (plus a `configs/model/*.yaml`). Rooms keep
 transformers' model code out of their import: the class, the seams and the processor load when a model does.
 Tiny checkpoints for tests and the embedded default are built by `prunebench.fixtures` (named by `tiny`).
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from prunebench.errors import unknown_choice
+from prunebench.registry import Registry
 from prunebench.seams import Seams
 
 # Modules here that are no room: processor loading several rooms share (its import is transformers' processors).
@@ -66,39 +66,12 @@ def lazy(target: str) -> Callable[..., Any]:
     return call
 
 
-class FamilyRegistry:
-    """The families of the rooms in this package, found on first use; an unknown name gets the valid ones."""
-
-    kind = "model family"
-
-    def __init__(self) -> None:
-        self._items: dict[str, Family] | None = None
-
-    def _all(self) -> dict[str, Family]:
-        if self._items is None:
-            items: dict[str, Family] = {}
-            for room in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in SHARED):
-                for entry in getattr(importlib.import_module(f"{__name__}.{room}"), "FAMILY_ENTRIES", ()):
-                    if entry.name in items:
-                        raise ValueError(f"{self.kind} '{entry.name}' is registered twice")
-                    items[entry.name] = entry
-            self._items = items
-        return self._items
-
-    def get(self, name: str) -> Family:
-        try:
-            return self._all()[name]
-        except KeyError:
-            raise unknown_choice(self.kind, name, self._all()) from None
-
-    def names(self) -> list[str]:
-        return sorted(self._all())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._all()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
+def _rooms(registry: Registry[Family]) -> None:
+    """Every room's `FAMILY_ENTRIES`, imported at the registry's first lookup."""
+    for room in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in SHARED):
+        for entry in getattr(importlib.import_module(f"{__name__}.{room}"), "FAMILY_ENTRIES", ()):
+            registry.add(entry.name, entry)
 
 
-FAMILIES = FamilyRegistry()
+FAMILIES: Registry[Family] = Registry("model family", fill=_rooms)
+

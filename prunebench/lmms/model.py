@@ -15,14 +15,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import torch
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from prunebench import generation
-from prunebench.jobs import Job, compose_job
+from prunebench.jobs import Job, compose_job, model_for_job
 from prunebench.measure import instrument
-from prunebench.models.loader import load_model, resolve_device
 from prunebench.stages import install
 from prunebench.timing import Timer
 
@@ -39,11 +37,8 @@ class PrunebenchLMM(lmms):
         cfg = compose_job({"model": model, "method": method, "keep": keep, "seed": seed, "device": device,
                            **overrides})
         job = Job.from_config(cfg)  # every value checked, one line each, before the model loads
-        dev = resolve_device(str(cfg.device))
-        if dev.type == "cpu" and cfg.get("cpu_threads"):
-            torch.set_num_threads(int(cfg.cpu_threads))
         self._stack = ExitStack()
-        loaded = load_model(cfg.model, dev)
+        loaded = model_for_job(job, cfg)
         timer = Timer(loaded.device)
         self._stack.enter_context(instrument(loaded.model, loaded.seams, timer))
         inst = self._stack.enter_context(install(loaded.seams, job.method, job.keep, seed=job.seed, timer=timer))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunebench.checks import plain
 from prunebench.errors import UserError
 from prunebench.families import FAMILIES, Family
 from prunebench.seams import Seams
@@ -75,7 +76,7 @@ def resident_model(cfg: Mapping[str, Any], device: torch.device) -> tuple[Loaded
     A job leaves the model as it found it (every patch is undone on exit: the contract tests prove it), so the
     jobs of a sweep that share a model config share one load; a different config frees the old model first.
     """
-    key = json.dumps({"model": _plain(cfg), "device": str(device)}, sort_keys=True, default=str)
+    key = json.dumps({"model": plain(cfg), "device": str(device)}, sort_keys=True, default=str)
     if key in _RESIDENT:
         return _RESIDENT[key], True
     release_resident()
@@ -94,14 +95,6 @@ def release_resident() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _plain(cfg: Mapping[str, Any]) -> Any:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf comes with hydra
-        return dict(cfg)
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 def load_model(cfg: Mapping[str, Any], device: torch.device) -> LoadedModel:

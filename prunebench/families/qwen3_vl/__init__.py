@@ -25,9 +25,8 @@ def qwen3_vl_seams(model: nn.Module) -> Seams:
     from prunebench.families.qwen import qwen_vl_seams
     from prunebench.families.qwen3_vl.deepstack import DeepStack
 
-    levels = len(model.config.vision_config.deepstack_visual_indexes)
-    return dataclasses.replace(qwen_vl_seams(model), decoder=DecoderAccess(qk_norm=True),
-                               deepstack=DeepStack(model.model.visual, levels) if levels else None)
+    deepstack = DeepStack(model.model.visual) if model.config.vision_config.deepstack_visual_indexes else None
+    return dataclasses.replace(qwen_vl_seams(model), decoder=DecoderAccess(qk_norm=True), deepstack=deepstack)
 
 
 FAMILY_ENTRIES = (

@@ -14,6 +14,7 @@ its output back at full length like the main merger's, so the LLM entry drops th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -31,8 +32,8 @@ class DeepStack:
 
     note = NOTE
 
-    def __init__(self, visual: nn.Module, levels: int) -> None:
-        self.visual, self.levels = visual, levels
+    def __init__(self, visual: nn.Module) -> None:
+        self.visual = visual
 
     def follow(self, language_model: nn.Module, state: CallState) -> list[AttrOverride]:
         """Shadow the language model's `_deepstack_process` so it sees the rows the stages left."""
@@ -55,22 +56,17 @@ def current_rows(state: CallState) -> tuple[torch.Tensor | None, torch.Tensor | 
     """The rows of the prompt's sequence now in the LLM ([B, L'] indices, None = all) and the filler / inserted
     rows among them ([B, L'] bool, or None)."""
     entry, intra = state.entry, state.intra
-    if entry is None and intra is None:
-        return None, None
-    fillers = []
     if intra is None:
-        index = entry.index
-        fillers.append(entry.pad)
-    else:
-        index = intra.index if entry is None else entry.index.gather(1, intra.index)
-        if entry is not None and entry.pad is not None:
-            fillers.append(entry.pad.gather(1, intra.index))
-        fillers += [intra.pad, intra.inserted]
-    present = [f for f in fillers if f is not None]
-    out = None
-    for f in present:
-        out = f if out is None else out | f.to(out.device)
-    return index, out
+        return (None, None) if entry is None else (entry.index, entry.pad)
+    if entry is None:
+        return intra.index, _union(intra.pad, intra.inserted)
+    entry_pad = None if entry.pad is None else entry.pad.gather(1, intra.index)
+    return entry.index.gather(1, intra.index), _union(entry_pad, intra.pad, intra.inserted)
+
+
+def _union(*masks: torch.Tensor | None) -> torch.Tensor | None:
+    present = [m for m in masks if m is not None]
+    return functools.reduce(lambda x, y: x | y.to(x.device), present) if present else None
 
 
 def shortened(mask: torch.Tensor, embeds: torch.Tensor, index: torch.Tensor, fillers: torch.Tensor | None
