@@ -67,7 +67,8 @@ PARAM_RANGES: dict[str, Mapping[str, Kind]] = {
     "model": {"dtype": Kind("str", choices=("auto", "float32", "float16", "bfloat16")),
               "weights": Kind("str", choices=("pretrained", "random")),
               "attn_implementation": Kind("str", choices=("sdpa", "eager")),
-              "path": Kind("str", nullable=True), "init_seed": Kind("int", 0)},
+              "path": Kind("str", nullable=True), "init_seed": Kind("int", 0),
+              "random_init": Kind("str", choices=("tiled", "full"))},
     "method": {"layer": Kind("int", 0, nullable=True)},
 }
 

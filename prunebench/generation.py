@@ -26,7 +26,19 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 def batch_inputs(loaded: LoadedModel, batch: list[Item]) -> Any:
-    """The processor's tensors for a batch of samples (several: left-padded, as generation needs)."""
+    """The processor's tensors for a batch of samples (several: left-padded, as generation needs), on the model's
+    device: processed once per batch of items for the life of the loaded model (`LoadedModel.inputs`); each call
+    returns a fresh mapping, so a caller may replace its entries."""
+    from transformers import BatchFeature
+
+    cached = loaded.inputs.get(batch)
+    if cached is None:
+        cached = _processed(loaded, batch)
+        loaded.inputs.put(batch, cached)
+    return BatchFeature(dict(cached)).to(loaded.device)
+
+
+def _processed(loaded: LoadedModel, batch: list[Item]) -> Any:
     processor = loaded.processor
     video = bool(batch[0].frames)
     visual = {"type": "video"} if video else {"type": "image"}
@@ -43,7 +55,7 @@ def batch_inputs(loaded: LoadedModel, batch: list[Item]) -> Any:
         kind = "videos" if video else "images"
         raise UserError(f"the processor of model '{loaded.name}' produced no pixels for {kind} "
                         f"(its {kind[:-1]} processor is missing or unsupported here)")
-    return inputs.to(loaded.device)
+    return inputs
 
 
 def generate_timed(loaded: LoadedModel, inputs: Any, inst: Installation, timer: Timer, reseed: int,

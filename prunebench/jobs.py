@@ -95,6 +95,8 @@ def job_key(cfg: Mapping[str, Any], method: ResolvedMethod, keep: float) -> dict
     key["method"] = {"name": method.name, "params": dict(method.params), "positions": method.positions.value}
     key["keep"] = repr(float(keep))
     key["device"] = resolve_device(str(values.get("device", "auto"))).type  # auto: the machine's, cpu or cuda
+    if key.get("model", {}).get("weights") == "random":  # how the random weights are drawn (loader's default)
+        key["model"].setdefault("random_init", "tiled")
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 

@@ -220,3 +220,24 @@ def test_vispruner_precomputed_cosines_pick_as_the_per_iteration_gemm(dtype, mon
         slow = cls_ops.vispruner_select(att, feats, k, 0.5)
         monkeypatch.undo()
         assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("neighbours", [1, 3, 64])
+def test_vispruner_neighbour_lists_give_the_max_over_b_exactly(dtype, neighbours, monkeypatch) -> None:
+    """The best match in B read from each token's sorted neighbour list (falling back to the direct max where the
+    list holds no B token) keeps what the per-round GEMM keeps: short lists force the fallback, repeated tokens
+    force ties."""
+    from prunebench.methods import cls_ops
+
+    monkeypatch.setattr(cls_ops, "NEIGHBOURS", neighbours)
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        n, c = int(torch.randint(40, 600, (1,), generator=g)), int(torch.randint(4, 64, (1,), generator=g))
+        feats = torch.randn(n, c, generator=g)
+        if seed % 3 == 0:  # many exact duplicates: equal cosines everywhere
+            feats = feats[torch.randint(0, max(2, n // 8), (n,), generator=g)]
+        unit = (feats / feats.norm(dim=-1, keepdim=True)).to(dtype)
+        n_div = max(1, n // 9)
+        fast = cls_ops._dedup_by_neighbours(unit @ unit.T, n_div)
+        assert torch.equal(fast, cls_ops._dedup_by_gemm(unit, n_div)), seed

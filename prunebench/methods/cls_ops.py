@@ -33,22 +33,51 @@ def vispruner_select(attention: torch.Tensor, features: torch.Tensor, k: int, im
         return torch.cat([important, residual]).sort().values
     # The official loop recomputes unit[A] @ unit[B].T every 8 removals (O(R^2 C) each time); the same cosines
     # are read off one R x R matrix of the residual tokens (local indices), unless it would not fit in memory.
-    sim = unit[residual] @ unit[residual].T if residual.numel() <= SIM_LIMIT else None
-    local = torch.arange(residual.numel(), device=residual.device)
-    while (r := min(8, local.numel() - n_div)) > 0:
-        a, b = local[::2], local[1::2]
-        if sim is None:
-            pair = unit[residual[a]] @ unit[residual[b]].T
-        else:
-            pair = sim.index_select(0, a).index_select(1, b)
-        best = pair.amax(dim=-1)  # [|A|] each A token's most similar B token
-        survivors = a[best.argsort(descending=True, stable=True)[r:]]
-        local = torch.cat([survivors, b])
-    return torch.cat([important, residual[local]]).sort().values
+    if residual.numel() > SIM_LIMIT:
+        return torch.cat([important, residual[_dedup_by_gemm(unit[residual], n_div)]]).sort().values
+    sim = unit[residual] @ unit[residual].T
+    return torch.cat([important, residual[_dedup_by_neighbours(sim, n_div)]]).sort().values
 
 
 # Residual tokens up to which VisPruner's cosines come from one precomputed matrix (16,384^2 fp32 = 1 GiB).
 SIM_LIMIT = 16_384
+# Each residual token's most similar residual tokens kept, in descending order, for the max over B.
+NEIGHBOURS = 64
+
+
+def _dedup_by_gemm(unit: torch.Tensor, n_div: int) -> torch.Tensor:
+    """The official rounds (unit: [R, C] residual tokens in attention order), one GEMM of A x B per round; the
+    surviving local indices in their final order."""
+    local = torch.arange(unit.shape[0], device=unit.device)
+    while (r := min(8, local.numel() - n_div)) > 0:
+        a, b = local[::2], local[1::2]
+        best = (unit[a] @ unit[b].T).amax(dim=-1)  # [|A|] each A token's most similar B token
+        local = torch.cat([a[best.argsort(descending=True, stable=True)[r:]], b])
+    return local
+
+
+def _dedup_by_neighbours(sim: torch.Tensor, n_div: int) -> torch.Tensor:
+    """The same rounds on the residual tokens' cosine matrix sim [R, R], without gathering A x B each round.
+
+    An A token's best match in B is the first of its NEIGHBOURS most similar tokens (sorted, descending) that is
+    in B now: no token outside that list is more similar, so the value is exactly the max over B, ties included.
+    Rows whose list holds no B token (late rounds, when their near tokens are gone) take the max over B directly.
+    """
+    n = sim.shape[0]
+    near_sim, near = sim.topk(min(NEIGHBOURS, n), dim=1)  # [R, K] descending
+    local = torch.arange(n, device=sim.device)
+    in_b = torch.zeros(n, dtype=torch.bool, device=sim.device)
+    while (r := min(8, local.numel() - n_div)) > 0:
+        a, b = local[::2], local[1::2]
+        in_b.zero_()
+        in_b[b] = True
+        hit = in_b[near[a]]  # [|A|, K]
+        best = near_sim[a].gather(1, hit.to(torch.uint8).argmax(dim=1, keepdim=True)).squeeze(1)
+        missed = (~hit.any(dim=1)).nonzero().squeeze(1)
+        if missed.numel():
+            best[missed] = sim.index_select(0, a[missed]).index_select(1, b).amax(dim=-1)
+        local = torch.cat([a[best.argsort(descending=True, stable=True)[r:]], b])
+    return local
 
 
 def holov_chunks(n: int, p: int) -> list[tuple[int, int]]:

@@ -33,9 +33,12 @@ from prunebench.methods.tome_ops import SCORE_DTYPES
         "score_dtype=fp32 (option; default `model`, the official arithmetic in the model's dtype) upcasts the "
         "duplication cosine to float32, which changes the kept set under fp16/bf16",
         "budget: T = round(keep*N) per image (the official visual_token_num is keep*576)",
-        "the duplication cosines are read off one matrix of the residual tokens computed once (the official code "
-        "recomputes unit[A] @ unit[B].T every 8 removals: the same dot products; picks identical in "
-        "tests/test_cls_merge_ops.py, 6.7x faster at 2,880 tokens); above 16,384 residual tokens per iteration",
+        "the duplication cosines are read off one matrix of the residual tokens computed once, and each A token's "
+        "best match in B off its 64 most similar tokens (sorted; the direct max over B where none is in B): the "
+        "official code recomputes unit[A] @ unit[B].T every 8 removals, the same dot products and maxima; picks "
+        "identical in tests/test_cls_merge_ops.py; 0.5x the cost of the N x N cosine matrix at 10,816 tokens "
+        "(scripts/bench_selection.py), where the per-round gather cost 12x; above 16,384 residual tokens the "
+        "official per-round GEMM",
         "ties in the attention ranking and the max-similarity ranking are broken by a stable sort (position "
         "order); the official argsort is unstable",
         "an odd number of residual tokens is split A = even positions (one more), B = odd; the official indexing "

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from prunebench.checks import plain
 from prunebench.errors import UserError
 from prunebench.families import FAMILIES, Family
+from prunebench.models.tiled_init import tiled_init
 from prunebench.seams import Seams
 
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
@@ -34,10 +36,51 @@ class LoadedModel:
     weights: str  # "pretrained" | "random"
     source: str  # where the weights came from
     untrained: bool  # accuracy is noise
+    inputs: InputCache = field(default_factory=lambda: InputCache(), repr=False, compare=False)
 
     @property
     def accuracy_meaningful(self) -> bool:
         return self.weights == "pretrained" and not self.untrained
+
+
+class InputCache:
+    """The processor's outputs per batch of items, for the life of the loaded model: the vanilla baseline, the
+    method's job, its paired controls and every later job of a sweep process each sample once.
+
+    Entries hold their items (so the ids in the key stay theirs) and the processor's CPU tensors. It fills up to
+    `limit` bytes and then keeps what it has: every job scans the dataset in the same order, so a full cache still
+    serves its first samples each time, where evicting the oldest would serve none. An entry a caller changed in
+    place (a tensor's version moved) is dropped and processed again.
+    """
+
+    def __init__(self, limit: int = 1 << 30) -> None:
+        self.limit, self.bytes, self.hits, self.misses = limit, 0, 0, 0
+        self._entries: dict[tuple[int, ...], tuple[tuple[Any, ...], dict[str, Any], dict[str, int]]] = {}
+
+    def get(self, batch: list[Any]) -> dict[str, Any] | None:
+        key = tuple(map(id, batch))
+        entry = self._entries.get(key)
+        if entry is not None and any(data._version != entry[2][k]
+                                     for k, data in entry[1].items() if isinstance(data, torch.Tensor)):
+            self._drop(key)
+            entry = None
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry[1]
+
+    def put(self, batch: list[Any], data: Mapping[str, Any]) -> None:
+        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        size = sum(v.nbytes for v in tensors.values())
+        if self.bytes + size > self.limit or any(v.device.type != "cpu" for v in tensors.values()):
+            return
+        self._entries[tuple(map(id, batch))] = (tuple(batch), dict(data), {k: v._version for k, v in tensors.items()})
+        self.bytes += size
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        _, data, _ = self._entries.pop(key)
+        self.bytes -= sum(v.nbytes for v in data.values() if isinstance(v, torch.Tensor))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -241,7 +284,15 @@ def _random_weights(cfg: Mapping[str, Any], family: Family, dtype: torch.dtype, 
         setattr(config, key, value)
     config._attn_implementation = attn
     check_fits(family, config, dtype, device, arch)
-    torch.manual_seed(int(cfg.get("init_seed", 0)))
-    with torch.device(device):
+    seed, how = int(cfg.get("init_seed", 0)), str(cfg.get("random_init", "tiled"))
+    if how not in RANDOM_INITS:
+        raise UserError(f"model.random_init must be one of: {', '.join(RANDOM_INITS)} (got '{how}')")
+    torch.manual_seed(seed)
+    with torch.device(device), tiled_init(seed) if how == "tiled" else nullcontext():
         model = family.model_class()._from_config(config, dtype=dtype)
-    return model, processor, f"random weights, architecture {arch_file.name}"
+    return model, processor, f"random weights ({RANDOM_INITS[how]}), architecture {arch_file.name}"
+
+
+# model.random_init: how a weights=random build draws its weights (both: transformers' own _init_weights layout)
+RANDOM_INITS = {"tiled": "tiled init: each initialiser's distribution, values from a seeded pool",
+                "full": "transformers' full random init"}
