@@ -1,32 +1,47 @@
 """Turn the `record.json` files under a results folder into per-model tables (and a plot).
 
-    python -m prunebench.report [DIR] [--plot OUT.png] [--format markdown|github|plain]
+    python -m prunebench.report [DIR] [--plot OUT.png] [--format markdown|github|plain|csv|latex]
+                                [--resamples N]
 
 Scores are shown beside their relative change vs the vanilla run of the same model and
 dataset; a dataset with no complete vanilla run gets bare scores and a line saying so (a
 baseline is never guessed). `Avg` carries the mean relative accuracy (score / vanilla x 100,
 averaged over datasets) as in UniPruneBench; records that differ only by seed are shown as
-`mean ± std` (sample std), UniPruneBench Table 1 style.
+`mean ± std` (sample std), UniPruneBench Table 1 style. A cell is marked `≈v` when the paired
+bootstrap 95% interval of its score minus vanilla's, over the items both answered, contains 0
+(`stats.paired_bootstrap`, from the records' predictions.jsonl), and `≈r` when that of its score minus
+random_pre's at the same keep does; only where the score is the mean of per-sample `correct`.
+
+`--format csv` and `--format latex` write the main tables only (one CSV for every model, plain numbers in
+columns of their own; a booktabs tabular per model, to \\input); `prunebench.results.load` gives every record
+as a DataFrame.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
-from prunebench.record import RECORD_NAME, RunRecord, load_record
+from prunebench.record import PREDICTIONS_NAME, RECORD_NAME, RunRecord, load_record, read_jsonl
+from prunebench.stats import RESAMPLES as BOOTSTRAP_RESAMPLES
+from prunebench.stats import SEED as BOOTSTRAP_SEED
+from prunebench.stats import paired_bootstrap
 
 DEFAULT_ROOT = Path("results")
-FORMATS = {"markdown": "pipe", "github": "github", "plain": "plain"}
+FORMATS = {"markdown": "pipe", "github": "github", "plain": "plain"}  # text tables (tabulate's names)
+EXPORTS = ("csv", "latex")  # the main tables only, for a spreadsheet or a paper
 TIMING_COLUMNS = ("vision_s", "method_s", "prefill_s", "decode_s", "total_s", "ttft_s", "tpot_s")
 DASH = "—"
 CROSS_RUN = ("* cross-run ratio: this record has no paired vanilla control, so vanilla's time comes from a "
@@ -266,6 +281,228 @@ def _rel_accuracy(by_ds: dict[str, list[RunRecord]], bases: dict[str, float]) ->
     return _mean(rel)
 
 
+# ---------------------------------------------------------------- paired intervals
+
+NO_PREDICTIONS = f"a run has no {PREDICTIONS_NAME} beside its record"
+NO_CORRECT = "its predictions carry no per-sample `correct` (scored by the benchmark's own scorer)"
+NOT_A_MEAN = "its score is not the mean of per-sample `correct` (a benchmark's own score, e.g. MME's paired score)"
+NO_ANSWERS = "a run has no error-free prediction"
+NO_COMMON = "no item is error-free in both runs"
+# the references a row is compared with, and the mark its cell gets when the interval contains 0
+REFERENCES = {"vanilla": "≈v", "random_pre": "≈r"}
+LEGEND = {"vanilla": "indistinguishable from vanilla: the paired bootstrap 95% interval of the run's score minus "
+                     "vanilla's contains 0",
+          "random_pre": "indistinguishable from random_pre at the same keep: the paired bootstrap 95% interval of "
+                        "the run's score minus random_pre's contains 0"}
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A run minus a reference run on the same items, in score points: the mean difference, its paired
+    bootstrap 95% interval (`stats.paired_bootstrap`) and the number of items paired."""
+    diff: float
+    low: float
+    high: float
+    pairs: int
+
+    @property
+    def indistinguishable(self) -> bool:
+        return self.low <= 0.0 <= self.high
+
+
+def _per_sample(r: RunRecord) -> dict[str, float] | str:
+    """Item index -> 1.0 / 0.0 over the record's error-free predictions (the last row per index, as the runner
+    resumes), or why there is none. Only where the record's score is their mean: a benchmark scored its own way
+    (VLMEvalKit's MME sums paired questions) has no per-item difference to resample. Read once per record."""
+    if not hasattr(r, "per_sample"):
+        r.per_sample = _read_per_sample(r)  # type: ignore[attr-defined]
+    return r.per_sample  # type: ignore[attr-defined]
+
+
+def _read_per_sample(r: RunRecord) -> dict[str, float] | str:
+    source = getattr(r, "source", None)
+    path = Path(source).parent / r.predictions if source else None
+    if path is None or not path.is_file():
+        return NO_PREDICTIONS
+    last = {str(row["index"]): row for row in read_jsonl(path) if "index" in row}
+    ok = {i: row for i, row in last.items() if row.get("error") is None}
+    if not ok:
+        return NO_ANSWERS
+    if any("correct" not in row for row in ok.values()):
+        return NO_CORRECT
+    correct = {i: float(bool(row["correct"])) for i, row in ok.items()}
+    mean = 100.0 * sum(correct.values()) / len(correct)
+    if r.score is None or not math.isclose(mean, float(r.score), rel_tol=1e-9, abs_tol=1e-9):
+        return NOT_A_MEAN
+    return correct
+
+
+def _pooled(recs: list[RunRecord]) -> dict[str, float] | str:
+    """Per item, the mean correctness over the records (one per seed), on the items error-free in all of them."""
+    per = [_per_sample(r) for r in recs]
+    reason = next((p for p in per if isinstance(p, str)), None)
+    if reason is not None:
+        return reason
+    items = set.intersection(*(set(p) for p in per))  # type: ignore[arg-type]
+    return {i: statistics.fmean(p[i] for p in per) for i in items}  # type: ignore[index]
+
+
+def _compare(recs: list[RunRecord], refs: list[RunRecord], n_resamples: int) -> Paired | str:
+    """The row's records minus the reference's on the items present and error-free in both (or why not)."""
+    ours, theirs = _pooled(recs), _pooled(refs)
+    if isinstance(ours, str):
+        return ours
+    if isinstance(theirs, str):
+        return theirs
+    items = sorted(set(ours) & set(theirs), key=_item_order)
+    if not items:
+        return NO_COMMON
+    diff, low, high = paired_bootstrap([ours[i] for i in items], [theirs[i] for i in items], n_resamples,
+                                       BOOTSTRAP_SEED)
+    return Paired(100 * diff, 100 * low, 100 * high, len(items))
+
+
+def _item_order(index: str) -> tuple[bool, int, str]:
+    """Numeric indices in numeric order, then any others (a bootstrap's resamples follow the items' order)."""
+    return (not index.isdigit(), int(index) if index.isdigit() else 0, index)
+
+
+def _references(key: RowKey, grid: Grid, base: dict[str, list[RunRecord]],
+                ds: str) -> dict[str, list[RunRecord] | str]:
+    """The runs a row's cell is compared with: vanilla (every row but vanilla's) and random_pre at the row's
+    keep (every row but those two methods'), where the column has them."""
+    keep, method, _ = key
+    refs: dict[str, list[RunRecord] | str] = {}
+    if method != "vanilla" and base.get(ds):
+        refs["vanilla"] = base[ds]
+    randoms = [k for k in grid if k[1] == "random_pre" and k[0] == keep and grid[k].get(ds)]
+    if method not in ("vanilla", "random_pre") and randoms:
+        refs["random_pre"] = grid[randoms[0]][ds] if len(randoms) == 1 else \
+            f"{len(randoms)} random_pre variants (method params) at keep {keep:g}: no single one to compare with"
+    return refs
+
+
+def _interval_notes(model: str, rows: list[Row], n_resamples: int) -> list[str]:
+    """The legend of the ≈ marks compared (with the items paired per column), and why a cell has none."""
+    pairs: dict[str, list[int]] = defaultdict(list)
+    compared: set[str] = set()
+    reasons: dict[tuple[str, str], None] = {}
+    for row in rows:
+        for ds, cell in row.cells.items():
+            for ref, p in cell.paired.items():
+                if isinstance(p, Paired):
+                    pairs[ds].append(p.pairs)
+                    compared.add(ref)
+                else:
+                    reasons[(ds, p)] = None
+    lines = [f"{mark}: {LEGEND[ref]}" for ref, mark in REFERENCES.items() if ref in compared]
+    if pairs:
+        counts = ", ".join(f"{ds} {min(n)}" + (f"–{max(n)}" if max(n) > min(n) else "")
+                           for ds, n in sorted(pairs.items()))
+        lines.append(f"intervals: per-item correctness on the items error-free in both runs (seeds averaged per "
+                     f"item), {n_resamples} resamples, seed {BOOTSTRAP_SEED}, percentile; items paired: {counts}")
+    lines += [f"no paired interval for {model} / {ds}: {reason}" for ds, reason in reasons]
+    return lines
+
+
+# ---------------------------------------------------------------- rows
+
+FLOOR = "blind_floor"
+
+
+@dataclass
+class Cell:
+    """One dataset cell of the main table: the scores (one per seed), the change of their mean vs vanilla (%),
+    and per reference (REFERENCES) the paired interval, or why there is none."""
+    scores: list[float]
+    change: float | None = None
+    paired: dict[str, Paired | str] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    """One row of the main table, as numbers: the text, CSV and LaTeX tables are renderings of it."""
+    keep: float | None
+    name: str  # the method, FLOOR for the blind-floor row
+    params: str  # method params as sorted JSON
+    label: str  # the method cell: name, params when the method has variants, seeds, marks
+    stage: str
+    seeds: int | None
+    cells: dict[str, Cell]
+    avg: float | None = None  # mean score over the datasets the row has
+    averaged: int = 0  # how many datasets that is
+    partial: bool = False  # fewer than the table has
+    rel: float | None = None  # mean relative accuracy, % of vanilla
+    prefill: float | None = None  # vanilla's prefill time / the row's
+    cross: bool = False  # ... from a separate vanilla run
+    flops: float | None = None
+    kv: float | None = None
+    tokens: dict[str, float | None] = field(default_factory=dict)  # n_visual_out, n_visual_in, layer_avg
+    flagged: bool = False
+    shadows: bool = False
+
+
+def _cell(recs: list[RunRecord], base: float | None, is_vanilla: bool, refs: dict[str, list[RunRecord] | str],
+          n_resamples: int) -> Cell:
+    scores = _scores(recs)
+    change = None if is_vanilla or base is None or not scores else (statistics.mean(scores) - base) / base * 100
+    if not scores or not n_resamples:
+        return Cell(scores, change)
+    return Cell(scores, change, {name: ref if isinstance(ref, str) else _compare(recs, ref, n_resamples)
+                                 for name, ref in refs.items()})
+
+
+def _token_means(recs: list[RunRecord]) -> dict[str, float | None]:
+    return {name: _mean([float(r.tokens[name]) for r in recs if r.tokens.get(name) is not None])
+            for name in ("n_visual_out", "n_visual_in", "layer_avg")}
+
+
+def _table_row(key: RowKey, grid: Grid, base: dict[str, list[RunRecord]], datasets: list[str], variants: int,
+               n_resamples: int) -> Row:
+    by_ds, bases, is_vanilla = grid[key], _base_scores(base), key[1] == "vanilla"
+    recs = [r for rs in by_ds.values() for r in rs]
+    cells = {ds: _cell(by_ds[ds], bases.get(ds), is_vanilla, _references(key, grid, base, ds), n_resamples)
+             for ds in datasets if ds in by_ds}
+    means = [m for c in cells.values() if (m := _mean(c.scores)) is not None]
+    prefill, cross = _speed(by_ds, base, is_vanilla)
+    return Row(keep=key[0], name=key[1], params=key[2], label=_method_cell(key, recs, variants),
+               stage="/".join(sorted({r.stage for r in recs})), seeds=len({r.seed for r in recs}), cells=cells,
+               avg=_mean(means), averaged=len(means), partial=0 < len(means) < len(datasets),
+               rel=None if is_vanilla else _rel_accuracy(by_ds, bases), prefill=prefill, cross=cross,
+               flops=_speedup(by_ds, base, _prefill_flops), kv=_speedup(by_ds, base, _kv_prefill),
+               tokens=_token_means(recs), flagged=any(r.flags for r in recs),
+               shadows=any(getattr(r, "shadows", False) for r in recs))
+
+
+def _floors(recs: list[RunRecord]) -> list[dict]:
+    return [r.floor for r in recs if getattr(r, "floor", None)]
+
+
+def _floor_row(base: dict[str, list[RunRecord]], datasets: list[str]) -> Row | None:
+    """`blind floor` row: the vanilla records' shipped floor (zero visual tokens) per dataset."""
+    cells = {ds: Cell([statistics.mean(values)]) for ds in datasets
+             if (values := [float(f["score"]) for f in _floors(base.get(ds, []))])}
+    if not cells:
+        return None
+    return Row(keep=None, name=FLOOR, params="", label="blind floor (no visual tokens)", stage="", seeds=None,
+               cells=cells, tokens={"n_visual_out": 0.0})
+
+
+def main_rows(records: list[RunRecord], model: str,
+              n_resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[Grid, list[str], list[Row]]:
+    """The model's main table: its grid, its dataset columns, its rows (the blind floor beside vanilla)."""
+    grid = _grid(_latest_per_seed(_complete(records)), model)
+    base, datasets = _vanilla(grid), _datasets(grid)
+    variants = defaultdict(set)
+    for _, method, params in grid:
+        variants[method].add(params)
+    rows = [_table_row(key, grid, base, datasets, len(variants[key[1]]), n_resamples) for key in grid]
+    floor = _floor_row(base, datasets)
+    if floor is not None:  # beside vanilla: the scores a model gets without looking
+        rows.insert(sum(1 for key in grid if key[1] == "vanilla" and key[0] >= 1.0), floor)
+    return grid, datasets, rows
+
+
 # ---------------------------------------------------------------- cells
 
 def _fmt_score(scores: list[float]) -> str:
@@ -274,42 +511,36 @@ def _fmt_score(scores: list[float]) -> str:
     return f"{scores[0]:.1f}"
 
 
-def _fmt_change(score: float, base: float) -> str:
-    rel = (score - base) / base * 100
+def _fmt_change(rel: float) -> str:
     if rel == 0:
         return "(=0.0%)"
     return f"({'↑' if rel > 0 else '↓'}{abs(rel):.1f}%)"
 
 
-def _score_cell(recs: list[RunRecord], base: float | None, is_vanilla: bool) -> str:
-    scores = _scores(recs)
-    if not scores:
+def _score_cell(cell: Cell) -> str:
+    if not cell.scores:
         return DASH
-    text = _fmt_score(scores)
-    if is_vanilla or base is None:
-        return text
-    return f"{text} {_fmt_change(statistics.mean(scores), base)}"
+    text = _fmt_score(cell.scores) + ("" if cell.change is None else f" {_fmt_change(cell.change)}")
+    marks = [mark for ref, mark in REFERENCES.items()
+             if isinstance(p := cell.paired.get(ref), Paired) and p.indistinguishable]
+    return " ".join([text, *marks])
 
 
-def _avg_cell(by_ds: dict[str, list[RunRecord]], bases: dict[str, float], is_vanilla: bool,
-              n_datasets: int) -> str:
-    means = [m for recs in by_ds.values() if (m := _mean(_scores(recs))) is not None]
-    if not means:
+def _avg_cell(row: Row) -> str:
+    if row.avg is None:
         return DASH
-    text = f"{_mean(means):.1f}" + ("†" if len(means) < n_datasets else "")
-    rel = None if is_vanilla else _rel_accuracy(by_ds, bases)
-    return text if rel is None else f"{text} (rel. {rel:.1f}%)"
+    text = f"{row.avg:.1f}" + ("†" if row.partial else "")
+    return text if row.rel is None else f"{text} (rel. {row.rel:.1f}%)"
 
 
 def _num(x: float) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
-def _tokens_cell(recs: list[RunRecord]) -> str:
-    def avg(name: str) -> float | None:
-        return _mean([float(r.tokens[name]) for r in recs if r.tokens.get(name) is not None])
-
-    n_in, n_out, layer = avg("n_visual_in"), avg("n_visual_out"), avg("layer_avg")
+def _tokens_cell(row: Row) -> str:
+    if row.name == FLOOR:
+        return "0"
+    n_out, n_in, layer = (row.tokens.get(k) for k in ("n_visual_out", "n_visual_in", "layer_avg"))
     if n_in is None or n_out is None:
         return DASH
     text = f"{_num(n_out)}/{_num(n_in)}"
@@ -329,72 +560,120 @@ def _method_cell(key: RowKey, recs: list[RunRecord], variants: int) -> str:
     return text + (" ‡" if any(getattr(r, "shadows", False) for r in recs) else "")
 
 
+def _text_row(row: Row, datasets: list[str]) -> list[str]:
+    cells = [_score_cell(row.cells[ds]) if ds in row.cells else DASH for ds in datasets]
+    return [DASH if row.keep is None else str(row.keep), row.label, row.stage or DASH, *cells, _avg_cell(row),
+            _ratio_cell(row.prefill, row.cross), _ratio_cell(row.flops), _ratio_cell(row.kv), _tokens_cell(row)]
+
+
 # ---------------------------------------------------------------- tables
 
-def _table_row(key: RowKey, by_ds: dict[str, list[RunRecord]], base: dict[str, list[RunRecord]],
-               datasets: list[str], variants: int) -> list[str]:
-    bases = _base_scores(base)
-    is_vanilla = key[1] == "vanilla"
-    recs = [r for rs in by_ds.values() for r in rs]
-    stage = "/".join(sorted({r.stage for r in recs})) or DASH
-    cells = [_score_cell(by_ds[ds], bases.get(ds), is_vanilla) if ds in by_ds else DASH for ds in datasets]
-    speed, kv, flops = _speed(by_ds, base, is_vanilla), _speedup(by_ds, base, _kv_prefill), \
-        _speedup(by_ds, base, _prefill_flops)
-    return [str(key[0]), _method_cell(key, recs, variants), stage, *cells,
-            _avg_cell(by_ds, bases, is_vanilla, len(datasets)), _ratio_cell(*speed),
-            _ratio_cell(flops), _ratio_cell(kv), _tokens_cell(recs)]
+MAIN_COLUMNS = ("keep", "method", "stage", "Avg", "prefill ×", "FLOPs ×", "KV ×", "tokens")  # datasets after stage
 
 
-def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[list[str]]) -> list[str]:
+def _notes_under(grid: Grid, model: str, bases: dict[str, float], rows: list[Row]) -> list[str]:
     has_vanilla = set(_vanilla(grid))
     lines = [f"no vanilla run for {model} / {ds}: relative scores not shown (run method=vanilla)"
              for ds in _datasets(grid) if ds not in has_vanilla]
     lines += [f"vanilla scores 0 on {model} / {ds}: relative scores are undefined"
               for ds in _datasets(grid) if ds in has_vanilla and ds not in bases]
-    if any("†" in row[-5] for row in rows):
+    if any(row.partial for row in rows):
         lines.append("† Avg is over fewer datasets than the table shows.")
     for (keep, method, _), by_ds in grid.items():
         flags = dict.fromkeys(f for recs in by_ds.values() for r in recs for f in r.flags)
         lines += [f"⚑ {method} keep={keep:g}: {flag}" for flag in flags]
-    if any(row[-4].endswith("*") for row in rows):
+    if any(row.cross for row in rows):
         lines.append(CROSS_RUN)
-    if any(getattr(r, "shadows", False) for by_ds in grid.values() for recs in by_ds.values() for r in recs):
+    if any(row.shadows for row in rows):
         lines.append("‡ the results folder also holds runs of this cell with other settings (another job key: "
                      "position policy, an older record's settings, ...); only the latest is shown")
     return lines
 
 
-def relative_table(records: list[RunRecord], model: str, fmt: str = "github") -> str:
-    """The model's score table (relative to vanilla) plus the lines that belong under it."""
-    grid = _grid(_latest_per_seed(_complete(records)), model)
-    base, datasets = _vanilla(grid), _datasets(grid)
-    variants = defaultdict(set)
-    for _, method, params in grid:
-        variants[method].add(params)
-    rows = [_table_row(key, by_ds, base, datasets, len(variants[key[1]])) for key, by_ds in grid.items()]
-    floor = _floor_row(base, datasets)
-    if floor is not None:  # beside vanilla: the scores a model gets without looking
-        at = sum(1 for key in grid if key[1] == "vanilla" and key[0] >= 1.0)
-        rows.insert(at, floor)
-    headers = ["keep", "method", "stage", *datasets, "Avg", "prefill ×", "FLOPs ×", "KV ×", "tokens"]
-    table = tabulate(rows, headers=headers, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
-    notes = _notes_under(grid, model, _base_scores(base), rows)
+def relative_table(records: list[RunRecord], model: str, fmt: str = "github",
+                   n_resamples: int = BOOTSTRAP_RESAMPLES) -> str:
+    """The model's score table (relative to vanilla) plus the lines that belong under it; fmt latex: a booktabs
+    tabular, the lines under it as LaTeX comments."""
+    grid, datasets, rows = main_rows(records, model, n_resamples)
+    headers = [*MAIN_COLUMNS[:3], *datasets, *MAIN_COLUMNS[3:]]
+    body = [_text_row(row, datasets) for row in rows]
+    notes = _interval_notes(model, rows, n_resamples) + _notes_under(grid, model, _base_scores(_vanilla(grid)), rows)
+    if fmt == "latex":
+        return "\n".join([latex_tabular(headers, body), *(f"% {line}" for line in notes)])
+    table = tabulate(body, headers=headers, tablefmt=FORMATS.get(fmt, fmt), disable_numparse=True)
     return "\n\n".join([table, *(["\n".join(notes)] if notes else [])])
 
 
-def _floors(recs: list[RunRecord]) -> list[dict]:
-    return [r.floor for r in recs if getattr(r, "floor", None)]
+# ---------------------------------------------------------------- export: CSV, LaTeX
+
+CSV_HEAD = ("model", "keep", "method", "method_params", "stage", "seeds")
+CSV_PER_DATASET = ("score", "std", "change_pct",
+                   *(f"vs_{ref}.{f}" for ref in REFERENCES for f in ("diff", "low", "high", "pairs")))
+CSV_TAIL = ("avg", "avg_datasets", "avg_rel_pct", "prefill_x", "prefill_cross_run", "flops_x", "kv_x",
+            "tokens_out", "tokens_in", "tokens_layer_avg", "flagged", "shadowed")
 
 
-def _floor_row(base: dict[str, list[RunRecord]], datasets: list[str]) -> list[str] | None:
-    """`blind floor` row: the vanilla records' shipped floor (zero visual tokens) per dataset."""
-    cells = []
-    for ds in datasets:
-        values = [float(f["score"]) for f in _floors(base.get(ds, []))]
-        cells.append(f"{_mean(values):.1f}" if values else DASH)
-    if all(c == DASH for c in cells):
-        return None
-    return [DASH, "blind floor (no visual tokens)", DASH, *cells, DASH, DASH, DASH, DASH, "0"]
+def _csv_row(model: str, row: Row) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": model, "keep": row.keep, "method": row.name, "method_params": row.params, "stage": row.stage,
+        "seeds": row.seeds, "avg": row.avg, "avg_datasets": row.averaged or None, "avg_rel_pct": row.rel,
+        "prefill_x": row.prefill, "prefill_cross_run": row.cross if row.prefill is not None else None,
+        "flops_x": row.flops, "kv_x": row.kv, "tokens_out": row.tokens.get("n_visual_out"),
+        "tokens_in": row.tokens.get("n_visual_in"), "tokens_layer_avg": row.tokens.get("layer_avg"),
+        "flagged": row.flagged, "shadowed": row.shadows}
+    for ds, cell in row.cells.items():
+        if cell.scores:
+            out[f"{ds}.score"] = statistics.mean(cell.scores)
+            out[f"{ds}.std"] = statistics.stdev(cell.scores) if len(cell.scores) > 1 else None
+        out[f"{ds}.change_pct"] = cell.change
+        for ref, p in cell.paired.items():
+            if isinstance(p, Paired):
+                out.update({f"{ds}.vs_{ref}.diff": p.diff, f"{ds}.vs_{ref}.low": p.low,
+                            f"{ds}.vs_{ref}.high": p.high, f"{ds}.vs_{ref}.pairs": p.pairs})
+    return {k: "" if v is None else v for k, v in out.items()}
+
+
+def csv_table(records: list[RunRecord], n_resamples: int = BOOTSTRAP_RESAMPLES) -> str:
+    """Every model's main table as one CSV: a row per table row, plain numbers (a column each for a cell's
+    score, std over seeds, change vs vanilla and paired intervals, `<dataset>.<field>`), blank where none."""
+    complete = _complete(records)
+    tables = [(model, *main_rows(complete, model, n_resamples)[1:]) for model in _sections(complete)]
+    datasets = sorted({ds for _, names, _ in tables for ds in names})
+    header = [*CSV_HEAD, *(f"{ds}.{f}" for ds in datasets for f in CSV_PER_DATASET), *CSV_TAIL]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(_csv_row(model, row) for model, _, rows in tables for row in rows)
+    return out.getvalue()
+
+
+LATEX_GLYPHS = {"±": r"$\pm$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "≈": r"$\approx$", "×": r"$\times$",
+                "—": "---", "–": "--", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "⚑": r"$^\triangle$",
+                "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_cell(text: str) -> str:
+    """A cell's text for LaTeX: special characters escaped, the report's glyphs as math symbols (pdflatex-safe)."""
+    return "".join(LATEX_GLYPHS.get(c, c) for c in text)
+
+
+def latex_tabular(headers: list[str], body: list[list[str]]) -> str:
+    """A booktabs tabular (\\usepackage{booktabs}): the first three columns left-aligned, the rest right."""
+    def line(cells: list[str]) -> str:
+        return " & ".join(map(latex_cell, cells)) + r" \\"
+
+    spec = "lll" + "r" * (len(headers) - 3)
+    return "\n".join([rf"\begin{{tabular}}{{{spec}}}", r"\toprule", line(headers), r"\midrule",
+                      *map(line, body), r"\bottomrule", r"\end{tabular}"])
+
+
+def latex_tables(records: list[RunRecord], n_resamples: int = BOOTSTRAP_RESAMPLES) -> str:
+    """Every model's main table as a booktabs tabular under a `% model` comment, its notes as comments."""
+    complete = _complete(records)
+    parts = ["\n".join([f"% {model}", *(f"% {line[2:]}" for line in _noise_lines(complete, model)),
+                        relative_table(complete, model, "latex", n_resamples)]) for model in _sections(complete)]
+    return "\n\n".join(parts or ["% no complete runs yet"]) + "\n"
 
 
 MEASURED_MARGIN = 25.0  # points above the blind floor for a category to count as measured (issue 6)
@@ -478,13 +757,13 @@ def _noise_lines(records: list[RunRecord], model: str) -> list[str]:
     return [f"> accuracy is noise: {n}" for n in dict.fromkeys(notes)]
 
 
-def _model_section(records: list[RunRecord], model: str, fmt: str) -> str:
+def _model_section(records: list[RunRecord], model: str, fmt: str, n_resamples: int) -> str:
     head = "\n".join([f"## {model}", *_noise_lines(records, model)])
     floors = floor_table(records, model, fmt)
     extra = [f"### {model}: vanilla vs blind floor per category", floors] if floors else []
     efficiency = efficiency_table(records, model, fmt)
     notes = [CROSS_RUN] if "*" in efficiency else []
-    return "\n\n".join([head, relative_table(records, model, fmt), *extra,
+    return "\n\n".join([head, relative_table(records, model, fmt, n_resamples), *extra,
                         f"### {model}: per-sample median times (ms)", timing_table(records, model, fmt),
                         f"### {model}: efficiency vs vanilla (× = vanilla / method: > 1 is faster or smaller)",
                         efficiency, *notes])
@@ -509,11 +788,16 @@ def _incomplete_line(records: list[RunRecord]) -> str | None:
     return "\n".join(lines) or None
 
 
-def render(records: list[RunRecord], fmt: str = "github") -> str:
-    """The full report: one section per model, then a footer for incomplete runs."""
+def render(records: list[RunRecord], fmt: str = "github", n_resamples: int = BOOTSTRAP_RESAMPLES) -> str:
+    """The full report: one section per model, then a footer for incomplete runs. fmt csv / latex: the main
+    tables only (`csv_table`, `latex_tables`), without the footer."""
+    if fmt == "csv":
+        return csv_table(records, n_resamples)
+    if fmt == "latex":
+        return latex_tables(records, n_resamples)
     complete = _complete(records)
     models = _sections(complete)
-    parts = [_model_section(complete, m, fmt) for m in models] or ["no complete runs yet"]
+    parts = [_model_section(complete, m, fmt, n_resamples) for m in models] or ["no complete runs yet"]
     footer = _incomplete_line(records)
     return "\n\n".join(parts + ([footer] if footer else [])) + "\n"
 
@@ -571,8 +855,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m prunebench.report", description=__doc__.splitlines()[0])
     parser.add_argument("dir", nargs="?", type=Path, default=DEFAULT_ROOT, help="results folder (default results/)")
     parser.add_argument("--plot", type=Path, metavar="OUT.png", help="also write relative accuracy vs keep")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="github", help="table style")
+    parser.add_argument("--format", choices=sorted([*FORMATS, *EXPORTS]), default="github",
+                        help="table style; csv / latex: the main tables only, for a spreadsheet or a paper")
+    parser.add_argument("--resamples", type=_resamples, default=BOOTSTRAP_RESAMPLES, metavar="N",
+                        help=f"paired bootstrap resamples behind the ≈v / ≈r marks (default {BOOTSTRAP_RESAMPLES}; "
+                             f"0: no intervals)")
     return parser.parse_args(argv)
+
+
+def _resamples(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,7 +875,10 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"no {RECORD_NAME} under {args.dir}/ — run python -m prunebench first", file=sys.stderr)
         return 1
-    print(render(records, args.format), end="")
+    print(render(records, args.format, args.resamples), end="")
+    footer = _incomplete_line(records) if args.format in EXPORTS else None
+    if footer:  # stdout stays a clean CSV / LaTeX file
+        print(footer, file=sys.stderr)
     if not _complete(records):
         return 1
     if args.plot:

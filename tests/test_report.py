@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -303,3 +304,213 @@ def test_flops_column_is_vanilla_over_method_vision_plus_prefill_flops(tmp_path:
     write(tmp_path, vanilla(flops={"vision": 100.0, "llm_prefill": 300.0}),
           make(flops={"vision": 100.0, "llm_prefill": 100.0}), make(method="random", flops={}))
     assert column(report.relative_table(report.collect(tmp_path), "llava"), "FLOPs ×") == ["1.00×", "2.00×", "—"]
+
+
+# ---------------------------------------------------------------- paired intervals: ≈v / ≈r
+
+def answered(record: RunRecord, correct: list[int], failed: tuple[int, ...] = ()) -> RunRecord:
+    """The record with per-sample predictions (item i answered correct[i]; `failed`: rows with an error) and the
+    score the runner would give it: the mean of `correct` over the error-free rows."""
+    record.rows = [{"index": i, "category": "c", "prediction": "x", "correct": bool(c),  # type: ignore[attr-defined]
+                    "error": "RuntimeError: boom" if i in failed else None} for i, c in enumerate(correct)]
+    ok = [c for i, c in enumerate(correct) if i not in failed]
+    record.score = 100.0 * sum(ok) / len(ok)
+    return record
+
+
+def write_answered(root: Path, *records: RunRecord) -> Path:
+    write(root, *records)
+    for i, r in enumerate(records):
+        rows = getattr(r, "rows", None)
+        if rows is not None:
+            folder = root / f"{r.model}-{r.dataset}-{r.method}-{r.keep}-{r.seed}-{i}"
+            (folder / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+ALL = [1] * 200
+HALF = [i % 2 for i in range(200)]
+NEAR_ALL = [0 if i in (3, 77) else 1 for i in range(200)]  # two misses in 200: indistinguishable from ALL
+
+
+def csv_rows(text: str) -> list[dict[str, str]]:
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_marks_appear_exactly_when_the_interval_contains_zero(tmp_path: Path) -> None:
+    write_answered(tmp_path, answered(vanilla(), ALL),
+                   answered(make(method="random_pre", keep=0.111), HALF),
+                   answered(make(method="fastv", keep=0.111), HALF),       # = random_pre, far below vanilla
+                   answered(make(method="divprune", keep=0.111), NEAR_ALL),  # = vanilla, far above random_pre
+                   answered(make(method="tome", keep=0.333), NEAR_ALL))     # no random_pre at its keep
+    records = report.collect(tmp_path)
+    text = report.relative_table(records, "llava")
+    cells = dict(zip(column(text, "method"), column(text, "gqa"), strict=True))
+    assert cells == {"vanilla (upper bound)": "100.0", "tome": "99.0 (↓1.0%) ≈v", "divprune": "99.0 (↓1.0%) ≈v",
+                     "fastv": "50.0 (↓50.0%) ≈r", "random_pre": "50.0 (↓50.0%)"}
+    assert report.LEGEND["vanilla"] in text and report.LEGEND["random_pre"] in text
+    assert "items paired: gqa 200" in text
+    table = csv_rows(report.csv_table(records))
+    compared = {ref: [r["method"] for r in table if r[f"gqa.vs_{ref}.low"]] for ref in report.REFERENCES}
+    assert compared == {"vanilla": ["tome", "divprune", "fastv", "random_pre"], "random_pre": ["divprune", "fastv"]}
+    for row in table:  # the mark is the interval's: contains 0 <=> marked
+        cell = cells["vanilla (upper bound)" if row["method"] == "vanilla" else row["method"]]
+        for ref, mark in report.REFERENCES.items():
+            low, high = row[f"gqa.vs_{ref}.low"], row[f"gqa.vs_{ref}.high"]
+            assert (bool(low) and float(low) <= 0 <= float(high)) == (mark in cell)
+
+
+def test_intervals_pair_items_by_index_on_those_error_free_in_both(tmp_path: Path) -> None:
+    """Vanilla failed item 0, the pruned run item 1: 198 pairs, matched by index whatever the file order, and
+    the interval is stats.paired_bootstrap's on them (in score points)."""
+    from prunebench.stats import paired_bootstrap
+
+    ours = [int(i % 3 != 0) for i in range(200)]
+    pruned = answered(make(), ours, failed=(1,))
+    pruned.rows.reverse()  # type: ignore[attr-defined]
+    write_answered(tmp_path, answered(vanilla(), NEAR_ALL, failed=(0,)), pruned)
+    records = report.collect(tmp_path)
+    row = next(r for r in csv_rows(report.csv_table(records)) if r["method"] == "fastv")
+    items = [i for i in range(200) if i not in (0, 1)]
+    diff, low, high = paired_bootstrap([ours[i] for i in items], [NEAR_ALL[i] for i in items], 2000, 0)
+    assert int(row["gqa.vs_vanilla.pairs"]) == 198
+    got = [float(row[f"gqa.vs_vanilla.{f}"]) for f in ("diff", "low", "high")]
+    assert got == pytest.approx([100 * diff, 100 * low, 100 * high], abs=1e-9)
+    assert high < 0 and "≈v" not in column(report.relative_table(records, "llava"), "gqa")[1]
+    assert "items paired: gqa 198" in report.relative_table(records, "llava")
+
+
+def test_seeds_are_averaged_per_item_before_resampling(tmp_path: Path) -> None:
+    seed0, seed1 = HALF, [1 - c for c in HALF[:100]] + HALF[100:]
+    write_answered(tmp_path, answered(vanilla(), ALL), answered(make(method="random", seed=0), seed0),
+                   answered(make(method="random", seed=1), seed1))
+    row = next(r for r in csv_rows(report.csv_table(report.collect(tmp_path))) if r["method"] == "random")
+    per_item = [(a + b) / 2 - 1 for a, b in zip(seed0, seed1, strict=True)]
+    assert float(row["gqa.vs_vanilla.diff"]) == pytest.approx(100 * sum(per_item) / 200)
+    assert int(row["gqa.vs_vanilla.pairs"]) == 200
+
+
+def test_no_interval_where_the_score_is_not_a_per_sample_mean(tmp_path: Path) -> None:
+    """An MME-style score (not the mean of `correct`) and predictions without `correct` get no mark, and the
+    lines under the table say why; a record without predictions.jsonl too."""
+    mme = answered(make(dataset="mme"), NEAR_ALL)
+    mme.score = 1500.0  # a paired / summed score, not the mean of the rows' `correct`
+    judged = answered(make(dataset="pope"), NEAR_ALL)
+    for r in judged.rows:  # type: ignore[attr-defined]
+        del r["correct"]
+    write_answered(tmp_path, answered(vanilla("mme"), NEAR_ALL), answered(vanilla("pope"), NEAR_ALL), mme, judged,
+                   vanilla("gqa"), make(dataset="gqa"))
+    text = report.relative_table(report.collect(tmp_path), "llava")
+    assert "≈" not in "\n".join(line for line in text.splitlines() if line.startswith("|"))
+    assert f"no paired interval for llava / mme: {report.NOT_A_MEAN}" in text
+    assert f"no paired interval for llava / pope: {report.NO_CORRECT}" in text
+    assert f"no paired interval for llava / gqa: {report.NO_PREDICTIONS}" in text
+    assert report.LEGEND["vanilla"] not in text
+
+
+def test_resamples_zero_computes_no_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_answered(tmp_path, answered(vanilla(), ALL), answered(make(), NEAR_ALL))
+    assert report.main([str(tmp_path), "--resamples", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "99.0 (↓1.0%)" in out and "≈v" not in out and "no paired interval" not in out
+    assert report.main([str(tmp_path)]) == 0 and "99.0 (↓1.0%) ≈v" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- export: CSV, LaTeX
+
+def export_records(root: Path) -> list[RunRecord]:
+    """Two datasets, a method on both, a three-seed method on one, a flagged one with paired speed."""
+    fast = answered(make(dataset="gqa", keep=0.111, prefill=0.05), HALF)
+    fast.flags = ["budget unreachable: test"]
+    return report.collect(write_answered(
+        root, answered(vanilla("gqa", flops={"vision": 100.0, "llm_prefill": 300.0}), ALL), vanilla("mme", 50.0),
+        answered(make(dataset="gqa", flops={"vision": 100.0, "llm_prefill": 100.0}), NEAR_ALL),
+        make(dataset="mme", score=40.0), fast,
+        *(make(method="random", dataset="mme", seed=s, score=v) for s, v in [(0, 41.0), (1, 44.5), (2, 47.25)])))
+
+
+def test_csv_has_the_table_numbers_in_plain_columns(tmp_path: Path) -> None:
+    records = export_records(tmp_path)
+    table = csv_rows(report.csv_table(records))
+    text = report.relative_table(records, "llava")
+    assert [(r["method"], r["keep"]) for r in table] == [("vanilla", "1.0"), ("fastv", "0.333"),
+                                                         ("random", "0.333"), ("fastv", "0.111")]
+    scores = {(r.method, r.keep, r.dataset): [] for r in records}
+    for r in records:
+        scores[(r.method, r.keep, r.dataset)].append(r.score)
+    bases = {"gqa": 100.0, "mme": 50.0}
+    for row, gqa, mme in zip(table, column(text, "gqa"), column(text, "mme"), strict=True):
+        assert row["model"] == "llava" and all("±" not in v and "↓" not in v and "×" not in v for v in row.values())
+        for ds, cell in (("gqa", gqa), ("mme", mme)):
+            got = scores.get((row["method"], float(row["keep"]), ds))
+            if got is None:
+                assert row[f"{ds}.score"] == "" and cell == "—"
+                continue
+            mean = statistics.mean(got)
+            assert float(row[f"{ds}.score"]) == pytest.approx(mean, abs=1e-12)
+            assert cell.startswith(f"{float(row[f'{ds}.score']):.1f}")  # the text table shows the same number
+            assert row[f"{ds}.std"] == ("" if len(got) == 1 else str(statistics.stdev(got)))
+            if row["method"] == "vanilla":
+                assert row[f"{ds}.change_pct"] == ""
+            else:
+                assert float(row[f"{ds}.change_pct"]) == pytest.approx((mean - bases[ds]) / bases[ds] * 100)
+    random = table[2]
+    assert (random["seeds"], random["mme.std"]) == ("3", str(statistics.stdev([41.0, 44.5, 47.25])))
+    assert column(text, "mme")[2] == f"44.2 ± {statistics.stdev([41.0, 44.5, 47.25]):.1f} (↓11.5%)"
+    fastv = table[1]
+    assert float(fastv["flops_x"]) == 2.0 and float(fastv["prefill_x"]) == 2.0 and fastv["prefill_cross_run"] == "True"
+    assert float(fastv["avg"]) == pytest.approx((99.0 + 40.0) / 2) and fastv["avg_datasets"] == "2"
+    assert float(fastv["avg_rel_pct"]) == pytest.approx((99.0 / 100 + 40.0 / 50) / 2 * 100)
+    assert (table[3]["flagged"], table[3]["avg_datasets"], table[3]["mme.score"]) == ("True", "1", "")
+    assert float(fastv["tokens_out"]) == round(576 * 0.333) and float(fastv["tokens_in"]) == 576
+
+
+def latex_body(text: str) -> tuple[list[str], list[list[str]]]:
+    """The header cells and body cells of the first tabular in `text`."""
+    lines = text.splitlines()
+    start, mid, end = (lines.index(x) for x in (r"\toprule", r"\midrule", r"\bottomrule"))
+    def cells(line: str) -> list[str]:
+        assert line.endswith(r" \\")
+        return [c.strip() for c in line[:-3].split(" & ")]
+    assert start + 2 == mid
+    return cells(lines[start + 1]), [cells(line) for line in lines[mid + 1:end]]
+
+
+def test_latex_is_a_booktabs_tabular_with_the_table_numbers(tmp_path: Path) -> None:
+    records = export_records(tmp_path)
+    text = report.render(records, "latex")
+    headers, body = latex_body(text)
+    assert text.startswith("% llava\n\\begin{tabular}{lll" + "r" * (len(headers) - 3) + "}\n")
+    assert r"\end{tabular}" in text and headers[:5] == ["keep", "method", "stage", "gqa", "mme"]
+    assert all(len(row) == len(headers) for row in body)
+    tabular = text[text.index(r"\begin{tabular}"):text.index(r"\end{tabular}")]
+    assert tabular.isascii()  # every glyph spelled in LaTeX: pdflatex-safe
+    plain = rows(report.relative_table(records, "llava"))
+    for tex, md in zip(body, plain, strict=True):
+        for i in (3, 4):  # gqa, mme: the same leading score as the markdown table, std after $\pm$
+            assert tex[i].split(" ")[0] == md[i].split(" ")[0].replace("—", "---")
+    assert body[2][4].startswith(r"44.2 $\pm$ 3.1 ($\downarrow$11.5\%)")
+    assert body[1][3] == r"99.0 ($\downarrow$1.0\%) $\approx$v" and body[1][6] == r"2.00$\times$*"
+    assert body[3][1] == r"fastv $^\triangle$" and r"% ⚑ fastv keep=0.111: budget unreachable: test" in text
+
+
+def test_latex_escapes_names(tmp_path: Path) -> None:
+    write(tmp_path, vanilla(dataset="my_set"), make(method="random_pre", dataset="my_set", method_params={"a": 1}),
+          make(method="random_pre", dataset="my_set", method_params={"a": 2}))
+    _, body = latex_body(report.render(report.collect(tmp_path), "latex"))
+    assert body[1][1] == r'random\_pre \{"a": 1\}' and body[1][2] == "llm"
+
+
+def test_main_writes_csv_and_latex_to_stdout_and_the_footer_to_stderr(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path, vanilla(), make(), make(method="divprune", status="running", score=None))
+    assert report.main([str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["method"] for r in csv_rows(out)] == ["vanilla", "fastv"]
+    assert err.startswith("1 run still running/incomplete: ")
+    assert report.main([str(tmp_path), "--format", "latex"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("% llava\n") and "still running" not in out and "still running" in err
