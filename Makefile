@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0   # the CPU wheel; a loose pin pulls the CUDA build
-	$(BIN)/python -m pip install -q -e ".[dev,plot,slurm]"
+	$(BIN)/python -m pip install -q -e ".[dev,plot,slurm,report]"
 	touch $(STAMP)
 
 demo: setup          ## default job (trained probe LLaVA, DivPrune keep 0.111, probe suite) and its report
