@@ -1,7 +1,7 @@
-"""Turn the `record.json` files under a results folder into per-model tables (and a plot).
+"""Turn the `record.json` files under a results folder into per-model tables (and plots).
 
-    python -m prunebench.report [DIR] [--plot OUT.png] [--format markdown|github|plain|csv|latex]
-                                [--resamples N]
+    python -m prunebench.report [DIR] [--plot OUT.png] [--pareto OUT.png [--pareto-dataset NAME]]
+                                [--format markdown|github|plain|csv|latex] [--resamples N]
 
 Scores are shown beside their relative change vs the vanilla run of the same model and
 dataset; a dataset with no complete vanilla run gets bare scores and a line saying so (a
@@ -14,7 +14,8 @@ random_pre's at the same keep does; only where the score is the mean of per-samp
 
 `--format csv` and `--format latex` write the main tables only (one CSV for every model, plain numbers in
 columns of their own; a booktabs tabular per model, to \\input); `prunebench.results.load` gives every record
-as a DataFrame.
+as a DataFrame. `--pareto` draws accuracy against measured cost (prefill, TTFT, FLOPs ratios to vanilla), one
+row of panels per model, the non-dominated method x keep points joined (`pareto_front`, `pareto_points`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -804,6 +805,9 @@ def render(records: list[RunRecord], fmt: str = "github", n_resamples: int = BOO
 
 # ---------------------------------------------------------------- plot
 
+NO_MATPLOTLIB = "matplotlib is not installed: pip install matplotlib (or pip install -e .[plot])"
+
+
 def _plot_series(records: list[RunRecord], model: str) -> dict[str, list[tuple[float, float]]]:
     """method -> [(keep, relative accuracy %)] for the model, vanilla excluded."""
     grid = _grid(_latest_per_seed(records), model)
@@ -840,13 +844,164 @@ def _plot_model(ax, records: list[RunRecord], model: str) -> None:
         ax.plot([k for k, _ in points], [rel for _, rel in points], marker="o", label=method)
     ax.axhline(100, color="gray", linestyle="--", linewidth=1, label="vanilla (keep 1.0)")
     ax.set_xlim(0, 1.05)
-    noise = any(not r.accuracy_meaningful for r in records if section_of(r) == model)
-    ax.set_title(model + ("\n(accuracy is noise)" if noise else ""), color="red" if noise else "black")
+    _title(ax, model, _is_noise(records, model))
     ax.set_xlabel("keep (fraction of visual tokens)")
     ax.set_ylabel("relative accuracy vs vanilla (%)")
     if not series:
         ax.text(0.5, 0.5, "no method with a vanilla baseline", ha="center", transform=ax.transAxes)
     ax.legend(fontsize="small")
+
+
+def _is_noise(records: list[RunRecord], model: str) -> bool:
+    """Whether any of the model's records has noise for accuracy (random or untrained weights)."""
+    return any(not r.accuracy_meaningful for r in records if section_of(r) == model)
+
+
+def _title(ax, title: str, noise: bool) -> None:
+    ax.set_title(title + ("\n(accuracy is noise)" if noise else ""), color="red" if noise else "black")
+
+
+# ---------------------------------------------------------------- Pareto fronts: accuracy vs measured cost
+
+# cost axis -> the timing field of its ratio (None: FLOPs) and its label; every cost is vanilla's / the
+# method's, so > 1 is cheaper and both coordinates are maximised
+COST_AXES = {"prefill": ("prefill_s", "prefill speed-up (vanilla / method)"),
+             "ttft": ("ttft_s", "TTFT speed-up (vanilla / method)"),
+             "flops": (None, "FLOPs × (vanilla / method, vision + LLM prefill)")}
+MARKERS = "osD^vP*Xhp<>"
+FRONT = "Pareto front"
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One method x keep of a model on one cost axis: its cost ratio to vanilla (> 1: cheaper), its accuracy (Avg
+    relative accuracy %, or one dataset's score) and whether the ratio came from a separate vanilla run."""
+    cost: float
+    accuracy: float
+    method: str  # with its params where the method has variants
+    keep: float
+    cross: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} keep={self.keep:g}" + ("*" if self.cross else "")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices (ascending) of the points no other point dominates, both coordinates maximised: q dominates p when
+    q >= p in both and > in one; of points equal in both, the first is kept. Swept by x descending (then y
+    descending, index ascending): every point seen before p has x >= p's, so p is kept iff its y beats them all."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1], i))
+    kept, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            kept.append(i)
+            best = points[i][1]
+    return sorted(kept)
+
+
+def _cost(by_ds: dict[str, list[RunRecord]], base: dict[str, list[RunRecord]], is_vanilla: bool,
+          axis: str) -> tuple[float | None, bool]:
+    """The row's ratio on a cost axis, as the tables compute it: (value, cross-run)."""
+    timing_field = COST_AXES[axis][0]
+    if timing_field is None:
+        return _speedup(by_ds, base, _prefill_flops), False
+    return _speed(by_ds, base, is_vanilla, timing_field)
+
+
+def pareto_points(records: list[RunRecord], model: str, dataset: str | None = None) -> dict[str, list[ParetoPoint]]:
+    """Per cost axis with data (COST_AXES order), one point per method x keep of the model, vanilla included (1x):
+    the table's ratios (`_speed`: the paired in-process control, else the separate vanilla run, cross; `_speedup`
+    of vision + prefill FLOPs) against the Avg relative accuracy, or against `dataset`'s score (a dataset column,
+    `dataset_label`; the cost then from that dataset's records alone). Rows without either are left out."""
+    grid = _grid(_latest_per_seed(_complete(records)), model)
+    base = _vanilla(grid)
+    bases = _base_scores(base)
+    variants = Counter(method for method, _ in {(method, params) for _, method, params in grid})
+    out: dict[str, list[ParetoPoint]] = {axis: [] for axis in COST_AXES}
+    for (keep, method, params), by_ds in grid.items():
+        if dataset is not None:
+            by_ds = {dataset: by_ds[dataset]} if dataset in by_ds else {}
+        accuracy = _rel_accuracy(by_ds, bases) if dataset is None else _mean(_scores(by_ds.get(dataset, [])))
+        if accuracy is None:
+            continue
+        name = method + (f" {params}" if variants[method] > 1 else "")
+        for axis in COST_AXES:
+            cost, cross = _cost(by_ds, base, method == "vanilla", axis)
+            if cost:
+                out[axis].append(ParetoPoint(cost, accuracy, name, keep, cross))
+    return {axis: points for axis, points in out.items() if points}
+
+
+def pareto_figure(records: list[RunRecord], dataset: str | None = None):
+    """A row of panels per model, one per cost axis with data (`pareto_points`); each axes' gid is
+    `pareto:<model>:<axis>`, its front the line labelled FRONT. The caller closes the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    complete = _complete(records)
+    models = _sections(complete)
+    panels = {model: pareto_points(complete, model, dataset) for model in models}
+    width = max([len(by_axis) for by_axis in panels.values()] + [1])
+    fig, axes = plt.subplots(len(models), width, figsize=(5 * width, 4 * len(models)), squeeze=False)
+    ylabel = "relative accuracy vs vanilla (%), Avg" if dataset is None else f"{dataset} score"
+    # one marker and colour per method across the whole figure
+    names = sorted({p.method for by_axis in panels.values() for points in by_axis.values() for p in points})
+    for row, model in zip(axes, models, strict=True):
+        noise, by_axis = _is_noise(complete, model), panels[model]
+        for ax, (axis, points) in zip(row, by_axis.items(), strict=False):
+            ax.set_gid(f"pareto:{model}:{axis}")
+            _pareto_panel(ax, points, names, COST_AXES[axis][1], ylabel)
+            _title(ax, model, noise)
+        if not by_axis:
+            _title(row[0], model, noise)
+            row[0].text(0.5, 0.5, "no point with both a measured cost and an accuracy", ha="center",
+                        transform=row[0].transAxes)
+        for ax in row[max(len(by_axis), 1):]:
+            ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _pareto_panel(ax, points: list[ParetoPoint], names: list[str], xlabel: str, ylabel: str) -> None:
+    """The points, a marker per method (faded off the front), the front as a step line, keeps beside points."""
+    front = pareto_front([(p.cost, p.accuracy) for p in points])
+    for k, name in enumerate(names):
+        mine = [p for p in points if p.method == name]
+        if mine:
+            ax.scatter([p.cost for p in mine], [p.accuracy for p in mine], marker=MARKERS[k % len(MARKERS)],
+                       color=f"C{k}", s=30, alpha=0.45, label=name)
+        on = [points[i] for i in front if points[i].method == name]
+        ax.scatter([p.cost for p in on], [p.accuracy for p in on], marker=MARKERS[k % len(MARKERS)],
+                   color=f"C{k}", s=80, edgecolors="black", linewidths=1.2, zorder=3)
+    line = sorted((points[i] for i in front), key=lambda p: p.cost)
+    # accuracy falls as cost rises along the front: "pre" steps bound the region the front dominates
+    ax.step([p.cost for p in line], [p.accuracy for p in line], where="pre", color="black", linewidth=1.2,
+            label=FRONT, zorder=2)
+    for p in points:
+        ax.annotate(f"{p.keep:g}" + ("*" if p.cross else ""), (p.cost, p.accuracy), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.axvline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    cross = any(p.cross for p in points)
+    ax.set_xlabel(xlabel + ("\n* cross-run ratio (no paired vanilla control)" if cross else ""))
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small", title="keep beside each point", title_fontsize="x-small")
+
+
+def pareto_plot(records: list[RunRecord], out: Path, dataset: str | None = None) -> None:
+    """Write `pareto_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(records, dataset)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _dataset_columns(records: list[RunRecord]) -> list[str]:
+    return sorted({dataset_label(r) for r in _latest_per_seed(_complete(records))})
 
 
 # ---------------------------------------------------------------- CLI
@@ -855,12 +1010,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m prunebench.report", description=__doc__.splitlines()[0])
     parser.add_argument("dir", nargs="?", type=Path, default=DEFAULT_ROOT, help="results folder (default results/)")
     parser.add_argument("--plot", type=Path, metavar="OUT.png", help="also write relative accuracy vs keep")
+    parser.add_argument("--pareto", type=Path, metavar="OUT.png",
+                        help="also write accuracy vs prefill / TTFT / FLOPs speed-up, the Pareto front joined")
+    parser.add_argument("--pareto-dataset", metavar="NAME",
+                        help="--pareto's y: this dataset column's score (default: Avg relative accuracy)")
     parser.add_argument("--format", choices=sorted([*FORMATS, *EXPORTS]), default="github",
                         help="table style; csv / latex: the main tables only, for a spreadsheet or a paper")
     parser.add_argument("--resamples", type=_resamples, default=BOOTSTRAP_RESAMPLES, metavar="N",
                         help=f"paired bootstrap resamples behind the ≈v / ≈r marks (default {BOOTSTRAP_RESAMPLES}; "
                              f"0: no intervals)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.pareto_dataset is not None and args.pareto is None:
+        parser.error("--pareto-dataset needs --pareto OUT.png")
+    return args
 
 
 def _resamples(text: str) -> int:
@@ -881,15 +1043,28 @@ def main(argv: list[str] | None = None) -> int:
         print(footer, file=sys.stderr)
     if not _complete(records):
         return 1
-    if args.plot:
-        try:
-            plot(records, args.plot)
-        except ImportError:
-            print("matplotlib is not installed: pip install matplotlib (or pip install -e .[plot])",
-                  file=sys.stderr)
+    if args.plot and not _draw(plot, records, args.plot):
+        return 1
+    if args.pareto:
+        columns = _dataset_columns(records)
+        if args.pareto_dataset is not None and args.pareto_dataset not in columns:
+            print(f"--pareto-dataset {args.pareto_dataset}: no such dataset column; the columns are "
+                  + ", ".join(columns), file=sys.stderr)
             return 1
-        print(f"wrote {args.plot}", file=sys.stderr)
+        if not _draw(pareto_plot, records, args.pareto, args.pareto_dataset):
+            return 1
     return 0
+
+
+def _draw(draw: Callable[..., None], records: list[RunRecord], out: Path, *args: Any) -> bool:
+    """Write a figure, or say in one line that matplotlib is missing (False)."""
+    try:
+        draw(records, out, *args)
+    except ImportError:
+        print(NO_MATPLOTLIB, file=sys.stderr)
+        return False
+    print(f"wrote {out}", file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":
