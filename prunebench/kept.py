@@ -91,8 +91,8 @@ def merge_groups(state: CallState, row: int, kept: torch.Tensor) -> list[int] | 
     groups, sizes = state.merge_groups
     image = state.prompt_image_mask
     flat = image.flatten().nonzero()[:, 0]
-    if flat.numel() != sum(sizes) or len(groups) != len(sizes):
-        return None
+    if len(groups) != len(sizes) or any(g.numel() != n for g, n in zip(groups, sizes, strict=True)):
+        return None  # the groups are not in the units' token space (e.g. packed after merging)
     into = torch.cat([rows[g.to(rows.device)] for rows, g in zip(flat.split(sizes), groups, strict=True)])
     width = image.shape[1]
     mine = (flat // width) == row

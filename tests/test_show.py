@@ -58,9 +58,11 @@ def test_figure_renders_the_sample_of_each_run(runs, tmp_path):
     assert out.stat().st_size > 0
     record, rows = show.run_files(runs["fastv"])
     fig = show.overlay_figure([(record, show.sample_row(rows, 0), show.sample_images(record, 0))])
-    fig.canvas.draw()
+    fig.canvas.draw()  # Agg
     pixels = np.asarray(fig.canvas.buffer_rgba())
     assert pixels.shape[2] == 4 and pixels[..., :3].std() > 0
+    (_, panel), = show.panels(show.sample_row(rows, 0), show.sample_images(record, 0))
+    assert np.array_equal(fig.axes[0].images[0].get_array(), panel)  # the figure shows exactly the overlay
 
 
 def test_position_histogram_counts_the_kept_tokens(runs, tmp_path):
