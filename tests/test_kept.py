@@ -14,8 +14,8 @@ from prunebench.models.loader import LoadedModel
 from prunebench.stages import install
 from prunebench.timing import NullTimer
 
-# a pre-LLM select, an intra-LLM select with inserted-free single layer, a multi-layer one, a vision merge
-METHODS = ["random_pre", "fastv", "pdrop", "tome"]
+# a pre-LLM select, a single-layer intra-LLM select, multi-layer ones (SparseVLM inserts tokens), a vision merge
+METHODS = ["random_pre", "fastv", "pdrop", "sparsevlm", "tome"]
 
 
 def loaded_of(fam) -> LoadedModel:
