@@ -13,6 +13,7 @@ import torch
 from prunebench.data.datasets import Item
 from prunebench.errors import UserError
 from prunebench.flops import count_flops
+from prunebench.kept import kept_fields, split_layout
 from prunebench.measure import kv_cache_bytes, prefill_cache_bytes
 from prunebench.models.loader import LoadedModel
 from prunebench.stages import Installation
@@ -128,6 +129,10 @@ def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, t
             "kv_layer_bytes_prefill": kv_prefill, "kv_layer_bytes_end": kv_end,
             "batch_size": b,
         })
+    if inst.prunes:  # after the timed pass, before the FLOPs pass replays the prompts
+        for row, kept in zip(rows, kept_for_rows(loaded, inputs, inst, b), strict=True):
+            if kept is not None:
+                row["kept"] = kept
     counted = inst.flops_counted
     for row, single, reseed in zip(rows, count or [], reseeds, strict=bool(count)):  # the same picks, counted
         key = flops_signature(single, row)
@@ -141,6 +146,20 @@ def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, t
                                        loaded.seams, timer)
         counted[key] = row["flops"]
     return rows
+
+
+def kept_for_rows(loaded: LoadedModel, inputs: Any, inst: Installation, b: int) -> list[dict[str, Any] | None]:
+    """Each row's `kept` field (`prunebench/kept.py`): the visual tokens it kept and their layout."""
+    state, layout_fn = inst.state, loaded.seams.visual_layout
+    layouts, error = None, None
+    if layout_fn is not None and state.prompt_image_mask is not None:
+        try:
+            layouts = split_layout(layout_fn(inputs), state.prompt_image_mask.sum(dim=1).tolist())
+            error = None if layouts is not None else "the layout does not add up to the visual tokens"
+        except Exception as err:  # noqa: BLE001 - a layout the family cannot give must not fail the sample
+            error = f"{type(err).__name__}: {err}"
+    fields = kept_fields(state, layouts, b)
+    return [f if f is None or error is None else {**f, "layout_error": error} for f in fields]
 
 
 _COUNT_FIELDS = ("n_new_tokens", "prompt_len", "llm_prompt_len", "n_visual_in", "n_visual_out", "n_visual_fixed",

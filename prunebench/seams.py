@@ -131,6 +131,9 @@ class Seams:
     # becoming output row i of unit u: methods working in encoder feature space (VisionZip,
     # PruMerge) run on it (`stages/vision_preproj.py`); False = they run on the output.
     projector_rows: bool = False
+    # (the batch's processor inputs) -> the layout units of its visual tokens in scatter order, each
+    # {"kind", "image", "grid": [h, w], ...} (`prunebench/kept.py`); None: the record stores no layout
+    visual_layout: Callable[[Any], list[dict[str, Any]]] | None = None
 
     @property
     def n_vision_patches(self) -> int:

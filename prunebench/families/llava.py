@@ -73,6 +73,8 @@ def llava_seams(model: nn.Module) -> Seams:
         decoder_layers=list(model.model.language_model.layers),
         apply_rope=apply_rope,
         projector_rows=True,
+        visual_layout=lambda inputs: [{"kind": "image", "image": i, "grid": [side, side]}
+                                      for i in range(inputs["pixel_values"].shape[0])],
     )
 
 

@@ -48,6 +48,7 @@ class Installation:
     stages: list[PlannedStage] = field(default_factory=list)  # `method=compose`: its stages, in order
     # the FLOPs counted under this installation, per signature of shapes and counts (`generation.flops_signature`)
     flops_counted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prunes: bool = False  # some stage keeps less than all: prediction rows say which tokens stayed (`kept.py`)
 
     @property
     def counts(self) -> TokenCounts:
@@ -133,7 +134,8 @@ def install(
     generator = torch.Generator().manual_seed(seed)
     positions = policies[-1][0] if policies else method.positions
     inst = Installation(method=method, keep=keep, positions=positions, state=state, generator=generator,
-                        notes=notes, stages=stages if method.stage is Stage.PIPELINE else [])
+                        notes=notes, stages=stages if method.stage is Stage.PIPELINE else [],
+                        prunes=any(stage.keep < 1.0 for stage in stages))
     merges: list[Any] = []
     try:
         # shared hooks, once: where the visual tokens are, and the LLM entry applying earlier decisions

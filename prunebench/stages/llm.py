@@ -51,6 +51,7 @@ def capture_image_positions(seams: Seams, state: CallState):
         if input_ids is not None and input_ids.shape[1] > 1:
             state.mixed = sum(bool((input_ids == i).any()) for i in seams.image_token_ids) > 1
             state.image_mask = torch.isin(input_ids, ids.to(input_ids.device))
+            state.prompt_image_mask = state.image_mask  # never changed in place (later masks are new tensors)
             state.row_counts = [TokenCounts(n, n, float(n)) for n in state.image_mask.sum(dim=1).tolist()]
             state.counts = state.row_counts[0]
 
@@ -117,6 +118,8 @@ def _compact_entry(
     state.stage_counts["entry"] = state.counts
     state.clamped, state.fixed = False, 0
     state.unit_clamped, state.unit_fixed = [], []
+    if state.visual_groups is not None:  # read after generation (`kept.py`), outside the timed region
+        state.merge_groups, state.visual_groups = (state.visual_groups, sizes), None
     state.visual_sizes = state.visual_values = None
     pos = kwargs.get("position_ids")
     if pos is None:

@@ -60,11 +60,15 @@ class TokenCounts:
 class CallState:
     phase: str = "idle"  # "prefill" | "decode", set at the LLM entry
     image_mask: torch.Tensor | None = None  # [B, L] image-token positions of the current sequence
+    prompt_image_mask: torch.Tensor | None = None  # [B, L] image-token positions of the prompt as given (`kept.py`)
     mixed: bool = False  # the prompt holds more than one kind of visual placeholder (image and video)
     attention_mask_2d: torch.Tensor | None = None  # [B, L] padding mask after entry compaction
     visual_sizes: list[int] | None = None  # tokens per image, in scatter order (from the visual seam)
     visual_keep: list[torch.Tensor] | None = None  # per image: kept indices, pending from vision / pre-LLM
     visual_values: list[torch.Tensor | None] | None = None  # per image: new values of the kept tokens, or None
+    # per image: for each of its tokens, the index of the token it merged into (vision-stage merges), pending
+    visual_groups: list[torch.Tensor] | None = None
+    merge_groups: tuple[list[torch.Tensor], list[int]] | None = None  # this prompt's groups and unit sizes
     # per image: bool per kept token, protected from the LLM stages (MustDrop's key set), pending like visual_keep
     visual_protect: list[torch.Tensor] | None = None
     protected: torch.Tensor | None = None  # [B, L] bool rows of the current sequence that no LLM stage drops
@@ -99,6 +103,7 @@ class CallState:
         self.intra_selects = []
         self.raters = None
         self.protected = None
+        self.merge_groups = None
         self.captures.clear()
         self.stage_counts.clear()
 

@@ -29,10 +29,12 @@ from prunebench.timing import Timer
 @dataclass
 class MergeState:
     """Per-image merge bookkeeping: size [B, T] (ToMe sizes), rep [B, T] (original patch index
-    each token stands for, -1 for prefix tokens like [CLS])."""
+    each token stands for, -1 for prefix tokens like [CLS]); group [B, T0]: for each token of the
+    encoder's input, the index of the current token holding it (None: not tracked)."""
 
     size: torch.Tensor
     rep: torch.Tensor
+    group: torch.Tensor | None = None
 
 
 class PreLLMSelect:
@@ -236,7 +238,7 @@ class VisionMerge:
         b, prefix, n = pixels.shape[0], self.seams.vision_prefix, self.seams.n_vision_patches
         rep = torch.cat([torch.full((prefix,), -1), torch.arange(n)]).to(pixels.device)
         self.state.vision = MergeState(size=torch.ones(b, prefix + n, device=pixels.device),
-                                       rep=rep.expand(b, -1).clone())
+                                       rep=rep.expand(b, -1).clone(), group=torch.arange(prefix + n, device=pixels.device).expand(b, -1))
 
     def _finish(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         merge: MergeState = self.state.vision
@@ -249,6 +251,9 @@ class VisionMerge:
         full.scatter_(1, keep[..., None].expand(-1, -1, output.shape[-1]), output)
         self.state.visual_sizes = [self.seams.n_vision_patches] * output.shape[0]
         self.state.visual_keep = list(keep)
+        if merge.group is not None:  # each patch -> the patch its token stands for (the token it merged into)
+            into = merge.rep.gather(1, merge.group)[:, self.seams.vision_prefix :]
+            self.state.visual_groups = list(into) if bool((into >= 0).all()) else None
         self.state.clamped |= self.clamped
         return full
 
@@ -270,7 +275,9 @@ class _MergeStep:
             protect = state.rep < 0
             out = owner.method.spec.merge(x, state.size, state.rep, importance, self.r, protect=protect,
                                           **owner.merge_params, **extra)
-            owner.state.vision = MergeState(size=out.size, rep=out.rep)
+        # bookkeeping for the record (`kept.py`), outside the method's span
+        group = None if state.group is None else out.old_to_new.gather(1, state.group)
+        owner.state.vision = MergeState(size=out.size, rep=out.rep, group=group)
         return out.x
 
     def _received_attention(self, b: int, t: int) -> torch.Tensor:

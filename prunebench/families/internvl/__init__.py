@@ -9,6 +9,7 @@ Vision-stage merges run on tiles at whole pixel-shuffle-group granularity (`visi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +49,20 @@ def internvl_seams(model: nn.Module) -> Seams:
         vision_driver=InternVLVisionMerge,
         signal_groups=lambda side: shuffle_groups(inner, side),
         projector_rows=True,
+        visual_layout=lambda inputs: internvl_layout(inputs, cfg),
     )
+
+
+def internvl_layout(inputs: Any, cfg: Any) -> list[dict[str, Any]]:
+    """One unit per tile, (image_size / patch / 2)^2 tokens after the 2x2 pixel shuffle. The processor does not
+    say which tiles form an image: a reader takes a row's tiles as one image's, the last one its thumbnail when
+    there are several (the processor's order: crops in raster order, then the thumbnail)."""
+    vision = cfg.vision_config
+    size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+    patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
+    side = int(size // patch * cfg.downsample_ratio)
+    return [{"kind": "tile", "image": 0, "tile": j, "grid": [side, side]}
+            for j in range(inputs["pixel_values"].shape[0])]
 
 
 _LOCAL = lazy("prunebench.fixtures.tiny_families:family_local_processor")

@@ -13,6 +13,7 @@ videos (`_onevision_video_hand_on`); OneVision images refuse them with a message
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -160,7 +161,52 @@ def packed_seams(model: nn.Module) -> Seams:
         vision_hand_on=hand_on,
         visual_fns={"get_image_features": _packed, **({"get_video_features": _video_frames} if video is not None else {})},
         always_keep=is_newline,
+        visual_layout=lambda inputs: packed_layout(inner, inputs, side, pooled),
     )
+
+
+def packed_layout(inner: nn.Module, inputs: Any, side: int, pooled: int) -> list[dict[str, Any]]:
+    """Images: the base view (side x side), then the packed views as the model's own `pack_image_features` lays
+    them out (unpadded, maybe downsampled, one newline per row; found by packing a marker, no encoder run), or
+    one view and its closing newline. Videos: per frame ceil(side/2)^2 pooled tokens, then one newline."""
+    units: list[dict[str, Any]] = []
+    if "pixel_values_videos" in inputs:
+        videos, frames = inputs["pixel_values_videos"].shape[:2]
+        p = math.isqrt(pooled)
+        for v in range(videos):
+            units += [{"kind": "frame", "image": v, "frame": f, "grid": [p, p]} for f in range(frames)]
+            units.append({"kind": "newline", "image": v, "grid": [1, 1]})
+    if "pixel_values" not in inputs:
+        return units
+    for i, packed in enumerate(_packed_marks(inner, inputs["image_sizes"], side)):
+        if packed.shape[0] == side * side + 1:  # one view, then its newline
+            units += [{"kind": "image", "image": i, "grid": [side, side]}, {"kind": "newline", "image": i, "grid": [1, 1]}]
+            continue
+        rows = int((packed[side * side :] == 2).sum())
+        cols = (packed.shape[0] - side * side) // rows - 1
+        units += [{"kind": "base", "image": i, "grid": [side, side]},
+                  {"kind": "views", "image": i, "grid": [rows, cols], "newline": True}]
+    return units
+
+
+def _packed_marks(inner: nn.Module, image_sizes: torch.Tensor, side: int) -> list[torch.Tensor]:
+    """Per image, its packed tokens as the model packs them: 1 a patch, 2 a newline."""
+    import importlib
+    import inspect
+
+    cfg = inner.config
+    module = importlib.import_module(type(inner).__module__)
+    views = [module.image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                              patch_size=cfg.vision_config.image_size) for s in image_sizes]
+    marks = [torch.ones(v, side * side, 1) for v in views]
+    kwargs: dict[str, Any] = {"image_newline": torch.full((1,), 2.0)}
+    params = inspect.signature(type(inner).pack_image_features).parameters
+    if "vision_feature_select_strategy" in params:
+        kwargs["vision_feature_select_strategy"] = cfg.vision_feature_select_strategy
+    if "vision_aspect_ratio" in params:
+        kwargs["vision_aspect_ratio"] = getattr(cfg, "vision_aspect_ratio", "anyres_max_9")
+    packed, _ = type(inner).pack_image_features(inner, marks, image_sizes.cpu(), **kwargs)
+    return [p[:, 0] for p in packed]
 
 
 _LOCAL = lazy("prunebench.fixtures.tiny_families:family_local_processor")

@@ -16,6 +16,8 @@ the ViT blocks itself.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -64,7 +66,20 @@ def qwen_vl_seams(model: nn.Module) -> Seams:
         mrope=True,
         vision_driver=QwenVisionMerge,
         vision_signals=QwenVisionSignals,
+        visual_layout=lambda inputs: qwen_layout(inputs, merge),
     )
+
+
+def qwen_layout(inputs: Any, merge: int) -> list[dict[str, Any]]:
+    """Images, then videos (a prompt holds one kind here): one unit per image, one per temporal slice of a
+    video, each of its grid_thw's h/merge x w/merge LLM tokens (the 2x2 merger's units)."""
+    units: list[dict[str, Any]] = []
+    for key, kind in (("image_grid_thw", "image"), ("video_grid_thw", "frame")):
+        for i, (t, h, w) in enumerate(inputs[key].tolist() if key in inputs else []):
+            for f in range(t):
+                unit = {"kind": kind, "image": i, "grid": [h // merge, w // merge]}
+                units.append({**unit, "frame": f} if kind == "frame" else unit)
+    return units
 
 
 _LOCAL = lazy("prunebench.fixtures.tiny_qwen:qwen_local_processor")

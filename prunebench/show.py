@@ -1,0 +1,231 @@
+"""Draw which visual tokens a run kept: `python -m prunebench.show RECORD_DIR_OR_JSON [--index I] [--out FILE.png]`.
+
+One panel per layout unit of the sample (`kept.layout`): the image (re-created from the record's dataset config;
+built-in suites only) cut into the unit's grid, kept cells as they are, dropped cells dimmed, cells merged into a
+kept token tinted with that token's colour. Videos: a strip of frames; InternVL: one panel per tile and the
+thumbnail; Qwen: the real grid of grid_thw. `--compare DIR ...`: one row per run, same sample. `--bias DIR ...`:
+per run, the kept tokens' position histogram (2-D map, rows, columns) over all its samples (`analysis.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prunebench.analysis import PositionBias, position_bias
+from prunebench.errors import UserError
+from prunebench.kept import from_runs, unit_tokens
+from prunebench.record import PREDICTIONS_NAME, RECORD_NAME, read_jsonl
+
+DIM = 0.25  # brightness of a dropped cell
+TINT = 0.55  # weight of the group colour in a merged cell
+CELL = 16  # pixels per token cell in a panel
+
+
+def run_files(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A record folder, its record.json or its predictions.jsonl -> (record, prediction rows)."""
+    folder = path if path.is_dir() else path.parent
+    record_path = folder / RECORD_NAME
+    if not record_path.exists():
+        raise UserError(f"no {RECORD_NAME} in {folder}/")
+    return json.loads(record_path.read_text()), read_jsonl(folder / PREDICTIONS_NAME)
+
+
+def sample_row(rows: list[dict[str, Any]], index: int | None) -> dict[str, Any]:
+    """The prediction row of sample `index` (default: the first with a kept field)."""
+    with_kept = [r for r in rows if r.get("kept")]
+    if not with_kept:
+        raise UserError("the run's predictions hold no kept field (vanilla, keep=1.0, or written before it existed)")
+    if index is None:
+        return with_kept[0]
+    for row in with_kept:
+        if int(row["index"]) == index:
+            return row
+    raise UserError(f"sample {index} has no kept field in this run")
+
+
+def sample_images(record: dict[str, Any], index: int) -> list[np.ndarray]:
+    """The sample's image, or its frames, as float RGB [H, W, 3] in 0..1, re-created from the dataset config."""
+    from prunebench.data.datasets import DATASET_KINDS, build_dataset
+
+    cfg = dict(record.get("config", {}).get("dataset", {}))
+    if str(cfg.get("kind")) not in DATASET_KINDS.names():
+        raise UserError(f"cannot re-create the images of dataset '{record.get('dataset')}': only the built-in suites "
+                        f"({', '.join(DATASET_KINDS.names())}) are generated from their config")
+    items = {it.index: it for it in build_dataset(cfg).items()}
+    item = items[index]
+    pictures = item.frames or (item.image,)
+    return [np.asarray(p.convert("RGB"), dtype=np.float64) / 255.0 for p in pictures]
+
+
+def _resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Nearest-neighbour resize of [H, W, 3] to [h, w, 3]."""
+    rows = (np.arange(h) * image.shape[0] // h).clip(0, image.shape[0] - 1)
+    cols = (np.arange(w) * image.shape[1] // w).clip(0, image.shape[1] - 1)
+    return image[rows][:, cols]
+
+
+def group_colour(token: int) -> np.ndarray:
+    """A fixed colour per kept token (golden-angle hues)."""
+    import colorsys
+
+    return np.array(colorsys.hsv_to_rgb((token * 0.618034) % 1.0, 0.9, 1.0))
+
+
+def unit_overlay(image: np.ndarray, unit: dict[str, Any], kept: set[int],
+                 merged_into: dict[int, int] | None = None, cell: int = CELL) -> np.ndarray:
+    """One unit's panel [h*cell, w*cell, 3]: the image region cut into the unit's grid, kept cells unchanged,
+    dropped cells dimmed, cells merged into a kept token blended with that token's colour."""
+    h, w = unit["grid"]
+    out = _resize(image, h * cell, w * cell).copy()
+    stride = w + int(unit.get("newline", False))
+    for r in range(h):
+        for c in range(w):
+            index = unit["start"] + r * stride + c
+            if index in kept:
+                continue
+            block = out[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
+            into = None if merged_into is None else merged_into.get(index)
+            block[:] = block * (1 - TINT) + TINT * group_colour(into) if into is not None else block * DIM
+    return out
+
+
+def unit_region(images: list[np.ndarray], layout: list[dict[str, Any]], u: int) -> np.ndarray:
+    """The part of the sample's picture a unit shows: a frame of a video, a tile of an InternVL image (tiles in
+    raster order over the image, the last of several its thumbnail), else the whole image."""
+    unit = layout[u]
+    if unit["kind"] == "frame":
+        n_frames = 1 + max(v["frame"] for v in layout if v["kind"] == "frame" and v["image"] == unit["image"])
+        return images[min(len(images) - 1, unit["frame"] * len(images) // n_frames)]
+    image = images[0]
+    if unit["kind"] != "tile":
+        return image
+    tiles = [v for v in layout if v["kind"] == "tile" and v["image"] == unit["image"]]
+    if len(tiles) == 1 or unit["tile"] == tiles[-1]["tile"]:
+        return image  # the only tile, or the thumbnail
+    rows, cols = tile_arrangement(len(tiles) - 1, image.shape[0], image.shape[1])
+    r, c = divmod(unit["tile"] - tiles[0]["tile"], cols)
+    h, w = image.shape[0] / rows, image.shape[1] / cols
+    return image[int(r * h) : int((r + 1) * h), int(c * w) : int((c + 1) * w)]
+
+
+def tile_arrangement(n: int, height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of n crops: the factorisation closest to the image's aspect ratio (as GOT-OCR2 tiling picks
+    it for an image that fits the grid; the processor's exact choice also weighs the area)."""
+    pairs = [(r, n // r) for r in range(1, n + 1) if n % r == 0]
+    return min(pairs, key=lambda p: abs(math.log((p[1] / p[0]) / (width / height))))
+
+
+def panels(row: dict[str, Any], images: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """(title, panel) per drawable unit of the row's kept field (newline tokens are summed into a title)."""
+    kept_field = row["kept"]
+    layout = kept_field["layout"]
+    kept = set(from_runs(kept_field["index"]))
+    dropped = sorted(set(range(kept_field["n"])) - kept)
+    into = dict(zip(dropped, kept_field["merged_into"], strict=True)) if "merged_into" in kept_field else None
+    out = []
+    for u, unit in enumerate(layout):
+        if unit["kind"] == "newline":
+            continue
+        span = range(unit["start"], unit["start"] + unit_tokens(unit))
+        title = f"{unit['kind']} {unit.get('frame', unit.get('tile', unit['image']))}: " \
+                f"{len(kept.intersection(span))}/{len(span)}"
+        out.append((title, unit_overlay(unit_region(images, layout, u), unit, kept, into)))
+    return out
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("prunebench.show draws with matplotlib: pip install -e .[plot]") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(record: dict[str, Any]) -> str:
+    return f"{record.get('model')} {record.get('method')} keep={record.get('keep')}"
+
+
+def overlay_figure(runs: list[tuple[dict[str, Any], dict[str, Any], list[np.ndarray]]]):
+    """One row of panels per run (record, row, images)."""
+    plt = _pyplot()
+    rows = [panels(row, images) for _, row, images in runs]
+    width = max(len(p) for p in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(2.4 * width, 2.6 * len(rows)), squeeze=False)
+    for r, ((record, row, _), row_panels) in enumerate(zip(runs, rows, strict=True)):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(row_panels):
+                title, panel = row_panels[c]
+                ax.imshow(panel, interpolation="nearest")
+                ax.set_title(title, fontsize=7)
+        kept = row["kept"]
+        axes[r][0].text(0, -0.25, f"{_label(record)}  sample {row['index']}: {row['n_visual_out']}/{kept['n']} kept",
+                        transform=axes[r][0].transAxes, fontsize=8, va="top")
+    fig.tight_layout()
+    return fig
+
+
+def bias_figure(runs: list[tuple[dict[str, Any], PositionBias]]):
+    """Per run: the 2-D map of kept positions, and the row and column profiles (fractions of the kept)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(runs), 3, figsize=(9, 2.8 * len(runs)), squeeze=False)
+    for (record, bias), (heat_ax, row_ax, col_ax) in zip(runs, axes, strict=True):
+        placed = max(int(bias.heat.sum()), 1)
+        heat_ax.imshow(bias.heat / placed, cmap="viridis", interpolation="nearest")
+        heat_ax.set_title(f"{_label(record)} ({bias.n_samples} samples)", fontsize=8)
+        row_ax.barh(np.arange(bias.heat.shape[0]), bias.rows / placed)
+        row_ax.invert_yaxis()
+        row_ax.set_title("per row", fontsize=8)
+        col_ax.bar(np.arange(bias.heat.shape[1]), bias.cols / placed)
+        col_ax.set_title("per column", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m prunebench.show", description=__doc__.splitlines()[0])
+    parser.add_argument("run", nargs="*", type=Path, help="a record folder, its record.json or predictions.jsonl")
+    parser.add_argument("--index", type=int, help="sample index (default: the first with kept tokens)")
+    parser.add_argument("--out", type=Path, default=Path("prunebench-show.png"), help="PNG to write")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="DIR", help="several runs side by side")
+    parser.add_argument("--bias", nargs="+", type=Path, metavar="DIR", help="position histograms of runs")
+    args = parser.parse_args(argv)
+    if sum(bool(x) for x in (args.run, args.compare, args.bias)) != 1:
+        parser.error("give one of: RUN, --compare DIR ..., --bias DIR ...")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        if args.bias:
+            fig = bias_figure([(rec, position_bias(rows)) for rec, rows in map(run_files, args.bias)])
+        else:
+            runs = []
+            for path in args.compare or args.run:
+                record, rows = run_files(path)
+                row = sample_row(rows, args.index if args.index is not None else
+                                 (runs[0][1]["index"] if runs else None))
+                runs.append((record, row, sample_images(record, int(row["index"]))))
+            fig = overlay_figure(runs)
+    except UserError as err:
+        print(f"prunebench.show: {err}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The kept tokens stored with each prediction row (`prunebench/kept.py`): per family, the stored runs decode to
+the row's n_visual_out and to the visual tokens the installation really kept; the layout covers them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunebench.errors import UserError
+from prunebench.generation import generate_batch_timed
+from prunebench.kept import from_runs, locate, to_runs, unit_tokens
+from prunebench.methods import resolve_method
+from prunebench.models.loader import LoadedModel
+from prunebench.stages import install
+from prunebench.timing import NullTimer
+
+# a pre-LLM select, a single-layer intra-LLM select, multi-layer ones (SparseVLM inserts tokens), a vision merge
+METHODS = ["random_pre", "fastv", "pdrop", "sparsevlm", "tome"]
+
+
+def loaded_of(fam) -> LoadedModel:
+    return LoadedModel(name=fam.family, model=fam.model, processor=fam.processor, seams=fam.seams,
+                       device=torch.device("cpu"), dtype=torch.float32, weights="random", source="tiny",
+                       untrained=True)
+
+
+def run_rows(fam, name: str, keep: float, batch: int = 1):
+    inputs = fam.inputs(batch=batch)
+    try:
+        with install(fam.seams, resolve_method(name), keep=keep, seed=0) as inst:
+            rows = generate_batch_timed(loaded_of(fam), inputs, inst, NullTimer(), [0] * batch, 3)
+            state = inst.state
+    except UserError as err:
+        pytest.skip(f"{name} on {fam.family}: {err}")
+    return inputs, rows, state
+
+
+def truly_kept(fam, inputs, state, row: int = 0) -> list[int]:
+    """The llm_visual indices the installation kept, read off its compactions (entry, then the last intra one)."""
+    visual = torch.isin(inputs["input_ids"][row], torch.tensor(fam.seams.image_token_ids)).nonzero()[:, 0]
+    seq = torch.arange(inputs["input_ids"].shape[1])
+    if state.entry is not None:
+        seq = state.entry.index[row]
+    rows = seq
+    if state.intra is not None:
+        local = state.intra.index[row]
+        if state.intra.inserted is not None:
+            local = local[~state.intra.inserted[row]]
+        rows = seq[local]
+    rows = rows[torch.isin(rows, visual)]
+    return torch.searchsorted(visual, rows).tolist()
+
+
+def test_runs_round_trip() -> None:
+    index = [0, 1, 2, 5, 7, 8, 20]
+    assert to_runs(index) == [0, 3, 5, 1, 7, 2, 20, 1]
+    assert from_runs(to_runs(index)) == index
+    assert to_runs([]) == [] and from_runs([]) == []
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_kept_decodes_to_the_count_and_the_kept_tokens(fam, name):
+    inputs, rows, state = run_rows(fam, name, keep=0.25)
+    row = rows[0]
+    kept = row["kept"]
+    index = from_runs(kept["index"])
+    assert kept["space"] == "llm_visual" and kept["n"] == row["n_visual_in"]
+    assert len(index) + kept.get("inserted", 0) == row["n_visual_out"] == kept["k"] + kept.get("inserted", 0)
+    assert index == sorted(set(index)) and all(0 <= i < kept["n"] for i in index)
+    assert index == truly_kept(fam, inputs, state)
+    assert len(index) < kept["n"]  # something was dropped at keep=0.25
+    layout = kept["layout"]
+    assert sum(unit_tokens(u) for u in layout) == kept["n"]
+    assert [u["start"] for u in layout] == [sum(unit_tokens(v) for v in layout[:k]) for k in range(len(layout))]
+    for i in index:  # every kept index lands in a unit
+        locate(layout, i)
+
+
+def test_kept_per_row_of_a_batch(fam):
+    inputs, rows, state = run_rows(fam, "random_pre", keep=0.25, batch=2)
+    for r, row in enumerate(rows):
+        assert from_runs(row["kept"]["index"]) == truly_kept(fam, inputs, state, r)
+        assert row["kept"]["k"] == row["n_visual_out"]
+
+
+def test_vanilla_and_keep_one_rows_have_no_kept_field(tiny):
+    for name, keep in (("vanilla", 1.0), ("random_pre", 1.0)):
+        _, rows, _ = run_rows(tiny, name, keep)
+        assert "kept" not in rows[0]
+
+
+def test_vision_merge_groups_point_at_kept_tokens(tiny):
+    _, rows, _ = run_rows(tiny, "tome", keep=0.25)
+    kept = rows[0]["kept"]
+    index = from_runs(kept["index"])
+    into = kept["merged_into"]
+    assert len(into) == kept["n"] - len(index)
+    assert set(into) <= set(index)
+
+
+def test_layout_shapes_per_family(fam):
+    _, rows, _ = run_rows(fam, "random_pre", keep=0.5)
+    layout = rows[0]["kept"]["layout"]
+    kinds = [u["kind"] for u in layout]
+    if fam.family == "llava":
+        assert kinds == ["image"] and layout[0]["grid"] == [6, 6]
+    elif fam.family in ("llava_next", "llava_onevision"):
+        assert kinds in (["base", "views"], ["image", "newline"])
+        if kinds == ["base", "views"]:
+            assert layout[1]["newline"] is True
+    elif fam.family == "internvl":
+        assert set(kinds) == {"tile"} and [u["tile"] for u in layout] == list(range(len(layout)))
+    else:  # Qwen: the real grid of grid_thw, in 2x2 merge units
+        t, h, w = inputs_grid(fam)
+        assert kinds == ["image"] and layout[0]["grid"] == [h // 2, w // 2]
+
+
+def inputs_grid(fam) -> list[int]:
+    return fam.inputs()["image_grid_thw"][0].tolist()
+
+
+@pytest.mark.parametrize("name", ["random_pre", "fastv", "tome"])
+def test_video_frames_layout_and_kept(tmp_path_factory, name):
+    """LLaVA-OneVision video: one unit per frame (3x3 pooled), then the closing newline; per-frame budgets."""
+    from conftest import load_tiny, tiny_checkpoint
+    from test_video import video_inputs
+
+    fam = load_tiny(tiny_checkpoint("llava_onevision", tmp_path_factory), family="llava_onevision")
+    inputs = video_inputs(fam)
+    with install(fam.seams, resolve_method(name), keep=0.34, seed=0) as inst:
+        row = generate_batch_timed(loaded_of(fam), inputs, inst, NullTimer(), [0], 3)[0]
+        expected = truly_kept(fam, inputs, inst.state)
+    kept = row["kept"]
+    index = from_runs(kept["index"])
+    assert index == expected and len(index) == row["n_visual_out"]
+    layout = kept["layout"]
+    assert [u["kind"] for u in layout] == ["frame"] * 6 + ["newline"]
+    assert [u["frame"] for u in layout[:-1]] == list(range(6)) and layout[0]["grid"] == [3, 3]
+    if name != "fastv":  # the closing newline kept outside the budget; round(0.34 * 9) = 3 in every frame
+        assert index[-1] == 54 and locate(layout, 54) == (6, None, None)
+        frames = [locate(layout, i)[0] for i in index[:-1]]
+        assert [frames.count(f) for f in range(6)] == [3] * 6
