@@ -131,6 +131,9 @@ class Seams:
     # becoming output row i of unit u: methods working in encoder feature space (VisionZip,
     # PruMerge) run on it (`stages/vision_preproj.py`); False = they run on the output.
     projector_rows: bool = False
+    # (processor, image) -> how the image's resolution sets its visual tokens (`families/resolution.py` `Knob`),
+    # for input-stage methods (`method=downsample`); None = a fixed input resolution (LLaVA-1.5)
+    input_knob: Callable[[Any, Any], Any] | None = None
 
     @property
     def n_vision_patches(self) -> int:
