@@ -17,6 +17,7 @@ from prunebench.kept import kept_fields, split_layout
 from prunebench.measure import kv_cache_bytes, prefill_cache_bytes
 from prunebench.models.loader import LoadedModel
 from prunebench.stages import Installation
+from prunebench.stages.inputs import Prepared
 from prunebench.timing import Timer
 
 
@@ -26,32 +27,42 @@ def sample_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def batch_inputs(loaded: LoadedModel, batch: list[Item]) -> Any:
+def batch_inputs(loaded: LoadedModel, batch: list[Item], inst: Installation | None = None) -> Any:
     """The processor's tensors for a batch of samples (several: left-padded, as generation needs), on the model's
-    device: processed once per batch of items for the life of the loaded model (`LoadedModel.inputs`); each call
-    returns a fresh mapping, so a caller may replace its entries."""
+    device: processed once per batch of items and preparation for the life of the loaded model (`LoadedModel.inputs`);
+    each call returns a fresh mapping, so a caller may replace its entries.
+
+    inst: the installed method; an input-stage one (`method=downsample`) prepares the images first, and its
+    preparation is part of the cache key (a resized batch is never served unresized, or the reverse). The mapping's
+    `n_visual_unresized` then holds each row's visual tokens without it (the record's n_visual_in)."""
     from transformers import BatchFeature
 
-    cached = loaded.inputs.get(batch)
+    prepared = None if inst is None or inst.inputs is None else inst.inputs.prepare(loaded.processor, batch)
+    key = () if prepared is None else prepared.key
+    cached = loaded.inputs.get(batch, key)
     if cached is None:
-        cached = _processed(loaded, batch)
-        loaded.inputs.put(batch, cached)
-    return BatchFeature(dict(cached)).to(loaded.device)
+        cached = _processed(loaded, batch, prepared)
+        loaded.inputs.put(batch, cached, key)
+    out = BatchFeature(dict(cached)).to(loaded.device)
+    out.n_visual_unresized = None if prepared is None else list(prepared.unresized)
+    return out
 
 
-def _processed(loaded: LoadedModel, batch: list[Item]) -> Any:
+def _processed(loaded: LoadedModel, batch: list[Item], prepared: Prepared | None = None) -> Any:
     processor = loaded.processor
+    images = [it.image for it in batch] if prepared is None else prepared.images
+    extra = {} if prepared is None else dict(prepared.kwargs)
     video = bool(batch[0].frames)
     visual = {"type": "video"} if video else {"type": "image"}
     prompts = [processor.apply_chat_template(
         [{"role": "user", "content": [visual, {"type": "text", "text": item.question}]}], add_generation_prompt=True)
         for item in batch]
     if len(batch) == 1:  # exactly the single-sample call, no padding arguments
-        media = {"videos": [list(batch[0].frames)]} if video else {"images": batch[0].image}
-        inputs = processor(text=prompts[0], return_tensors="pt", **media)
+        media = {"videos": [list(batch[0].frames)]} if video else {"images": images[0]}
+        inputs = processor(text=prompts[0], return_tensors="pt", **media, **extra)
     else:
-        media = {"videos": [list(it.frames) for it in batch]} if video else {"images": [it.image for it in batch]}
-        inputs = processor(text=prompts, return_tensors="pt", padding=True, padding_side="left", **media)
+        media = {"videos": [list(it.frames) for it in batch]} if video else {"images": images}
+        inputs = processor(text=prompts, return_tensors="pt", padding=True, padding_side="left", **media, **extra)
     if not any(k in inputs for k in ("pixel_values", "pixel_values_videos")):
         kind = "videos" if video else "images"
         raise UserError(f"the processor of model '{loaded.name}' produced no pixels for {kind} "
@@ -110,6 +121,7 @@ def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, t
     real = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [width] * b
     entry = inst.state.entry
     counts = inst.state.row_counts if len(inst.state.row_counts) == b else [inst.counts]
+    unresized = getattr(inputs, "n_visual_unresized", None)  # an input stage: the tokens before it (N)
     peak = torch.cuda.max_memory_allocated(loaded.device) if cuda else None
     rows = []
     for row in range(b):
@@ -123,6 +135,7 @@ def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, t
             "prompt_len": int(real[row]),
             "llm_prompt_len": llm_len,
             **counts[row].as_dict(),
+            **({"n_visual_in": int(unresized[row])} if unresized else {}),
             **({"vision_merge_schedule": list(inst.schedule)} if inst.schedule is not None else {}),
             **({"stages": inst.stage_counts} if inst.stages else {}),
             "peak_gpu_bytes": peak,

@@ -27,6 +27,7 @@ from prunebench.methods.base import n_keep_for
 from prunebench.models.loader import LoadedModel, decoder_layer_count, resident_model, resolve_device
 from prunebench.record import LOCK_NAME, RunRecord, load_record, now, versions
 from prunebench.stages import batch_refusal, planned_stages
+from prunebench.stages.inputs import refusal as input_refusal
 from prunebench.stages.llm import intra_layers_checked
 
 
@@ -63,9 +64,11 @@ class Job:
         for group in ("dataset", "model"):
             values = plain(cfg[group])
             check_params(group, values, yaml_defaults(group, str(values.get("name"))))
-        return cls(model=model, dataset=str(cfg["dataset"]["name"]), method=method,
-                   keep=keep, seed=int(cfg["seed"]), limit=None if limit is None else int(limit),
-                   key=job_key(cfg, method, keep))
+        job = cls(model=model, dataset=str(cfg["dataset"]["name"]), method=method,
+                  keep=keep, seed=int(cfg["seed"]), limit=None if limit is None else int(limit),
+                  key=job_key(cfg, method, keep))
+        check_input_stage_before_loading(job, cfg)
+        return job
 
     @property
     def key_hash(self) -> str:
@@ -231,6 +234,22 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def check_input_stage_before_loading(job: Job, cfg: Mapping[str, Any]) -> None:
+    """An input-stage method (`method=downsample`) on a family with no resolution to lower (LLaVA-1.5), or one
+    setting per processor call on a batch (InternVL's tile budget): one line before the weights load."""
+    if job.method.stage is not Stage.INPUT:
+        return
+    from prunebench.families import FAMILIES
+
+    family = str(cfg["model"].get("family", "llava"))
+    why = input_refusal(family, FAMILIES.get(family).input_knob, job.method)
+    if why is None and job.keep < 1.0 and int(cfg.get("batch_size", 1)) > 1 and family == "internvl":
+        why = (f"batch_size={cfg['batch_size']}: {job.method.name} on internvl lowers the processor's tile budget, "
+               f"one value per processor call; use batch_size=1")
+    if why is not None:
+        raise UserError(why)
 
 
 def model_for_job(job: Job, cfg: Mapping[str, Any], quiet: bool = False) -> LoadedModel:

@@ -134,6 +134,9 @@ class Seams:
     # (the batch's processor inputs) -> the layout units of its visual tokens in scatter order, each
     # {"kind", "image", "grid": [h, w], ...} (`prunebench/kept.py`); None: the record stores no layout
     visual_layout: Callable[[Any], list[dict[str, Any]]] | None = None
+    # (processor, image) -> how the image's resolution sets its visual tokens (`families/resolution.py` `Knob`),
+    # for input-stage methods (`method=downsample`); None = a fixed input resolution (LLaVA-1.5)
+    input_knob: Callable[[Any, Any], Any] | None = None
 
     @property
     def n_vision_patches(self) -> int:

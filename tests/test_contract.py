@@ -17,8 +17,9 @@ from prunebench.methods.base import n_keep_for
 from prunebench.stages import batch_refusal, install
 from prunebench.stages.vision_signals import VISION_SIGNALS
 
-# Pipelines (`method=compose`) chain these; their contract is in tests/test_compose.py.
-PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage not in (Stage.NONE, Stage.PIPELINE)]
+# Pipelines (`method=compose`) chain these; their contract is in tests/test_compose.py. Input-stage methods act
+# on the images before the processor (`method=downsample`): the same contract in tests/test_downsample.py.
+PRUNING = [n for n in METHODS.names() if METHODS.get(n).stage not in (Stage.NONE, Stage.PIPELINE, Stage.INPUT)]
 GEN = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
 
 

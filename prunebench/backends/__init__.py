@@ -37,6 +37,23 @@ def _check_job(cfg: Mapping[str, Any]) -> None:
     Job.from_config(cfg)
 
 
+def _own_inputs(backend: str) -> Callable[[Mapping[str, Any]], None]:
+    """A backend that builds its own inputs refuses an input-stage method (`method=downsample`) before the
+    baseline runs (lmms-eval: after the job's own checks)."""
+
+    def check(cfg: Mapping[str, Any]) -> None:
+        from prunebench.checks import plain
+        from prunebench.methods import resolve_method
+        from prunebench.stages.inputs import refuse_outside_builtin
+
+        if backend == "lmms-eval":
+            _check_job(cfg)
+        method = cfg["method"]
+        refuse_outside_builtin(resolve_method(str(method["name"]), plain(method.get("params") or {})), backend)
+
+    return check
+
+
 def _builtin(cfg: Mapping[str, Any], quiet: bool, wait: bool | None) -> Path:
     from prunebench.backends.builtin import run_builtin
     from prunebench.jobs import Job, job_lock, writable_results_dir
@@ -64,10 +81,12 @@ BACKENDS.add("builtin", Backend("builtin", lambda kind: kind not in ("vlmeval", 
                                 what="prunebench's own suites (probe, shapes, shapes_video)", check=_check_job))
 BACKENDS.add("vlmeval", Backend("vlmeval", lambda kind: kind == "vlmeval", _vlmeval,
                                 batch_refusal="the VLMEvalKit backend asks the model one sample at a time",
-                                what="VLMEvalKit's benchmarks (optional, README 'VLMEvalKit backend')"))
+                                what="VLMEvalKit's benchmarks (optional, README 'VLMEvalKit backend')",
+                                check=_own_inputs("VLMEvalKit")))
 BACKENDS.add("lmms_eval", Backend("lmms_eval", lambda kind: kind == "lmms_eval", _lmms_eval,
                                   batch_refusal="the lmms-eval backend answers one request at a time",
-                                  what="lmms-eval tasks (optional, README 'lmms-eval')", check=_check_job))
+                                  what="lmms-eval tasks (optional, README 'lmms-eval')",
+                                  check=_own_inputs("lmms-eval")))
 
 
 def backend_for(cfg: Mapping[str, Any]) -> Backend:

@@ -206,7 +206,7 @@ def _control(loaded: LoadedModel, dataset: Dataset, batch: list[Item], timer: Ti
     reseeds = [sample_seed(seed, item.index) for item in batch]
     try:
         with install(loaded.seams, resolve_method("vanilla"), 1.0, seed=seed, timer=timer) as vanilla:
-            out = generate_batch_timed(loaded, batch_inputs(loaded, batch), vanilla, timer, reseeds,
+            out = generate_batch_timed(loaded, batch_inputs(loaded, batch, vanilla), vanilla, timer, reseeds,
                                        dataset.max_new_tokens)
     except UserError:
         raise
@@ -261,8 +261,8 @@ def _sample(loaded: LoadedModel, dataset: Dataset, batch: list[Item], inst: Inst
 def _generate(loaded: LoadedModel, dataset: Dataset, batch: list[Item], inst: Installation, timer: Timer,
               seed: int, count: bool = True) -> list[tuple[str, dict[str, Any]]]:
     reseeds = [sample_seed(seed, item.index) for item in batch]
-    inputs = batch_inputs(loaded, batch)
-    singles = None if not count else [inputs] if len(batch) == 1 else [batch_inputs(loaded, [it]) for it in batch]
+    inputs = batch_inputs(loaded, batch, inst)
+    singles = None if not count else [inputs] if len(batch) == 1 else [batch_inputs(loaded, [it], inst) for it in batch]
     outs = generate_batch_timed(loaded, inputs, inst, timer, reseeds, dataset.max_new_tokens, count=singles)
     return [(out.pop("text"), {**out, "n_frames": len(item.frames) if item.frames else 0})
             for out, item in zip(outs, batch, strict=True)]

@@ -268,8 +268,10 @@ def _infer_and_score(cfg: Mapping[str, Any], job: Any, data: BridgeData, api: An
     from prunebench.measure import instrument
     from prunebench.record import save_record
     from prunebench.stages import install
+    from prunebench.stages.inputs import refuse_outside_builtin
     from prunebench.timing import Timer
 
+    refuse_outside_builtin(job.method, "VLMEvalKit")
     work = out / "vlmeval"
     work.mkdir(parents=True, exist_ok=True)
     with contained(), _lmudata(data.root):  # VLMEvalKit reads (never downloads) the TSV, before the model

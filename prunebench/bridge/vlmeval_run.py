@@ -37,6 +37,7 @@ def model_class(api: Any) -> type:
     from prunebench.jobs import Job, compose_job, model_for_job
     from prunebench.measure import instrument
     from prunebench.stages import install
+    from prunebench.stages.inputs import refuse_outside_builtin
     from prunebench.timing import Timer
 
     class PrunebenchVLM(api.BaseModel):
@@ -50,6 +51,7 @@ def model_class(api: Any) -> type:
             cfg = compose_job({"model": model, "method": method, "keep": keep, "seed": seed, "device": device,
                                **overrides})
             job = Job.from_config(cfg)  # every value checked, one line each, before the model loads
+            refuse_outside_builtin(job.method, "VLMEvalKit")
             loaded = model_for_job(job, cfg)
             timer = Timer(loaded.device)
             self._instrument = instrument(loaded.model, loaded.seams, timer)

@@ -21,7 +21,7 @@ from prunebench.registry import Registry
 from prunebench.seams import Seams
 
 # Modules here that are no room: processor loading several rooms share (its import is transformers' processors).
-SHARED = frozenset({"processors"})
+SHARED = frozenset({"processors", "resolution"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Family:
     load_processor: (path, **kwargs) -> processor of a checkpoint; None = `AutoProcessor.from_pretrained`.
     tiny: "module:function" building this family's tiny random checkpoint (fixtures), `tiny_image_side` the
         image side its tests use.
+    input_knob: (processor, image) -> `resolution.Knob`, how the image's resolution sets its visual tokens (the
+        input stage, `method=downsample`); None = a fixed resolution (LLaVA-1.5).
     """
 
     name: str
@@ -42,6 +44,7 @@ class Family:
     load_processor: Callable[..., Any] | None = None
     tiny: str | None = None
     tiny_image_side: int = 48
+    input_knob: Callable[[Any, Any], Any] | None = None
 
 
 def hf_class(name: str) -> Callable[[], type[nn.Module]]:

@@ -22,6 +22,7 @@ from prunebench import generation
 from prunebench.jobs import Job, compose_job, model_for_job
 from prunebench.measure import instrument
 from prunebench.stages import install
+from prunebench.stages.inputs import refuse_outside_builtin
 from prunebench.timing import Timer
 
 
@@ -37,6 +38,7 @@ class PrunebenchLMM(lmms):
         cfg = compose_job({"model": model, "method": method, "keep": keep, "seed": seed, "device": device,
                            **overrides})
         job = Job.from_config(cfg)  # every value checked, one line each, before the model loads
+        refuse_outside_builtin(job.method, "lmms-eval")
         self._stack = ExitStack()
         loaded = model_for_job(job, cfg)
         timer = Timer(loaded.device)

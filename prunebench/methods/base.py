@@ -3,7 +3,10 @@
 A method knows no model class. The family adapter and the stage hooks (`prunebench.stages`)
 hand it the visual tokens at its stage and the signals it asked for, and apply its decision.
 
-Two kinds:
+Three kinds:
+- *input* methods (before the processor): ``fn(tokens, low, high, n_keep) -> setting``, which setting of the
+  family's resolution knob (`prunebench.families.resolution`) gives about n_keep visual tokens; the harness
+  prepares the image with it before the processor runs (downsampling);
 - *select* methods (pre-LLM, intra-LLM): ``fn(ctx, **params) -> LongTensor[B, k]``, the kept
   visual-token indices, sorted ascending; a pre-LLM method may instead return a `Selection`
   (indices plus new token values, e.g. pooled);
@@ -28,6 +31,7 @@ from prunebench.registry import Registry
 
 class Stage(str, Enum):
     NONE = "none"
+    INPUT = "input"  # on the image before the processor (its resolution: fewer visual tokens born)
     VISION = "vision"  # inside the vision encoder
     PRE_LLM = "pre_llm"  # after the projector, before the LLM
     INTRA_LLM = "intra_llm"  # inside the LLM at layer K (or at an ordered list of layers)
@@ -157,7 +161,7 @@ class MethodSpec:
     name: str
     stage: Stage
     source: str  # paper section / official file the implementation follows
-    fn: Callable[..., Any] | None = None  # select: fn(ctx, **params) -> [B, k]
+    fn: Callable[..., Any] | None = None  # select: fn(ctx, **params) -> [B, k]; input: see the module docstring
     schedule: Callable[..., list[int]] | None = None  # merge: per-layer merge counts
     merge: Callable[..., Any] | None = None  # merge: one merge step (see stages/vision.py)
     needs: frozenset[str] = frozenset()
@@ -263,6 +267,8 @@ class MethodSpec:
             return "none"
         if self.stage is Stage.PIPELINE:
             return "pipeline"
+        if self.stage is Stage.INPUT:
+            return "input"
         return "merge" if self.merge is not None else "select"
 
 

@@ -51,14 +51,21 @@ class InputCache:
     `limit` bytes and then keeps what it has: every job scans the dataset in the same order, so a full cache still
     serves its first samples each time, where evicting the oldest would serve none. An entry a caller changed in
     place (a tensor's version moved) is dropped and processed again.
+
+    The key is the items' ids and their preparation (`prep`: an input-stage method's per-item settings, e.g.
+    downsample's resize target; () for the images as given), so inputs prepared one way never serve another.
     """
 
     def __init__(self, limit: int = 1 << 30) -> None:
         self.limit, self.bytes, self.hits, self.misses = limit, 0, 0, 0
-        self._entries: dict[tuple[int, ...], tuple[tuple[Any, ...], dict[str, Any], dict[str, int]]] = {}
+        self._entries: dict[tuple[Any, ...], tuple[tuple[Any, ...], dict[str, Any], dict[str, int]]] = {}
 
-    def get(self, batch: list[Any]) -> dict[str, Any] | None:
-        key = tuple(map(id, batch))
+    @staticmethod
+    def key(batch: list[Any], prep: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+        return tuple(map(id, batch)), tuple(prep)
+
+    def get(self, batch: list[Any], prep: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        key = self.key(batch, prep)
         entry = self._entries.get(key)
         if entry is not None and any(data._version != entry[2][k]
                                      for k, data in entry[1].items() if isinstance(data, torch.Tensor)):
@@ -70,15 +77,15 @@ class InputCache:
         self.hits += 1
         return entry[1]
 
-    def put(self, batch: list[Any], data: Mapping[str, Any]) -> None:
+    def put(self, batch: list[Any], data: Mapping[str, Any], prep: tuple[Any, ...] = ()) -> None:
         tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         size = sum(v.nbytes for v in tensors.values())
         if self.bytes + size > self.limit or any(v.device.type != "cpu" for v in tensors.values()):
             return
-        self._entries[tuple(map(id, batch))] = (tuple(batch), dict(data), {k: v._version for k, v in tensors.items()})
+        self._entries[self.key(batch, prep)] = (tuple(batch), dict(data), {k: v._version for k, v in tensors.items()})
         self.bytes += size
 
-    def _drop(self, key: tuple[int, ...]) -> None:
+    def _drop(self, key: tuple[Any, ...]) -> None:
         _, data, _ = self._entries.pop(key)
         self.bytes -= sum(v.nbytes for v in data.values() if isinstance(v, torch.Tensor))
 

@@ -21,6 +21,7 @@ from prunebench.errors import UserError
 from prunebench.methods.base import Positions, ResolvedMethod, Stage, n_keep_for
 from prunebench.methods.compose import PlannedStage, plan_stages
 from prunebench.seams import Seams
+from prunebench.stages.inputs import InputStage
 from prunebench.stages.llm import IntraLLM, capture_image_positions, llm_entry
 from prunebench.stages.state import CallState, TokenCounts
 from prunebench.stages.vision import PreLLMSelect, VisionMerge
@@ -49,6 +50,8 @@ class Installation:
     # the FLOPs counted under this installation, per signature of shapes and counts (`generation.flops_signature`)
     flops_counted: dict[str, dict[str, Any]] = field(default_factory=dict)
     prunes: bool = False  # some stage keeps less than all: prediction rows say which tokens stayed (`kept.py`)
+    # an input-stage method (`method=downsample`): how `generation.batch_inputs` prepares the images; None: as given
+    inputs: InputStage | None = None
 
     @property
     def counts(self) -> TokenCounts:
@@ -94,7 +97,7 @@ def batch_refusal(method: ResolvedMethod) -> str | None:
 
 
 def effective_positions(seams: Seams, method: ResolvedMethod) -> tuple[Positions, list[str]]:
-    if seams.mrope and method.positions is Positions.CONTIGUOUS and method.stage is not Stage.NONE:
+    if seams.mrope and method.positions is Positions.CONTIGUOUS and method.stage not in (Stage.NONE, Stage.INPUT):
         return Positions.ORIGINAL, [
             f"{seams.family}: multi-axis RoPE has no contiguous renumbering; original position ids kept "
             "(as UniPruneBench does for Qwen)"
@@ -141,12 +144,13 @@ def install(
         # shared hooks, once: where the visual tokens are, and the LLM entry applying earlier decisions
         inst.handles.append(
             seams.multimodal.register_forward_pre_hook(capture_image_positions(seams, state), with_kwargs=True))
-        if stages:
+        model_stages = [stage for stage in stages if stage.method.stage is not Stage.INPUT]  # hooks on the model
+        if model_stages:
             inst.handles.append(
                 seams.language_model.register_forward_pre_hook(llm_entry(state, policies[0][0]), with_kwargs=True))
         for stage, (positions, _) in zip(stages, policies, strict=True):
             inst.handles += _install_stage(seams, stage, positions, inst, timer, merges)
-        if seams.deepstack is not None and any(stage.keep < 1.0 for stage in stages):  # injected visual features
+        if seams.deepstack is not None and any(stage.keep < 1.0 for stage in model_stages):  # injected visual features
             # follow the rows the stages leave
             inst.handles += seams.deepstack.follow(seams.language_model, state)
             inst.notes.append(seams.deepstack.note)
@@ -163,6 +167,9 @@ def _install_stage(seams: Seams, stage: PlannedStage, positions: Positions, inst
                    merges: list[Any]) -> list[Any]:
     """One stage's own handler (the shared hooks are already in place)."""
     method, keep, state = stage.method, stage.keep, inst.state
+    if method.stage is Stage.INPUT:  # nothing on the model: the images are prepared before the processor
+        inst.inputs = InputStage(seams, method, keep, inst)
+        return []
     if method.stage is Stage.PRE_LLM:
         return _pre_llm(seams, method, keep, inst, timer).register()
     if method.stage is Stage.INTRA_LLM:

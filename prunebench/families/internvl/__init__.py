@@ -17,6 +17,8 @@ from torch import nn
 from prunebench.families import Family, hf_class, lazy
 from prunebench.seams import Seams, apply_rope
 
+# how an image's resolution sets its visual tokens (the input stage, `method=downsample`)
+INPUT_KNOB = lazy("prunebench.families.resolution:tile_knob")
 
 def _per_row(args: tuple, kwargs: dict, output: torch.Tensor) -> list[torch.Tensor]:
     return list(output)
@@ -32,6 +34,7 @@ def internvl_seams(model: nn.Module) -> Seams:
 
     cfg, inner = model.config, model.model
     return Seams(
+        input_knob=INPUT_KNOB,
         family="internvl",
         multimodal=inner,
         image_token_ids=(cfg.image_token_id,),
@@ -70,5 +73,6 @@ _LOAD = lazy("prunebench.families.processors:load_processor")  # torchvision-fre
 
 FAMILY_ENTRIES = (
     Family("internvl", hf_class("InternVLForConditionalGeneration"), internvl_seams, _LOCAL, _LOAD,
-           tiny="prunebench.fixtures.tiny_families:build_tiny_internvl", tiny_image_side=64),
+           tiny="prunebench.fixtures.tiny_families:build_tiny_internvl", tiny_image_side=64,
+           input_knob=INPUT_KNOB),
 )

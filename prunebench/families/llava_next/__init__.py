@@ -22,6 +22,8 @@ from prunebench.families import Family, hf_class, lazy
 from prunebench.families.llava import feeding_layers, merging_layer_class
 from prunebench.seams import Seams, apply_rope
 
+# how an image's resolution sets its visual tokens (the input stage, `method=downsample`)
+INPUT_KNOB = lazy("prunebench.families.resolution:anyres_knob")
 
 def _packed(args: tuple, kwargs: dict, output: object) -> list[torch.Tensor]:
     return list(output.pooler_output)
@@ -143,6 +145,7 @@ def packed_seams(model: nn.Module) -> Seams:
         return (x == newline.to(x)).all(dim=-1)
 
     return Seams(
+        input_knob=INPUT_KNOB,
         family=cfg.model_type,
         multimodal=inner,
         image_token_ids=(cfg.image_token_id,) + ((video,) if video is not None else ()),
@@ -213,7 +216,9 @@ _LOCAL = lazy("prunebench.fixtures.tiny_families:family_local_processor")
 _LOAD = lazy("prunebench.families.processors:load_processor")  # torchvision-free (5.23 needs it otherwise)
 FAMILY_ENTRIES = (
     Family("llava_next", hf_class("LlavaNextForConditionalGeneration"), packed_seams, _LOCAL, _LOAD,
-           tiny="prunebench.fixtures.tiny_families:build_tiny_llava_next", tiny_image_side=48),
+           tiny="prunebench.fixtures.tiny_families:build_tiny_llava_next", tiny_image_side=48,
+           input_knob=INPUT_KNOB),
     Family("llava_onevision", hf_class("LlavaOnevisionForConditionalGeneration"), packed_seams, _LOCAL,
-           _LOAD, tiny="prunebench.fixtures.tiny_families:build_tiny_onevision", tiny_image_side=48),
+           _LOAD, tiny="prunebench.fixtures.tiny_families:build_tiny_onevision", tiny_image_side=48,
+           input_knob=INPUT_KNOB),
 )

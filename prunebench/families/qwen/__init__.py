@@ -24,6 +24,8 @@ from torch import nn
 from prunebench.families import Family, hf_class, lazy
 from prunebench.seams import Seams, apply_rope
 
+# how an image's resolution sets its visual tokens (the input stage, `method=downsample`)
+INPUT_KNOB = lazy("prunebench.families.resolution:pixel_knob")
 
 def _grid_thw(args: tuple, kwargs: dict) -> torch.Tensor:
     grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -49,6 +51,7 @@ def qwen_vl_seams(model: nn.Module) -> Seams:
         return [(h // merge, w // merge) for t, h, w in _grid_thw(args, kwargs).tolist() for _ in range(t)]
 
     return Seams(
+        input_knob=INPUT_KNOB,
         family=cfg.model_type,
         multimodal=model.model,
         image_token_ids=(cfg.image_token_id, cfg.video_token_id),
@@ -86,7 +89,9 @@ _LOCAL = lazy("prunebench.fixtures.tiny_qwen:qwen_local_processor")
 _LOAD = lazy("prunebench.families.processors:load_qwen_processor")  # torchvision-free (5.23 needs it otherwise)
 FAMILY_ENTRIES = (
     Family("qwen2_5_vl", hf_class("Qwen2_5_VLForConditionalGeneration"), qwen_vl_seams, _LOCAL, _LOAD,
-           tiny="prunebench.fixtures.tiny_qwen:build_tiny_qwen2_5_vl", tiny_image_side=112),
+           tiny="prunebench.fixtures.tiny_qwen:build_tiny_qwen2_5_vl", tiny_image_side=112,
+           input_knob=INPUT_KNOB),
     Family("qwen2_vl", hf_class("Qwen2VLForConditionalGeneration"), qwen_vl_seams, _LOCAL, _LOAD,
-           tiny="prunebench.fixtures.tiny_qwen:build_tiny_qwen2_vl", tiny_image_side=112),
+           tiny="prunebench.fixtures.tiny_qwen:build_tiny_qwen2_vl", tiny_image_side=112,
+           input_knob=INPUT_KNOB),
 )

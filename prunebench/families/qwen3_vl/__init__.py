@@ -18,11 +18,12 @@ import dataclasses
 from torch import nn
 
 from prunebench.families import Family, hf_class, lazy
+from prunebench.families.qwen import INPUT_KNOB
 from prunebench.seams import DecoderAccess, Seams
 
 
 def qwen3_vl_seams(model: nn.Module) -> Seams:
-    from prunebench.families.qwen import qwen_vl_seams
+    from prunebench.families.qwen import qwen_vl_seams  # its seams carry the pixel knob
     from prunebench.families.qwen3_vl.deepstack import DeepStack
 
     deepstack = DeepStack(model.model.visual) if model.config.vision_config.deepstack_visual_indexes else None
@@ -33,5 +34,6 @@ FAMILY_ENTRIES = (
     Family("qwen3_vl", hf_class("Qwen3VLForConditionalGeneration"), qwen3_vl_seams,
            lazy("prunebench.fixtures.tiny_qwen3vl:qwen3_vl_local_processor"),
            lazy("prunebench.families.processors:load_qwen_processor"),  # torchvision-free
-           tiny="prunebench.fixtures.tiny_qwen3vl:build_tiny_qwen3_vl", tiny_image_side=128),
+           tiny="prunebench.fixtures.tiny_qwen3vl:build_tiny_qwen3_vl", tiny_image_side=128,
+           input_knob=INPUT_KNOB),
 )
