@@ -9,7 +9,7 @@ ARGS   ?=
 METHODS ?= random_pre,pooling_pre,divprune,fastervlm,random_intra,fastv,dart
 KEEPS   ?= 0.333,0.222,0.111
 
-.PHONY: setup demo test sweep report bench bench-throughput bench-sweep bench-selection gpu-check lint clean vlmeval-check vlmeval-test lmms-setup lmms-test probe probe-qwen probe-internvl
+.PHONY: setup demo test sweep report gallery bench bench-throughput bench-sweep bench-selection gpu-check lint clean vlmeval-check vlmeval-test lmms-setup lmms-test probe probe-qwen probe-internvl
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ sweep: setup         ## every method x keep on the default model and dataset (re
 
 report: setup
 	$(BIN)/python -m prunebench.report results
+
+gallery: setup       ## the README's gallery from the probe: overlays, position bias, Pareto front, table (docs/gallery/)
+	PYTHON=$(BIN)/python bash scripts/gallery.sh
 
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)

@@ -84,8 +84,9 @@ def kept_rows(state: CallState, b: int) -> list[tuple[torch.Tensor, int]] | None
 
 
 def merge_groups(state: CallState, row: int, kept: torch.Tensor) -> list[int] | None:
-    """For a vision-stage merge that reports its groups: for each dropped llm_visual index (ascending), the
-    llm_visual index of the kept token it merged into; None when the stage exposes no groups."""
+    """For a merging stage that reports its groups (the shared encoder merge driver; pre-LLM methods whose
+    Selection carries `groups`): for each dropped llm_visual index (ascending), the llm_visual index of the kept
+    token it merged into, -1 for one dropped without merging; None when the stage exposes no groups."""
     if state.merge_groups is None:
         return None
     groups, sizes = state.merge_groups
@@ -93,11 +94,12 @@ def merge_groups(state: CallState, row: int, kept: torch.Tensor) -> list[int] | 
     flat = image.flatten().nonzero()[:, 0]
     if len(groups) != len(sizes) or any(g.numel() != n for g, n in zip(groups, sizes, strict=True)):
         return None  # the groups are not in the units' token space (e.g. packed after merging)
-    into = torch.cat([rows[g.to(rows.device)] for rows, g in zip(flat.split(sizes), groups, strict=True)])
+    into = torch.cat([torch.where(g >= 0, rows[g.clamp(min=0).to(rows.device)], -1)
+                      for rows, g in zip(flat.split(sizes), groups, strict=True)])
     width = image.shape[1]
     mine = (flat // width) == row
     rank = image[row].long().cumsum(0) - 1
-    target = rank[into[mine] % width]
+    target = torch.where(into[mine] >= 0, rank[into[mine].clamp(min=0) % width], -1)
     n = int(image[row].sum())
     dropped = torch.ones(n, dtype=torch.bool)
     dropped[kept.cpu()] = False

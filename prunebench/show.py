@@ -128,7 +128,8 @@ def panels(row: dict[str, Any], images: list[np.ndarray]) -> list[tuple[str, np.
     layout = kept_field["layout"]
     kept = set(from_runs(kept_field["index"]))
     dropped = sorted(set(range(kept_field["n"])) - kept)
-    into = dict(zip(dropped, kept_field["merged_into"], strict=True)) if "merged_into" in kept_field else None
+    into = {i: t for i, t in zip(dropped, kept_field["merged_into"], strict=True) if t >= 0} \
+        if "merged_into" in kept_field else None  # -1: dropped without merging, dimmed
     out = []
     for u, unit in enumerate(layout):
         if unit["kind"] == "newline":
@@ -156,22 +157,27 @@ def _label(record: dict[str, Any]) -> str:
 
 
 def overlay_figure(runs: list[tuple[dict[str, Any], dict[str, Any], list[np.ndarray]]]):
-    """One row of panels per run (record, row, images)."""
+    """The runs (record, row, images) side by side: one column per run when each draws one panel, else one row of
+    panels (tiles, frames, views) per run. Each run's first panel is titled with its method, keep and count."""
     plt = _pyplot()
     rows = [panels(row, images) for _, row, images in runs]
     width = max(len(p) for p in rows)
-    fig, axes = plt.subplots(len(rows), width, figsize=(2.4 * width, 2.6 * len(rows)), squeeze=False)
+    side_by_side = width == 1
+    shape = (1, len(rows)) if side_by_side else (len(rows), width)
+    fig, axes = plt.subplots(*shape, figsize=(2.6 * shape[1], 3.0 * shape[0]), squeeze=False)
     for r, ((record, row, _), row_panels) in enumerate(zip(runs, rows, strict=True)):
-        for c, ax in enumerate(axes[r]):
+        cells = [axes[0][r]] if side_by_side else list(axes[r])
+        for c, ax in enumerate(cells):
             ax.axis("off")
             if c < len(row_panels):
                 title, panel = row_panels[c]
                 ax.imshow(panel, interpolation="nearest")
-                ax.set_title(title, fontsize=7)
-        kept = row["kept"]
-        axes[r][0].text(0, -0.25, f"{_label(record)}  sample {row['index']}: {row['n_visual_out']}/{kept['n']} kept",
-                        transform=axes[r][0].transAxes, fontsize=8, va="top")
-    fig.tight_layout()
+                head = f"{record.get('method')} keep={record.get('keep')}: {row['n_visual_out']}/" \
+                       f"{row['kept']['n']} kept\n" if c == 0 else ""
+                ax.set_title(head + title, fontsize=8)
+    models = sorted({str(record.get("model")) for record, _, _ in runs})
+    fig.suptitle(f"{', '.join(models)}: sample {runs[0][1]['index']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig
 
 

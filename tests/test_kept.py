@@ -98,6 +98,37 @@ def test_vision_merge_groups_point_at_kept_tokens(tiny):
     assert set(into) <= set(index)
 
 
+def test_pooling_groups_are_the_windows_of_the_pooled_tokens(tiny):
+    """pooling_pre at keep 0.25 on the 6 x 6 grid pools 2 x 2 windows: each dropped patch is merged into the
+    kept (centre) token of its own window."""
+    _, rows, _ = run_rows(tiny, "pooling_pre", keep=0.25)
+    kept = rows[0]["kept"]
+    index = from_runs(kept["index"])
+    dropped = sorted(set(range(kept["n"])) - set(index))
+    assert len(kept["merged_into"]) == len(dropped) and len(index) == 9
+    centre = {(r // 2, c // 2): r * 6 + c for r, c in (divmod(i, 6) for i in index)}
+    for i, into in zip(dropped, kept["merged_into"], strict=True):
+        r, c = divmod(i, 6)
+        assert into == centre[(r // 2, c // 2)], i
+
+
+@pytest.mark.parametrize("family_name", ["llava", "internvl"])
+def test_visionzip_groups_are_its_contextual_assignment(tiny, fam, family_name):
+    """VisionZip on a family: every dropped token was merged into a kept (contextual) token."""
+    if fam.family != family_name:
+        pytest.skip("one family per case")
+    _, rows, _ = run_rows(fam, "visionzip", keep=0.25)
+    kept = rows[0]["kept"]
+    index = from_runs(kept["index"])
+    into = kept["merged_into"]
+    assert len(into) == kept["n"] - len(index) and set(into) <= set(index) and -1 not in into
+
+
+def test_a_pruning_method_without_groups_has_no_merged_into(tiny):
+    _, rows, _ = run_rows(tiny, "random_pre", keep=0.25)
+    assert "merged_into" not in rows[0]["kept"]
+
+
 def test_layout_shapes_per_family(fam):
     _, rows, _ = run_rows(fam, "random_pre", keep=0.5)
     layout = rows[0]["kept"]["layout"]
@@ -140,3 +171,28 @@ def test_video_frames_layout_and_kept(tmp_path_factory, name):
         assert index[-1] == 54 and locate(layout, 54) == (6, None, None)
         frames = [locate(layout, i)[0] for i in index[:-1]]
         assert [frames.count(f) for f in range(6)] == [3] * 6
+
+
+def test_visionzip_merge_groups_follow_its_assignment():
+    """The groups visionzip_merge reports: dominant and target tokens hold their own slot, every other token its
+    most cosine-similar target's (by keys), and the slots held are exactly the output index."""
+    import torch.nn.functional as F
+
+    from prunebench.methods.visionzip_ops import contextual_targets, visionzip_merge
+
+    g = torch.Generator().manual_seed(0)
+    n, d, n_dom, n_ctx = 40, 8, 6, 4
+    x, attn, keys = torch.randn(1, n, d, generator=g), torch.rand(1, n, generator=g), torch.randn(1, n, 5, generator=g)
+    groups: list[torch.Tensor] = []
+    index, _ = visionzip_merge(x, attn, keys, n_dom, n_ctx, groups)
+    slot = groups[0][0]
+    dominant = set(attn[0].topk(n_dom).indices.tolist())
+    rest = [i for i in range(n) if i not in dominant]
+    targets = [rest[j] for j in contextual_targets(len(rest), n_ctx).tolist()]
+    unit = F.normalize(keys[0], dim=-1)
+    for i in range(n):
+        if i in dominant or i in targets:
+            assert slot[i] == i
+        else:
+            assert slot[i] == targets[int((unit[targets] @ unit[i]).argmax())], i
+    assert sorted(set(slot.tolist())) == index[0].tolist()

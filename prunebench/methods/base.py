@@ -121,10 +121,14 @@ class SelectContext:
 class Selection:
     """What a select method returns when it also changes the kept tokens (pooling, merging):
     index [B, k] sorted (where each output token sits among the N inputs: its representative) and
-    tokens [B, k, D] (the new values). A plain select method returns just the index tensor."""
+    tokens [B, k, D] (the new values). A plain select method returns just the index tensor.
+    groups [B, N] (optional, for the record's `kept.merged_into`, never for the computation): for each input
+    token, the input index of the output token it went into (a kept token: its own), -1 when it was dropped
+    without being merged."""
 
     index: torch.Tensor
     tokens: torch.Tensor
+    groups: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

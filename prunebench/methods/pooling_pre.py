@@ -51,6 +51,8 @@ def _centres(n_out: int, n_in: int) -> torch.Tensor:
         "grid's aspect); a budget with no factorisation that fits the grid pools to m x ceil(k/m) and keeps the "
         "first k windows in raster order",
         "each pooled token takes the position of its window's centre token",
+        "the record's merge groups (kept.merged_into: each patch -> the window of row floor(r*m/h), column "
+        "floor(c*n/w)) are computed with the pooling, inside the method's timed span (a few index ops on N ints)",
     ),
 )
 def pooling_pre(ctx: SelectContext) -> Selection:
@@ -63,4 +65,15 @@ def pooling_pre(ctx: SelectContext) -> Selection:
     tokens = pooled.flatten(2).transpose(1, 2)[:, : ctx.n_keep]
     rows, cols = _centres(m, h), _centres(n_cols, w)
     index = (rows[:, None] * w + cols[None, :]).flatten()[: ctx.n_keep].to(ctx.tokens.device)
-    return Selection(index=index.expand(b, -1), tokens=tokens)
+    return Selection(index=index.expand(b, -1), tokens=tokens, groups=_groups(index, m, n_cols, h, w).expand(b, -1))
+
+
+def _groups(index: torch.Tensor, m: int, n_cols: int, h: int, w: int) -> torch.Tensor:
+    """[h*w] the slot of the pooled token each patch went into: the window of row floor(r*m/h) and column
+    floor(c*n/w), one of the adaptive windows holding the patch (they overlap by a row or column where m does
+    not divide h); -1 for a patch whose windows were all cut (the first k windows kept)."""
+    device = index.device
+    r = torch.arange(h, device=device) * m // h
+    c = torch.arange(w, device=device) * n_cols // w
+    window = (r[:, None] * n_cols + c[None, :]).flatten()
+    return torch.where(window < index.numel(), index[window.clamp(max=index.numel() - 1)], -1)

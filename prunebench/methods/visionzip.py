@@ -48,6 +48,8 @@ from prunebench.methods.visionzip_ops import CONTEXTUAL_SHARE, visionzip_merge, 
         "OneVision, whose projector runs per view before unpadding and packing) merge after the projector, in LLM "
         "space, on the packed tokens (noted in the record)",
         "InternVL: merged on the pixel-shuffled projector input (a token = a 2x2 group's concatenated features)",
+        "the record's merge groups (kept.merged_into: each token -> the contextual token it was assigned to) are "
+        "gathered inside the method's timed span (one scatter of N ints)",
     ) + CLS_DEVIATIONS,
 )
 def visionzip(ctx: SelectContext, contextual_share: float = CONTEXTUAL_SHARE, vision_layer: int | None = None
@@ -59,5 +61,7 @@ def visionzip(ctx: SelectContext, contextual_share: float = CONTEXTUAL_SHARE, vi
     if ctx.n_keep >= n:  # keep=1.0: the unpruned model
         return torch.arange(n, device=ctx.tokens.device)[None]
     n_dom, n_ctx = visionzip_split(ctx.n_keep, float(contextual_share))
-    index, tokens = visionzip_merge(ctx.tokens, ctx.signals["cls_attention"], ctx.signals["cls_keys"], n_dom, n_ctx)
-    return Selection(index=index, tokens=tokens)
+    groups: list[torch.Tensor] = []
+    index, tokens = visionzip_merge(ctx.tokens, ctx.signals["cls_attention"], ctx.signals["cls_keys"], n_dom, n_ctx,
+                                    groups)
+    return Selection(index=index, tokens=tokens, groups=groups[0])

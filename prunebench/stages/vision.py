@@ -51,6 +51,7 @@ class PreLLMSelect:
                             f"{seams.family} family (it packs them with newline tokens)")
         self.seams, self.method, self.keep, self.state = seams, method, keep, state
         self.timer, self.generator = timer, generator
+        self._groups: list[torch.Tensor | None] = []  # per unit of the last selection: its merge groups, or None
         # The text is embedded after this seam: text-conditioned methods select at the LLM entry.
         self.deferred = "text_embeddings" in method.spec.needs
         self._pending: list[tuple[torch.Tensor, tuple[int, int] | None, dict[str, torch.Tensor]]] = []
@@ -83,7 +84,7 @@ class PreLLMSelect:
         """(tokens [N, D], grid, signals) per image -> its kept indices and new values (None: unchanged).
         In a batch (selected at the LLM entry), the random stream restarts at each row's first unit from that
         row's seed, so a sample's picks do not depend on the batch it runs in."""
-        keeps, values = [], []
+        keeps, values, self._groups = [], [], []
         rows = self._unit_rows(n_units) if at_entry else None
         for u, (x, grid, sig) in enumerate(units):
             if rows is not None and (u == 0 or rows[u] != rows[u - 1]):
@@ -103,6 +104,9 @@ class PreLLMSelect:
     def _hand_on(self, keeps: list[torch.Tensor], values: list[torch.Tensor | None]) -> None:
         self.state.visual_keep = (self.state.visual_keep or []) + keeps
         self.state.visual_values = (self.state.visual_values or []) + values
+        groups, self._groups = self._groups, []
+        if groups and all(g is not None for g in groups):  # a merging method's groups, for the record (`kept.py`)
+            self.state.visual_groups = (self.state.visual_groups or []) + groups
 
     def _select_at_entry(self, embeds: torch.Tensor, mask2d: torch.Tensor | None) -> None:
         """At the LLM entry: select each pending image's tokens given its prompt's text."""
@@ -135,6 +139,7 @@ class PreLLMSelect:
                 self.state.fixed += int(fixed.sum())
                 self.state.unit_clamped.append(False)
                 self.state.unit_fixed.append(int(fixed.sum()))
+                self._groups.append(torch.arange(x.shape[0], device=x.device))  # all kept, each its own
                 return fixed.nonzero()[:, 0], None
         n_keep, clamped = n_keep_for(self.keep, candidates.numel())
         self.state.clamped |= clamped
@@ -150,6 +155,15 @@ class PreLLMSelect:
         out = self.method.spec.fn(ctx, **self.method.params)
         index, new = (out.index, out.tokens) if isinstance(out, Selection) else (out, None)
         kept = candidates[index[0].to(x.device)]
+        groups = out.groups if isinstance(out, Selection) else None
+        if groups is not None:  # each unit token -> the unit token holding it (-1: dropped unmerged)
+            g = groups[0].to(x.device)
+            into = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+            into[candidates] = torch.where(g >= 0, candidates[g.clamp(min=0)], -1)
+            if fixed is not None:
+                into[fixed] = fixed.nonzero()[:, 0]
+            groups = into
+        self._groups.append(groups)
         if new is not None:
             new = new[0]
         if fixed is not None:
