@@ -30,6 +30,9 @@ from prunebench.methods.base import Positions, SelectContext, Stage, register_me
     needs=("text_embeddings",),
     dtype="L2 alignment and cosine diversity in float32 (float64 inputs stay float64)",
     rounding="N2 = round(keep*N) per image (n_keep_for, half up, >= 1); N1 = max(floor(stage1_ratio*N), N2)",
+    cost="Eq. 3's distances to every text token are exact Euclidean ones (cdist without the matmul expansion, "
+    "N*M*D work for M text tokens): at 576 tokens and 32 text tokens 2.7-3.0x the N x N cosine matrix, within "
+    "1.2x of it at 2,880 and 10,816 (scripts/bench_selection.py, one CPU thread)",
     positions=Positions.CONTIGUOUS,  # pre-LLM, LLaVA prepare_inputs style: positions close up
     defaults={"stage1_ratio": 0.8},
     deviations=(

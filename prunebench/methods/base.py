@@ -193,6 +193,9 @@ class MethodSpec:
     # registered method (issue 13; tests/test_contract.py checks the registry)
     dtype: str = ""
     rounding: str = ""
+    # Why the selection costs more than twice the N x N cosine matrix at some size (scripts/bench_selection.py);
+    # "" where it never does
+    cost: str = ""
     # What a parameter accepts beyond its default's type (a string's choices, a number's range), checked when
     # the method is resolved, before anything loads
     kinds: Mapping[str, Kind] = field(default_factory=dict)
@@ -297,6 +300,7 @@ def register_method(
     dtype: str = "",
     rounding: str = "",
     kinds: Mapping[str, Kind] | None = None,
+    cost: str = "",
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a select method: ``@register_method("fastv", stage=Stage.INTRA_LLM, ...)``."""
     unknown = set(needs) - set(SIGNALS)
@@ -313,7 +317,7 @@ def register_method(
                 defaults=dict(defaults or {}), deviations=deviations, budget=budget,
                 layer_for_keep=layer_for_keep, intra=intra, positions_for=positions_for,
                 vision_stage=vision_stage, vision_stage_on=vision_stage_on, dtype=dtype, rounding=rounding,
-                kinds=dict(kinds or {}),
+                kinds=dict(kinds or {}), cost=cost,
             ),
         )
         return fn
@@ -348,6 +352,7 @@ class ResolvedMethod:
             "deviations": list(self.spec.deviations),
             **({"dtype": self.spec.dtype} if self.spec.dtype else {}),
             **({"budget_rounding": self.spec.rounding} if self.spec.rounding else {}),
+            **({"cost": self.spec.cost} if self.spec.cost else {}),
         }
 
 

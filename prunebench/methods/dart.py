@@ -121,6 +121,9 @@ def dart_select(
     positions=Positions.ORIGINAL,  # the official code sets position_ids = kept original indices
     defaults={"layer": 2, "pivot_image": 4, "pivot_text": 4, "pivot_order": "set"},
     kinds={"pivot_order": Kind("str", choices=PIVOT_ORDERS)},
+    cost="one cosine pass over the N x D hidden states per pivot (8 pivots, the official per-pivot loop): at 576 "
+    "tokens 2-4x the (small) N x N cosine matrix; 0.8x of it at 2,880 and 0.2x at 10,816 "
+    "(scripts/bench_selection.py, one CPU thread)",
     budget=dart_budget,
     deviations=(
         "budget: TOPK = floor((k - 4) / 8) from the harness budget k = round(keep*N), so kept = "

@@ -102,6 +102,9 @@ def _run(select: Callable[[torch.Tensor, int], torch.Tensor], adaptive_select: C
     needs=NEEDS,
     dtype="full-width [CLS] row from q/k in the model's dtype, logits and softmax in float32; key cosine and "
     "merge in float32 (cast back to the model's dtype)",
+    cost="the merge gathers the full features of the 32 nearest neighbours of each kept token (k*32*D values, "
+    "memory-bound): at 576 tokens 1.9-2.1x the (small) N x N cosine matrix; 0.5x of it at 2,880 and 0.15x at "
+    "10,816 (scripts/bench_selection.py, one CPU thread)",
     rounding="k = round(keep*N) per image (n_keep_for, half up, >= 1) patches + 1 aggregate token; "
     "adaptive=true: the IQR outlier count (>= 1), keep ignored",
     positions=Positions.CONTIGUOUS,  # official: rebuilt sequence in prepare_inputs_labels_for_multimodal
@@ -126,6 +129,9 @@ def prumerge(ctx: SelectContext, n_neighbours: int = N_NEIGHBOURS, vision_layer:
     needs=NEEDS,
     dtype="full-width [CLS] row from q/k in the model's dtype, logits and softmax in float32; IQR, key cosine "
     "and merge in float32 (cast back to the model's dtype)",
+    cost="the merge gathers the full features of the 32 nearest neighbours of each kept token (k*32*D values, "
+    "memory-bound): at 576 tokens 1.9-2.1x the (small) N x N cosine matrix; 0.5x of it at 2,880 and 0.15x at "
+    "10,816 (scripts/bench_selection.py, one CPU thread)",
     rounding="k = round(keep*N) per image (n_keep_for, half up, >= 1) patches (top min(IQR outliers, k), "
     "uniform fill) + 1 aggregate token; adaptive=true: outliers + grid, keep ignored",
     positions=Positions.CONTIGUOUS,
