@@ -109,17 +109,24 @@ def unit_region(images: list[np.ndarray], layout: list[dict[str, Any]], u: int) 
     tiles = [v for v in layout if v["kind"] == "tile" and v["image"] == unit["image"]]
     if len(tiles) == 1 or unit["tile"] == tiles[-1]["tile"]:
         return image  # the only tile, or the thumbnail
-    rows, cols = tile_arrangement(len(tiles) - 1, image.shape[0], image.shape[1])
+    rows, cols = tile_arrangement(len(tiles) - 1, image.shape[0], image.shape[1], unit.get("tile_px"))
     r, c = divmod(unit["tile"] - tiles[0]["tile"], cols)
     h, w = image.shape[0] / rows, image.shape[1] / cols
     return image[int(r * h) : int((r + 1) * h), int(c * w) : int((c + 1) * w)]
 
 
-def tile_arrangement(n: int, height: int, width: int) -> tuple[int, int]:
-    """(rows, cols) of n crops: the factorisation closest to the image's aspect ratio (as GOT-OCR2 tiling picks
-    it for an image that fits the grid; the processor's exact choice also weighs the area)."""
-    pairs = [(r, n // r) for r in range(1, n + 1) if n % r == 0]
-    return min(pairs, key=lambda p: abs(math.log((p[1] / p[0]) / (width / height))))
+def tile_arrangement(n: int, height: int, width: int, tile_px: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of n crops of a height x width image, as the InternVL (GOT-OCR2) processor arranges them: its
+    own `get_optimal_tiled_canvas` (the closest aspect ratio; ties by area, for tiles of tile_px) restricted to
+    grids of n tiles, the one it chose among all. Without that module: the factorisation closest in aspect."""
+    try:
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError:
+        pairs = [(r, n // r) for r in range(1, n + 1) if n % r == 0]
+        return min(pairs, key=lambda p: abs(p[1] / p[0] - width / height))
+    side = tile_px or max(1, round(math.sqrt(height * width / n)))
+    cols, rows = get_optimal_tiled_canvas((height, width), (side, side), n, n)
+    return rows, cols
 
 
 def panels(row: dict[str, Any], images: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:

@@ -98,3 +98,17 @@ def test_without_matplotlib_one_line(runs, tmp_path, capsys, monkeypatch):
     assert show.main([str(runs["random_pre"]), "--out", str(tmp_path / "z.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["prunebench.show: prunebench.show draws with matplotlib: pip install -e .[plot]"]
+
+
+def test_internvl_tiles_are_placed_as_the_processor_cuts_them():
+    """For image shapes of every aspect, the arrangement drawn for the processor's tile count is the grid the
+    processor itself chose (GOT-OCR2 tiling, 1..12 tiles of 448 px)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    from prunebench import show
+
+    rng = np.random.default_rng(0)
+    for height, width in [(448, 448), (100, 900), (900, 100), (300, 700), (1000, 1500)] + \
+            [tuple(int(v) for v in rng.integers(50, 3000, 2)) for _ in range(40)]:
+        cols, rows = get_optimal_tiled_canvas((height, width), (448, 448), 1, 12)
+        assert show.tile_arrangement(rows * cols, height, width, 448) == (rows, cols), (height, width)

@@ -64,7 +64,7 @@ def internvl_layout(inputs: Any, cfg: Any) -> list[dict[str, Any]]:
     size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
     patch = vision.patch_size[0] if isinstance(vision.patch_size, (list, tuple)) else vision.patch_size
     side = int(size // patch * cfg.downsample_ratio)
-    return [{"kind": "tile", "image": 0, "tile": j, "grid": [side, side]}
+    return [{"kind": "tile", "image": 0, "tile": j, "grid": [side, side], "tile_px": int(size)}
             for j in range(inputs["pixel_values"].shape[0])]
 
 
