@@ -84,8 +84,8 @@ def kept_rows(state: CallState, b: int) -> list[tuple[torch.Tensor, int]] | None
 
 
 def merge_groups(state: CallState, row: int, kept: torch.Tensor) -> list[int] | None:
-    """For a merging stage that reports its groups (the shared encoder merge driver; pre-LLM methods whose
-    Selection carries `groups`): for each dropped llm_visual index (ascending), the llm_visual index of the kept
+    """For a merging stage that reports its groups (the encoder merge drivers: shared, Qwen, InternVL, LLaVA-NeXT
+    packed; pre-LLM methods whose Selection carries `groups`): for each dropped llm_visual index (ascending), the llm_visual index of the kept
     token it merged into, -1 for one dropped without merging; None when the stage exposes no groups."""
     if state.merge_groups is None:
         return None

@@ -196,3 +196,103 @@ def test_visionzip_merge_groups_follow_its_assignment():
         else:
             assert slot[i] == targets[int((unit[targets] @ unit[i]).argmax())], i
     assert sorted(set(slot.tolist())) == index[0].tolist()
+
+
+VISION_MERGES = ["tome", "evoprune"]
+
+
+def spied(name: str, params: dict | None = None):
+    """The method with its merge step recording each call's (rep it was given, result)."""
+    import dataclasses
+
+    method = resolve_method(name, params)
+    calls: list[tuple[torch.Tensor, object]] = []
+
+    def merge(x, size, rep, *args, **kwargs):
+        out = method.spec.merge(x, size, rep, *args, **kwargs)
+        calls.append((rep.clone(), out))
+        return out
+
+    return dataclasses.replace(method, spec=dataclasses.replace(method.spec, merge=merge)), calls
+
+
+def run_spied(fam, name: str, keep: float, params: dict | None = None):
+    if fam.family == "llava_onevision":
+        pytest.skip("vision-stage merges on llava_onevision take videos only")
+    method, calls = spied(name, params)
+    inputs = fam.inputs()
+    try:
+        with install(fam.seams, method, keep=keep, seed=0) as inst:
+            row = generate_batch_timed(loaded_of(fam), inputs, inst, NullTimer(), [0], 3)[0]
+    except UserError as err:
+        pytest.skip(f"{name} on {fam.family}: {err}")
+    return inputs, row, calls
+
+
+def identities(fam, inputs, n: int) -> torch.Tensor:
+    """[rows a merge call saw, tokens] -> the llm_visual index of each token a first merge step is given (-1: [CLS],
+    or a patch that does not reach the LLM), in the family's own token order (independent of `kept.py`)."""
+    if fam.family == "llava":
+        return torch.arange(-1, n)[None]
+    if fam.family == "internvl":  # one row per tile; unit u of a tile is its LLM token u
+        tiles = inputs["pixel_values"].shape[0]
+        return torch.arange(n).view(tiles, -1)
+    if fam.family == "llava_next":  # one row per view; where the model's packing puts each patch
+        inner = fam.model.model
+        views = inputs["pixel_values"].shape[1]
+        side = inner.config.vision_config.image_size // inner.config.vision_config.patch_size
+        ids = torch.arange(views * side * side, dtype=torch.float32).view(views, side * side, 1)
+        packed, _ = type(inner).pack_image_features(inner, [ids], inputs["image_sizes"],
+                                                    inner.config.vision_feature_select_strategy,
+                                                    image_newline=torch.full((1,), -1.0))
+        packed = packed[0][:, 0].round().long()
+        out = torch.full((views * side * side,), -1)
+        out[packed[packed >= 0]] = (packed >= 0).nonzero()[:, 0]
+        return torch.cat([torch.full((views, 1), -1), out.view(views, -1)], dim=1)[:, 1 - fam.seams.vision_prefix:]
+    # Qwen: one call per part on its units in the ViT's (window) order; the rep given is that sequence position
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = fam.seams.vision_tower
+    grid = inputs["image_grid_thw"]
+    if getattr(visual, "fullatt_block_indexes", None) is None:
+        return torch.arange(n)[None]
+    index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                       window_size=visual.window_size, patch_size=visual.patch_size, kwargs={})
+    return index[None]
+
+
+@pytest.mark.parametrize("name", VISION_MERGES)
+def test_vision_merge_groups_per_family(fam, name):
+    """ToMe / EvoPrune on every family that merges images in the encoder: one group target per dropped token,
+    each a kept token; with one merge step (all at the first layer) exactly the step's old_to_new, carried to
+    llm_visual by the family's own token order."""
+    inputs, row, calls = run_spied(fam, name, keep=0.25)
+    kept = row["kept"]
+    index = from_runs(kept["index"])
+    into = kept["merged_into"]
+    assert len(into) == kept["n"] - kept["k"]
+    assert set(into) - {-1} <= set(index)
+    if fam.family != "llava_next":  # there a patch may merge into one that unpadding cuts off (-1)
+        assert -1 not in into
+        # over several steps: each kept token's final ToMe size is the size of its group
+        ident, (_, last) = identities(fam, inputs, kept["n"]), calls[-1]
+        for seq, size in zip(ident, last.size, strict=True):
+            alive = [i for i in seq.tolist() if i == -1 or i in index]  # the last step's survivors, in order
+            assert [1 + into.count(i) for i in alive if i >= 0] == [int(s) for i, s in zip(alive, size.tolist(), strict=True) if i >= 0]
+
+    inputs, row, calls = run_spied(fam, name, keep=0.5, params={"schedule": "first[1]"})
+    kept = row["kept"]
+    n = kept["n"]
+    ident = identities(fam, inputs, n)
+    expected = torch.full((n,), -2)
+    for rep, out in calls:  # one call per Qwen part; a batch of rows (views, tiles) otherwise
+        rows = ident if fam.family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl") else ident[:, rep[0]]
+        assert rows.shape == out.old_to_new.shape
+        # a first step's survivors keep their order: new index j is the j-th token not merged away
+        holder = torch.stack([r[~m][o] for r, m, o in zip(rows, out.merged, out.old_to_new, strict=True)])
+        mine = rows >= 0
+        expected[rows[mine]] = holder[mine]
+    dropped = sorted(set(range(n)) - set(from_runs(kept["index"])))
+    newline = (expected == -2).nonzero()[:, 0].tolist()
+    assert all(i in from_runs(kept["index"]) for i in newline)  # only LLaVA-NeXT newlines are no merge input
+    assert calls and dropped and kept["merged_into"] == expected[dropped].tolist()

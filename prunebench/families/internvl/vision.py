@@ -81,6 +81,7 @@ class InternVLVisionMerge:
         self.swaps = ClassSwaps()
         self.units: torch.Tensor | None = None  # [B, U'] unit ids still in the sequence, sequence order
         self.size: torch.Tensor | None = None  # [B, U'] ToMe sizes, in units
+        self.group: torch.Tensor | None = None  # [B, U] per unit at entry: the index in `units` of the unit holding it
 
     def register(self) -> list:
         if sum(self.schedule) == 0:
@@ -108,6 +109,7 @@ class InternVLVisionMerge:
         order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + self.groups.flatten()]).to(x.device)
         self.units = torch.arange(self.groups.shape[0], device=x.device).expand(x.shape[0], -1).clone()
         self.size = torch.ones(self.units.shape, device=x.device)
+        self.group = self.units.clone()
         return (x[:, order], *args[1:])
 
     def _scatter_back(self, module: nn.Module, args: tuple, output: object) -> object:
@@ -120,6 +122,8 @@ class InternVLVisionMerge:
         output.last_hidden_state = full
         self.state.visual_sizes = (self.state.visual_sizes or []) + [self.groups.shape[0]] * b
         self.state.visual_keep = (self.state.visual_keep or []) + list(self.units.sort(dim=-1).values)
+        # for the record (`kept.py`): each unit (= LLM token of its tile) -> the unit it merged into
+        self.state.visual_groups = (self.state.visual_groups or []) + list(self.units.gather(1, self.group))
         self.state.clamped |= self.clamped
         return output
 
@@ -149,5 +153,7 @@ class _Step:
             kept = [merge_units(units[i], owner.size[i], out.old_to_new[i], out.merged[i]) for i in range(b)]
             owner.units = owner.units[~out.merged].view(b, -1)
             owner.size = out.size
-            return torch.cat([x[:, :1], torch.stack(kept).flatten(1, 2)], dim=1)
+            x = torch.cat([x[:, :1], torch.stack(kept).flatten(1, 2)], dim=1)
+        owner.group = out.old_to_new.gather(1, owner.group)  # bookkeeping for the record, outside the span
+        return x
 

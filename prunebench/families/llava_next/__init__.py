@@ -92,9 +92,10 @@ def _next_image_hand_on(inner: nn.Module):
 
     Each view (base image and crops) is merged inside CLIP to round(keep * 576) tokens, scattered
     back onto its full grid at the projector output (as for LLaVA-1.5), and packed by the model as
-    usual. Which packed rows survive is found by packing a one-channel marker through the model's
-    own `pack_image_features` (kept patch 1, merged-away 0, newline 2), so unpadding and newline
-    layout are exactly the model's; newlines are kept outside the budget.
+    usual. Which packed rows survive is found by packing a marker through the model's own
+    `pack_image_features` (channel 0: kept patch 1, merged-away 0, newline 2; channel 1: the patch's
+    id over the views, newline -1), so unpadding and newline layout are exactly the model's; newlines
+    are kept outside the budget. The ids carry the merge groups into the packed space (`packed_groups`).
     """
     from prunebench.stages.patches import MethodWrap
 
@@ -104,13 +105,18 @@ def _next_image_hand_on(inner: nn.Module):
         def to_packed(owner: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
             features = kwargs.get("image_features", args[0] if args else None)
             views = [f.shape[0] for f in features]
-            marks = torch.zeros(sum(views), features[0].shape[1], 1, device=features[0].device)
+            n = features[0].shape[1]
+            marks = torch.zeros(sum(views), n, 2, device=features[0].device)
+            marks[..., 1] = torch.arange(sum(views) * n, device=marks.device).view(-1, n).float()  # exact < 2**24
             for view, keep in enumerate(state.visual_keep):
-                marks[view, keep] = 1.0
+                marks[view, keep, 0] = 1.0
             packed, _ = type(owner).pack_image_features(
                 owner, list(marks.split(views)), kwargs.get("image_sizes", args[1] if len(args) > 1 else None),
                 kwargs.get("vision_feature_select_strategy", args[2] if len(args) > 2 else None),
-                image_newline=torch.full((1,), 2.0, device=marks.device))
+                image_newline=torch.tensor([2.0, -1.0], device=marks.device))
+            groups, state.visual_groups = state.visual_groups, None
+            if groups is not None and len(groups) == sum(views):  # for the record (`kept.py`)
+                state.visual_groups = packed_groups([p[:, 1].round().long() for p in packed], groups, n)
             state.visual_sizes = [p.shape[0] for p in packed]
             state.visual_keep = [(p[:, 0] > 0).nonzero()[:, 0] for p in packed]
             newlines = [int((p[:, 0] == 2).sum()) for p in packed]
@@ -121,6 +127,25 @@ def _next_image_hand_on(inner: nn.Module):
                 MethodWrap(inner, "pack_image_features", after=to_packed)]
 
     return hand_on
+
+
+def packed_groups(ids: list[torch.Tensor], groups: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """Merge groups per view -> per packed image. ids: per image, each packed token's patch id over the views
+    (view * n + patch, -1 a newline); groups: per view, each patch's kept patch (view-local). Returns per image,
+    each packed token's packed index of the token holding it (a newline: itself; -1: merged into a patch
+    that unpadding cut off)."""
+    target = torch.cat([g.to(ids[0].device) + v * n for v, g in enumerate(groups)])  # id -> its holder's id
+    where = torch.full_like(target, -1)  # id -> packed index in its image
+    for image in ids:
+        patch = image >= 0
+        where[image[patch]] = patch.nonzero()[:, 0]
+    out = []
+    for image in ids:
+        into = torch.arange(image.numel(), device=image.device)
+        patch = image >= 0
+        into[patch] = where[target[image[patch]]]
+        out.append(into)
+    return out
 
 
 def packed_seams(model: nn.Module) -> Seams:

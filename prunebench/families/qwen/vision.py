@@ -96,6 +96,9 @@ class UnitState:
     schedules: list[list[int]]  # per part: merges at each block
     n_total: int
     clamped: bool = False
+    # [U0] per unit at entry: the index (in these arrays) of the unit now holding it, for the record (`kept.py`)
+    group: torch.Tensor | None = None
+    origin: tuple[torch.Tensor, torch.Tensor] | None = None  # (rep, part) of the units at entry
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # the tower's, full sequence
     substitute: dict | None = None  # kwargs for later blocks once the sequence is shorter
     block: dict = field(default_factory=dict)  # what the current block was given: cu_seqlens, (cos, sin)
@@ -193,10 +196,11 @@ class QwenVisionMerge:
         change = [t[1:] != t[:-1] for t in (part, full, window)]
         if bool((part[1:] < part[:-1]).any() | (change[0] & ~change[1]).any() | (change[1] & ~change[2]).any()):
             raise RuntimeError("prunebench: Qwen ViT segments are not nested image > full-attention > window")
+        rep = window_index - starts[part]
         self.state.vision = UnitState(
-            pos=torch.arange(total, device=device), rep=window_index - starts[part], part=part, full=full,
+            pos=torch.arange(total, device=device), rep=rep, part=part, full=full,
             window=window, size=torch.ones(total, device=device), n_units=n_units, schedules=schedules,
-            n_total=total, clamped=clamped)
+            n_total=total, clamped=clamped, group=torch.arange(total, device=device), origin=(rep, part))
         self._captured.clear()
         self.schedule[:] = [sum(s[i] for s in schedules) for i in range(len(self.blocks))]
 
@@ -236,7 +240,7 @@ class QwenVisionMerge:
             importance, keys = self._importance(i, x, r), self._keys(i)
             self._captured.pop(i, None)
             counts = torch.bincount(st.part, minlength=len(r)).tolist()
-            pieces, kept, sizes, start = [], [], [], 0
+            pieces, kept, sizes, moves, start = [], [], [], [], 0
             for p, n in enumerate(counts):
                 rows = x[start * m : (start + n) * m]
                 size = st.size[start : start + n]
@@ -255,11 +259,14 @@ class QwenVisionMerge:
                     pieces.append(merge_units(units, size, out.old_to_new[0], merged).flatten(0, 1))
                     kept.append(start + (~merged).nonzero()[:, 0])
                     sizes.append(out.size[0].to(size.dtype))
+                    moves.append((start, n, out.old_to_new[0]))
                 start += n
             keep = torch.cat(kept)
             st.pos, st.rep, st.part = st.pos[keep], st.rep[keep], st.part[keep]
             st.full, st.window, st.size = st.full[keep], st.window[keep], torch.cat(sizes)
             st.substitute = self._substitutions(st)
+        if st.group is not None:  # bookkeeping for the record (`kept.py`), outside the method's span
+            st.group = _follow(st.group, sum(counts), keep, moves)
         return torch.cat(pieces)
 
     def _keys(self, i: int) -> torch.Tensor | None:
@@ -309,6 +316,8 @@ class QwenVisionMerge:
         full = self._full_length(output)
         self.state.visual_sizes = list(st.n_units)
         self.state.visual_keep = [st.rep[st.part == p].sort().values for p in range(len(st.n_units))]
+        if st.group is not None:
+            self.state.visual_groups = unit_groups(st)
         self.state.clamped |= st.clamped
         return full
 
@@ -320,3 +329,27 @@ class QwenVisionMerge:
         full = output.new_zeros(st.n_total, *output.shape[1:])
         full[st.pos.to(output.device)] = output
         return full
+
+
+def _follow(group: torch.Tensor, n: int, keep: torch.Tensor,
+            moves: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """One block's merges applied to group [U0] (index of the unit holding each entry unit, among the n units
+    before the block): keep [U'] the surviving indices, in order; moves: (start, count, old_to_new [count]) of
+    each part that merged (old_to_new: the new index within the part; a merged unit: its destination's)."""
+    new = torch.full((n,), -1, dtype=torch.long, device=keep.device)
+    new[keep] = torch.arange(keep.numel(), device=keep.device)
+    for start, count, old_to_new in moves:
+        new[start : start + count] = int((keep < start).sum()) + old_to_new.to(new.device)
+    return new[group]
+
+
+def unit_groups(st: UnitState) -> list[torch.Tensor]:
+    """Per part: for each of its units (raster index), the raster index of the unit holding it."""
+    rep, part = st.origin
+    out = []
+    for p, n in enumerate(st.n_units):
+        mine = part == p
+        into = torch.empty(n, dtype=torch.long, device=rep.device)
+        into[rep[mine]] = st.rep[st.group[mine]]
+        out.append(into)
+    return out
