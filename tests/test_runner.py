@@ -210,3 +210,24 @@ def test_control_batches_are_spread_evenly():
     assert builtin.control_batches(10, 4) == [0, 2, 5, 7]
     assert builtin.control_batches(3, 8) == [0, 1, 2]
     assert builtin.control_batches(5, 0) == []
+
+
+def test_flags_raised_after_a_paired_control_reach_the_record(tiny_path, tmp_path):
+    """A control takes the method off and puts a new installation on; a flag its intra-LLM stage raises then
+    (here: from the second prefill on, i.e. never in the first installation) is in the record."""
+    from prunebench.methods import METHODS
+
+    spec, calls = METHODS.get("fastv"), []
+    original = spec.unreachable_budget
+
+    def late(*args):
+        calls.append(1)
+        return "budget unreachable: raised late" if len(calls) >= 2 else None
+
+    object.__setattr__(spec, "unreachable_budget", late)  # the spec is frozen; restored below
+    try:
+        path = runner.run(config(tiny_path, tmp_path, "method=fastv", "keep=0.25", "control=2"), quiet=True)
+    finally:
+        object.__setattr__(spec, "unreachable_budget", original)
+    assert len(calls) >= 2
+    assert load_record(path).flags == ["budget unreachable: raised late"]

@@ -177,14 +177,14 @@ class Reinstallable:
             self._cm = cm
             if self.first is None:
                 self.first = self._inst
-            else:
-                self._inst.flags = self.first.flags  # one list: a later install's flags reach the record
         return self._inst
 
     def off(self) -> None:
         if self._cm is not None:
-            cm, self._cm, self._inst = self._cm, None, None
+            cm, inst, self._cm, self._inst = self._cm, self._inst, None, None
             cm.__exit__(None, None, None)
+            if inst is not self.first:  # a later installation's flags (its stages hold its own list) reach the record
+                self.first.flags.extend(f for f in inst.flags if f not in self.first.flags)
 
     def __enter__(self) -> Reinstallable:
         return self
