@@ -296,3 +296,41 @@ def test_vision_merge_groups_per_family(fam, name):
     newline = (expected == -2).nonzero()[:, 0].tolist()
     assert all(i in from_runs(kept["index"]) for i in newline)  # only LLaVA-NeXT newlines are no merge input
     assert calls and dropped and kept["merged_into"] == expected[dropped].tolist()
+
+
+def _as_video(fam):
+    """The tiny Qwen processor has no video processor: a 2-slice video made of two equal images' patches (the
+    ViT sees the same tensor either way), its placeholders one run of video tokens in one vision span."""
+    cfg = fam.model.config
+    from prunebench.data.shapes import make_sample
+
+    image = make_sample(0, image_size=fam.image_side).image
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    two = fam.processor(images=[image, image], text=fam.processor.apply_chat_template(conv, add_generation_prompt=True),
+                        return_tensors="pt")
+    ids = two["input_ids"][0].tolist()
+    start, end = cfg.vision_start_token_id, cfg.vision_end_token_id
+    first, last = ids.index(start), len(ids) - 1 - ids[::-1].index(end)
+    n = sum(1 for i in ids if i == cfg.image_token_id)
+    video_ids = ids[: first + 1] + [cfg.video_token_id] * n + ids[last:]
+    (t, h, w), _ = two["image_grid_thw"].tolist()
+    return {"input_ids": torch.tensor([video_ids]), "attention_mask": torch.ones(1, len(video_ids), dtype=torch.long),
+            "pixel_values_videos": two["pixel_values"], "video_grid_thw": torch.tensor([[2 * t, h, w]])}
+
+
+def test_qwen_video_rows_keep_per_slice_and_lay_out_frames(fam):
+    if fam.family not in ("qwen2_5_vl", "qwen2_vl"):
+        pytest.skip("Qwen2 / Qwen2.5-VL videos")
+    inputs = _as_video(fam)
+    merge = fam.model.config.vision_config.spatial_merge_size
+    _, h, w = inputs["video_grid_thw"][0].tolist()
+    with install(fam.seams, resolve_method("random_pre"), keep=0.25, seed=0) as inst:
+        rows = generate_batch_timed(loaded_of(fam), inputs, inst, NullTimer(), [0], 3)
+    kept = rows[0]["kept"]
+    per_slice = (h // merge) * (w // merge)
+    assert kept["n"] == 2 * per_slice == rows[0]["n_visual_in"]
+    assert [(u["kind"], u["frame"], u["grid"]) for u in kept["layout"]] == \
+        [("frame", 0, [h // merge, w // merge]), ("frame", 1, [h // merge, w // merge])]
+    index = from_runs(kept["index"])
+    assert len(index) == rows[0]["n_visual_out"] == 2 * round(0.25 * per_slice)  # the budget per temporal slice
+    assert sorted(locate(kept["layout"], i)[0] for i in index) == [0] * (len(index) // 2) + [1] * (len(index) // 2)
