@@ -103,7 +103,10 @@ def merge_groups(state: CallState, row: int, kept: torch.Tensor) -> list[int] | 
     n = int(image[row].sum())
     dropped = torch.ones(n, dtype=torch.bool)
     dropped[kept.cpu()] = False
-    return target.cpu()[dropped].tolist()
+    target = target.cpu()
+    # a token whose holder a later stage dropped (an intra-LLM stage of MustDrop or a pipeline) is held by none
+    target = torch.where(torch.isin(target, kept.cpu()), target, -1)
+    return target[dropped].tolist()
 
 
 def kept_fields(state: CallState, layouts: list[list[dict[str, Any]]] | None, b: int) -> list[dict[str, Any] | None]:

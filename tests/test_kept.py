@@ -334,3 +334,25 @@ def test_qwen_video_rows_keep_per_slice_and_lay_out_frames(fam):
     index = from_runs(kept["index"])
     assert len(index) == rows[0]["n_visual_out"] == 2 * round(0.25 * per_slice)  # the budget per temporal slice
     assert sorted(locate(kept["layout"], i)[0] for i in index) == [0] * (len(index) // 2) + [1] * (len(index) // 2)
+
+
+def test_mustdrop_groups_point_at_tokens_still_kept(tiny):
+    """MustDrop merges in the encoder and drops again inside the LLM: a dropped token maps to a token that is
+    kept at the end, or to -1 when its holder was dropped later (never to a dropped token, nor to itself)."""
+    _, rows, _ = run_rows(tiny, "mustdrop", keep=0.25)
+    kept = rows[0]["kept"]
+    index = set(from_runs(kept["index"]))
+    into = kept["merged_into"]
+    assert len(into) == kept["n"] - len(index)
+    assert all(t == -1 or t in index for t in into) and any(t >= 0 for t in into)
+
+
+def test_a_token_whose_holder_was_dropped_later_is_held_by_none():
+    from prunebench.kept import merge_groups
+    from prunebench.stages.state import CallState
+
+    state = CallState()
+    state.prompt_image_mask = torch.ones(1, 6, dtype=torch.bool)
+    state.merge_groups = ([torch.tensor([0, 0, 2, 2, 4, 4])], [6])  # the encoder merged pairs into 0, 2, 4
+    # an LLM stage then dropped 2: its own token and the one merged into it are held by no kept token
+    assert merge_groups(state, 0, torch.tensor([0, 4])) == [0, -1, -1, 4]

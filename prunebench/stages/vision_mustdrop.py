@@ -78,7 +78,9 @@ class MustDropVision(VisionMerge):
         with self.timer.span("method"):
             out = window_merge(output, state.size, state.rep, self.seams.vision_grid, self.window, self.threshold,
                                prefix=self.seams.vision_prefix, order=self.order)
-        self.state.vision = MergeState(size=out.size, rep=out.rep)
+        # bookkeeping for the record (`kept.py`), outside the method's span
+        group = None if state.group is None else out.old_to_new.gather(1, state.group)
+        self.state.vision = MergeState(size=out.size, rep=out.rep, group=group)
         return out.x
 
     def _key_set(self, module: torch.nn.Module, args: tuple, output: object) -> None:
