@@ -30,10 +30,13 @@ CELL = 16  # pixels per token cell in a panel
 
 def run_files(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A record folder, its record.json or its predictions.jsonl -> (record, prediction rows)."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist: give a job folder (results/<model>/<dataset>/<method>/keep...), "
+                        f"its {RECORD_NAME} or its {PREDICTIONS_NAME}")
     folder = path if path.is_dir() else path.parent
     record_path = folder / RECORD_NAME
     if not record_path.exists():
-        raise UserError(f"no {RECORD_NAME} in {folder}/")
+        raise UserError(f"no {RECORD_NAME} in {folder}/ (a job folder holds one)")
     return json.loads(record_path.read_text()), read_jsonl(folder / PREDICTIONS_NAME)
 
 
@@ -47,7 +50,11 @@ def sample_row(rows: list[dict[str, Any]], index: int | None) -> dict[str, Any]:
     for row in with_kept:
         if int(row["index"]) == index:
             return row
-    raise UserError(f"sample {index} has no kept field in this run")
+    indices = sorted(int(r["index"]) for r in with_kept)
+    if all(int(r["index"]) != index for r in rows):
+        raise UserError(f"the run has no sample {index}; samples with kept tokens: {indices[0]}..{indices[-1]}")
+    raise UserError(f"sample {index} has no kept field in this run (it failed, or kept every token); samples with "
+                    f"kept tokens: {indices[0]}..{indices[-1]}")
 
 
 def sample_images(record: dict[str, Any], index: int) -> list[np.ndarray]:
@@ -222,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         if args.bias:
-            fig = bias_figure([(rec, position_bias(rows)) for rec, rows in map(run_files, args.bias)])
+            runs = [(rec, position_bias(rows)) for rec, rows in map(run_files, args.bias)]
+            empty = [_label(rec) for rec, bias in runs if bias.n_samples == 0]
+            if empty:
+                raise UserError(f"no kept tokens to place in {', '.join(empty)} (vanilla, keep=1.0, or written "
+                                f"before rows held a kept field)")
+            fig = bias_figure(runs)
         else:
             runs = []
             for path in args.compare or args.run:

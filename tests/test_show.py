@@ -82,13 +82,17 @@ def test_position_histogram_counts_the_kept_tokens(runs, tmp_path):
 
 def test_unknown_sample_and_vanilla_runs_say_so_in_one_line(runs, tmp_path, capsys):
     assert show.main([str(runs["random_pre"]), "--index", "99", "--out", str(tmp_path / "x.png")]) == 2
-    assert "sample 99 has no kept field" in capsys.readouterr().err
+    assert "the run has no sample 99; samples with kept tokens: 0..3" in capsys.readouterr().err
+    assert show.main(["/nonexistent/run", "--out", str(tmp_path / "x.png")]) == 2
+    assert "/nonexistent/run does not exist" in capsys.readouterr().err
     folder = tmp_path / "vanilla"
     folder.mkdir()
     (folder / "record.json").write_text(json.dumps({"method": "vanilla"}))
     (folder / "predictions.jsonl").write_text(json.dumps({"index": 0, "n_visual_out": 36}) + "\n")
     assert show.main([str(folder), "--out", str(tmp_path / "y.png")]) == 2
     assert "no kept field" in capsys.readouterr().err
+    assert show.main(["--bias", str(folder), "--out", str(tmp_path / "z.png")]) == 2
+    assert "no kept tokens to place" in capsys.readouterr().err and not (tmp_path / "z.png").exists()
 
 
 def test_without_matplotlib_one_line(runs, tmp_path, capsys, monkeypatch):
