@@ -244,10 +244,11 @@ def check_input_stage_before_loading(job: Job, cfg: Mapping[str, Any]) -> None:
     from prunebench.families import FAMILIES
 
     family = str(cfg["model"].get("family", "llava"))
-    why = input_refusal(family, FAMILIES.get(family).input_knob, job.method)
-    if why is None and job.keep < 1.0 and int(cfg.get("batch_size", 1)) > 1 and family == "internvl":
-        why = (f"batch_size={cfg['batch_size']}: {job.method.name} on internvl lowers the processor's tile budget, "
-               f"one value per processor call; use batch_size=1")
+    entry = FAMILIES.get(family)
+    why = input_refusal(family, entry.input_knob, job.method)
+    if why is None and job.keep < 1.0 and int(cfg.get("batch_size", 1)) > 1 and entry.input_per_call:
+        why = (f"batch_size={cfg['batch_size']}: {job.method.name} on {family} sets a processor-call argument, one "
+               f"value per call; use batch_size=1")
     if why is not None:
         raise UserError(why)
 

@@ -34,7 +34,8 @@ class Family:
     tiny: "module:function" building this family's tiny random checkpoint (fixtures), `tiny_image_side` the
         image side its tests use.
     input_knob: (processor, image) -> `resolution.Knob`, how the image's resolution sets its visual tokens (the
-        input stage, `method=downsample`); None = a fixed resolution (LLaVA-1.5).
+        input stage, `method=downsample`); None = a fixed resolution (LLaVA-1.5). input_per_call: its setting is a
+        processor-call argument (InternVL's tile budget), one value per batch, so the input stage runs at batch 1.
     """
 
     name: str
@@ -45,6 +46,7 @@ class Family:
     tiny: str | None = None
     tiny_image_side: int = 48
     input_knob: Callable[[Any, Any], Any] | None = None
+    input_per_call: bool = False
 
 
 def hf_class(name: str) -> Callable[[], type[nn.Module]]:

@@ -32,8 +32,6 @@ class Knob:
     tokens: Callable[[int], int]
     # the setting applied: (the image to process, processor call kwargs)
     apply: Callable[[int, str], tuple[Image.Image, dict[str, Any]]]
-    # the kwargs a setting adds apply to the whole processor call: one setting per batch
-    per_call: bool = False
 
 
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -97,4 +95,4 @@ def tile_knob(processor: Any, image: Image.Image) -> Knob:
         del resample  # the image is not resized: the processor cuts fewer tiles
         return image, ({} if m == high else {"max_patches": m})
 
-    return Knob("max tiles", low, high, tokens, apply, per_call=True)
+    return Knob("max tiles", low, high, tokens, apply)  # a call argument: the family says input_per_call

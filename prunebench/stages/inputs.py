@@ -54,7 +54,7 @@ class InputStage:
         if why is not None:
             raise UserError(why)
         self.family, self.method, self.keep, self.knob = seams.family, method, keep, seams.input_knob
-        self.inst = inst  # its `flags` (a reinstallation shares the job's first list: read it at the time)
+        self.inst = inst  # its `flags` (the runner gathers every installation's into the record)
 
     def prepare(self, processor: Any, items: list[Any]) -> Prepared | None:
         """The batch's preparation, or None when no image changes (keep=1.0, or none can give fewer tokens): the

@@ -74,5 +74,5 @@ _LOAD = lazy("prunebench.families.processors:load_processor")  # torchvision-fre
 FAMILY_ENTRIES = (
     Family("internvl", hf_class("InternVLForConditionalGeneration"), internvl_seams, _LOCAL, _LOAD,
            tiny="prunebench.fixtures.tiny_families:build_tiny_internvl", tiny_image_side=64,
-           input_knob=INPUT_KNOB),
+           input_knob=INPUT_KNOB, input_per_call=True),
 )
