@@ -5,6 +5,7 @@ so all of them time exactly the same thing.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -91,14 +92,11 @@ def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, t
     `count`: each sample's own (batch-1) inputs, whose FLOPs are counted in a separate untimed pass after the
     timed one, so a sample's FLOPs do not depend on its batch; None counts nothing (warm-ups, controls).
     """
-    from transformers import GenerationConfig
-
     processor, model = loaded.processor, loaded.model
     _pixels_to(inputs, loaded.dtype)
     tok = processor.tokenizer
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                           bos_token_id=tok.bos_token_id)
+    eos = tok.eos_token_id
+    gen = _greedy(max_new_tokens, tok.pad_token_id, tuple(eos) if isinstance(eos, list) else eos, tok.bos_token_id)
     b = inputs["input_ids"].shape[0]
     inst.reseed_rows(reseeds)
     cuda = loaded.device.type == "cuda"
@@ -161,6 +159,15 @@ def generate_batch_timed(loaded: LoadedModel, inputs: Any, inst: Installation, t
     return rows
 
 
+@functools.lru_cache(maxsize=32)
+def _greedy(max_new_tokens: int, pad: int | None, eos: int | tuple[int, ...] | None, bos: int | None) -> Any:
+    """The greedy generation config, one object per setting: `generate` works on its own deep copy."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                            eos_token_id=list(eos) if isinstance(eos, tuple) else eos, bos_token_id=bos)
+
+
 def kept_for_rows(loaded: LoadedModel, inputs: Any, inst: Installation, b: int) -> list[dict[str, Any] | None]:
     """Each row's `kept` field (`prunebench/kept.py`): the visual tokens it kept and their layout."""
     state, layout_fn = inst.state, loaded.seams.visual_layout
@@ -200,5 +207,8 @@ def _generated(tokens: torch.Tensor, eos: int | list[int] | None) -> torch.Tenso
     padding a batch adds to rows that finished early)."""
     if eos is None:
         return tokens
-    stops = torch.isin(tokens, torch.tensor(eos if isinstance(eos, list) else [eos], device=tokens.device))
-    return tokens[: int(stops.nonzero()[0, 0]) + 1] if bool(stops.any()) else tokens
+    stops = set(eos) if isinstance(eos, list) else {eos}
+    for at, token in enumerate(tokens.tolist()):
+        if token in stops:
+            return tokens[: at + 1]
+    return tokens

@@ -96,3 +96,49 @@ def test_a_sample_shaped_like_a_counted_one_costs_what_a_fresh_count_says(tiny, 
                                    sample_seed(0, items[i].index), 4)
         assert not alone["flops"].get("reused")
         assert {k: v for k, v in rows[i]["flops"].items() if k != "reused"} == alone["flops"]
+
+
+@pytest.mark.parametrize("method, keep", [("vanilla", 1.0), ("divprune", 0.25), ("fastv", 0.25)])
+def test_the_lean_counter_counts_what_torchs_own_counter_counts(fam, method, keep, monkeypatch):
+    """`TotalFlopCounter` (no module tracking, remembered decompositions) gives every span the stock
+    FlopCounterMode gives, on every family, for a pre-LLM and an intra-LLM method."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prunebench import flops
+    from prunebench.methods import resolve_method
+    from prunebench.stages import install
+
+    inputs, timer = fam.inputs(), Timer("cpu")
+
+    def count(inst):
+        inst.reseed_rows([0])
+        with torch.inference_mode():
+            return flops.count_flops(lambda: fam.model.generate(**inputs, max_new_tokens=3, do_sample=False),
+                                     fam.seams, timer)
+
+    with install(fam.seams, resolve_method(method), keep, seed=0, timer=timer) as inst:
+        lean = count(inst)
+        monkeypatch.setattr(flops, "TotalFlopCounter",
+                            lambda custom_mapping: FlopCounterMode(display=False, custom_mapping=custom_mapping))
+        stock = count(inst)
+    assert lean == stock
+    assert lean["total"] > 0 and lean["llm_prefill"] > 0
+    if method == "vanilla":
+        assert lean["method"] == 0
+    if method == "divprune":  # its cosine-similarity matrix is a matrix product
+        assert lean["method"] > 0
+
+
+def test_a_job_counts_each_shape_once_across_its_paired_controls(tiny_path, tmp_path, monkeypatch):
+    """The method comes off for each paired vanilla control and goes back on; the reinstalled method keeps the
+    job's FLOP memo, so every distinct signature is counted once in the whole job."""
+    from prunebench import generation
+
+    keys, counts = [], []
+    signature, count = generation.flops_signature, generation.count_flops
+    monkeypatch.setattr(generation, "flops_signature", lambda *a: keys.append(signature(*a)) or keys[-1])
+    monkeypatch.setattr(generation, "count_flops", lambda *a: counts.append(1) or count(*a))
+    rec, rows = run(tiny_path, tmp_path, "method=divprune", "keep=0.25", "limit=12", "control=4")
+    assert sum("control" in r for r in rows) == 4 and len(keys) == 12
+    assert len(set(keys)) < len(keys), "the shapes set repeats its templates: some samples share a signature"
+    assert len(counts) == len(set(keys)) == rec.flops["n_measured"]

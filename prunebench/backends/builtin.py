@@ -162,18 +162,21 @@ def _predict_all(job: Job, loaded: LoadedModel, dataset: Dataset, items: list[It
 class Reinstallable:
     """The job's method on the model, taken off for a vanilla control and put back (`on()` installs it if it
     is off). `first` is the first installation (its notes, positions and schedule describe the job); the flags
-    of every installation are gathered there."""
+    of every installation are gathered there, and all of them share one memo of FLOP counts (the same method,
+    keep and seed: a sample shaped like a counted one costs the same, whichever installation ran it)."""
 
     def __init__(self, loaded: LoadedModel, job: Job, timer: Timer) -> None:
         self.loaded, self.job, self.timer = loaded, job, timer
         self.first: Installation | None = None
         self._cm: Any = None
         self._inst: Installation | None = None
+        self._counted: dict[str, dict[str, Any]] = {}
 
     def on(self) -> Installation:
         if self._inst is None:
             cm = install(self.loaded.seams, self.job.method, self.job.keep, seed=self.job.seed, timer=self.timer)
             self._inst = cm.__enter__()  # a refusal raises here, with nothing installed
+            self._inst.flops_counted = self._counted
             self._cm = cm
             if self.first is None:
                 self.first = self._inst
