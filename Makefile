@@ -39,7 +39,7 @@ gallery: setup       ## the README's gallery from the probe: overlays, position 
 bench: setup         ## LLM-prefill time vs keep on a mid-size random LLaVA (CPU, 1 thread)
 	$(BIN)/python scripts/bench_prefill.py $(ARGS)
 
-bench-sweep: setup   ## a 6-job multirun's wall / one job's, and the default job's harness overhead (CPU, 1 thread)
+bench-sweep: setup   ## a 6-job multirun's wall / one job's, the default job's harness overhead and its own share over a plain-HF floor (CPU, 1 thread)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_sweep.py $(ARGS)
 
 bench-selection: setup  ## every select method's time at 576 / 2,880 / 10,816 tokens beside the similarity matrix
